@@ -1,0 +1,18 @@
+"""The `isda-viz` command group."""
+
+from __future__ import annotations
+
+import click
+
+from isda_viz import __version__
+
+from .train import train_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="isda-viz")
+def main():
+    """Implicit semantic data augmentation (ISDA): train with it, and see what it augments."""
+
+
+main.add_command(train_command)

@@ -1,0 +1,264 @@
+"""Datasets: a registry of names, uint8 image tensors, batch augmentation, normalisation.
+
+Every dataset yields images as uint8 tensors `(C, H, W)` in [0, 255] and int
+labels; the classifier sees `normalize(x)` of `x` in [0, 1]. Small datasets
+(Fashion-MNIST, CIFAR) live in memory as one `(N, C, H, W)` uint8 tensor so a
+CPU batch costs an index, not a DataLoader round trip; image folders stream
+through a DataLoader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import IsdaVizError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+CACHE_ROOT = Path(os.environ.get("ISDA_VIZ_CACHE", Path.home() / ".cache" / "isda-viz"))
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+]
+
+
+@dataclass
+class DatasetSpec:
+    """What a classifier and a generator must agree on about a dataset."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str] = field(default_factory=list)
+    default_arch: str = "resnet32"
+    default_covariance: str = "full"
+
+
+SPECS = {
+    "fashion-mnist": DatasetSpec("fashion-mnist", 10, 1, 28, [0.2860], [0.3530], FASHION_MNIST_CLASSES),
+    "cifar10": DatasetSpec("cifar10", 10, 3, 32, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], CIFAR10_CLASSES),
+    "cifar100": DatasetSpec("cifar100", 100, 3, 32, [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+    "imagenet": DatasetSpec("imagenet", 1000, 3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+                            default_arch="resnet50", default_covariance="diagonal"),
+    "folder": DatasetSpec("folder", 0, 3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+                          default_arch="resnet50", default_covariance="diagonal"),
+}
+DATASET_NAMES = list(SPECS)
+
+
+class TensorImages(Dataset):
+    """Images held in memory: `images (N, C, H, W)` uint8, `labels (N,)` int64."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]):
+        self.images, self.labels, self.classes = images, labels, class_names
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+    def subset(self, n: int | None) -> "TensorImages":
+        """The first n images (all when n is None)."""
+        if n is None or n >= len(self):
+            return self
+        return TensorImages(self.images[:n], self.labels[:n], self.classes)
+
+
+class FolderImages(Dataset):
+    """An ImageFolder whose items are uint8 `(3, S, S)` tensors (resize + centre crop, or random crop)."""
+
+    def __init__(self, root: Path, image_size: int, train: bool):
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+
+        if train:
+            tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
+        else:
+            tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.PILToTensor()])
+        self.folder = ImageFolder(str(root), transform=tf, loader=lambda p: _open_rgb(p))
+        self.classes = self.folder.classes
+        self.labels = torch.tensor(self.folder.targets)
+        self._indices: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._indices) if self._indices is not None else len(self.folder)
+
+    def __getitem__(self, i):
+        j = self._indices[i] if self._indices is not None else i
+        return self.folder[j]
+
+    def subset(self, n: int | None) -> "FolderImages":
+        if n is None or n >= len(self):
+            return self
+        g = torch.Generator().manual_seed(0)  # folders are sorted by class: take a mixed subset
+        self._indices = torch.randperm(len(self.folder), generator=g)[:n].sort().values.tolist()
+        self.labels = self.labels[self._indices]
+        return self
+
+
+def _open_rgb(path):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), as in the MNIST distribution."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    _, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for sub in ("", "FashionMNIST/raw", "raw"):
+        for suffix in (".gz", ""):
+            p = root / sub / (stem + suffix)
+            if p.exists():
+                return p
+    return None
+
+
+def _fashion_mnist(train: bool, data_root: Path | None) -> TensorImages:
+    prefix = "train" if train else "t10k"
+    roots = [data_root] if data_root else [DEBIAN_FASHION_MNIST, CACHE_ROOT]
+    for root in roots:
+        img, lab = _find_idx(root, f"{prefix}-images-idx3-ubyte"), _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+        if img and lab:
+            images = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1)
+            labels = torch.from_numpy(_read_idx(lab).astype(np.int64))
+            return TensorImages(images, labels, FASHION_MNIST_CLASSES)
+    # Fallback where Debian's package is not installed: torchvision's download.
+    root = data_root or CACHE_ROOT
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        ds = FashionMNIST(str(root), train=train, download=True)
+    except Exception as e:  # no network, bad root
+        raise IsdaVizError(
+            f"Fashion-MNIST not found under {root} and could not be downloaded ({type(e).__name__}); "
+            "install Debian's package (apt-get install dataset-fashion-mnist) or pass --data-root "
+            "to a folder holding the *-idx?-ubyte.gz files"
+        ) from None
+    return TensorImages(ds.data.unsqueeze(1).clone(), ds.targets.clone(), FASHION_MNIST_CLASSES)
+
+
+def _cifar(name: str, train: bool, data_root: Path | None) -> TensorImages:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    root = data_root or CACHE_ROOT
+    try:
+        ds = cls(str(root), train=train, download=False)
+    except RuntimeError:
+        try:
+            ds = cls(str(root), train=train, download=True)
+        except Exception as e:
+            raise IsdaVizError(
+                f"{name} not found under {root} and could not be downloaded ({type(e).__name__}); "
+                f"pass --data-root to a folder holding torchvision's {name} files"
+            ) from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return TensorImages(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
+
+
+def _folder(name: str, train: bool, data_root: Path | None, image_size: int) -> FolderImages:
+    if data_root is None:
+        raise IsdaVizError(f"--dataset {name} needs --data-root, a folder with train/ and val/ (or test/) class folders")
+    candidates = ["train"] if train else ["val", "test"]
+    for sub in candidates:
+        if (data_root / sub).is_dir():
+            return FolderImages(data_root / sub, image_size, train)
+    raise IsdaVizError(f"no {' or '.join(candidates)}/ folder of class folders under {data_root}")
+
+
+def dataset_spec(name: str, data_root: str | Path | None = None) -> DatasetSpec:
+    """The spec of a dataset name; for `folder`, class names are read from its train folder."""
+    if name not in SPECS:
+        raise IsdaVizError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASET_NAMES)}")
+    spec = SPECS[name]
+    if name in ("folder", "imagenet") and data_root is not None:
+        train = Path(data_root) / "train"
+        if train.is_dir():
+            classes = sorted(d.name for d in train.iterdir() if d.is_dir())
+            spec = DatasetSpec(**{**spec.__dict__, "num_classes": len(classes), "class_names": classes})
+    return spec
+
+
+def load_split(name: str, train: bool, data_root: str | Path | None = None, limit: int | None = None):
+    """The train or test split of a dataset: items `(uint8 (C,H,W), int)`, `.labels (N,)`, `.classes`."""
+    spec = dataset_spec(name, data_root)
+    root = Path(data_root).expanduser() if data_root else None
+    if root is not None and not root.exists():
+        raise IsdaVizError(f"--data-root {root} does not exist")
+    if name == "fashion-mnist":
+        ds = _fashion_mnist(train, root)
+    elif name in ("cifar10", "cifar100"):
+        ds = _cifar(name, train, root)
+    else:
+        ds = _folder(name, train, root, spec.image_size)
+    return ds.subset(limit)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """`(N, C, H, W)` floats in [0, 1] → the classifier's input, `(x - mean) / std` per channel."""
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
+    """Random crop after zero padding by `pad` px, and random horizontal flip, per image.
+
+    `x (N, C, H, W)` uint8 or float; randomness drawn from `generator` (CPU) so a
+    seed fixes it whatever the device.
+    """
+    n, _, h, w = x.shape
+    flips = torch.rand(n, generator=generator) < 0.5
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(x.device)
+    idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    idx_c = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    out = padded[idx_n, idx_c, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    flips = flips.to(x.device).view(n, 1, 1, 1)
+    return torch.where(flips, out.flip(3), out)
+
+
+def iterate_batches(dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
+                    num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield `(uint8 (B, C, H, W), int64 (B,))` batches; order drawn from `generator` when shuffling."""
+    n = len(dataset)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if isinstance(dataset, TensorImages):
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            yield dataset.images[idx], dataset.labels[idx]
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers)
+    for images, labels in loader:
+        yield images, labels

@@ -1,0 +1,144 @@
+"""Online class-conditional feature statistics (the paper's Eqs. 1-3).
+
+For each class c the estimator holds the count n_c, the mean mu_c and the
+population covariance Sigma_c (divide by n) of every feature of class c it has
+seen. A batch with m_c features of class c, batch mean mu_b and centred
+scatter S_b is merged by Chan's parallel rule, which is Eqs. 1-3 written for a
+whole batch:
+
+    M2_new = M2 + S_b + (n m / (n + m)) (mu - mu_b)(mu - mu_b)^T,
+    mu_new = (n mu + m mu_b) / (n + m),     Sigma = M2 / n.
+
+The running sums live in float64 (statistics accumulate over hundreds of
+thousands of features); `mean` and `covariance` are float32 copies refreshed
+for the classes each update touches, ready for the per-step ISDA product.
+Only the classes present in a batch are touched. Under torch.distributed the
+batch statistics are all-reduced first, so every rank merges the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# Upper bound on the temporary per-chunk (k, A, A) float64 tensors, in bytes.
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CovarianceEstimator:
+    """Running per-class mean `(C, A)`, covariance `(C, A, A)` (or `(C, A)` diagonal) and count `(C,)`."""
+
+    def __init__(self, num_features: int, num_classes: int, diagonal: bool = False, device=None):
+        self.num_features, self.num_classes, self.diagonal = num_features, num_classes, diagonal
+        a, c = num_features, num_classes
+        shape = (c, a) if diagonal else (c, a, a)
+        self._m2 = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._mean = torch.zeros(c, a, dtype=torch.float64, device=device)
+        self.count = torch.zeros(c, dtype=torch.float64, device=device)
+        self.mean = torch.zeros(c, a, device=device)
+        self.covariance = torch.zeros(shape, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._m2.device
+
+    def to(self, device) -> "CovarianceEstimator":
+        for name in ("_m2", "_mean", "count", "mean", "covariance"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """Merge a batch: `features (N, A)`, `targets (N,)` int class indices."""
+        x = features.detach().to(self.device, torch.float64)
+        y = targets.to(self.device)
+        counts = torch.bincount(y, minlength=self.num_classes).to(torch.float64)
+        sums = torch.zeros_like(self._mean).index_add_(0, y, x)
+        if _distributed():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        classes = torch.nonzero(counts).flatten()
+        if classes.numel() == 0:
+            return
+        m = counts[classes]
+        batch_mean = sums[classes] / m[:, None]                       # (K, A)
+        n = self.count[classes]
+        delta = self._mean[classes] - batch_mean                        # (K, A)
+        cross = n * m / (n + m)                                         # weight of delta delta^T
+        # Centre each feature on its class's (global) batch mean.
+        slot = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.device)
+        slot[classes] = torch.arange(len(classes), device=self.device)
+        centred = x - batch_mean[slot[y]]
+        rank0 = not _distributed() or dist.get_rank() == 0
+        total = n + m
+        if self.diagonal:
+            scatter = torch.zeros(len(classes), self.num_features, dtype=torch.float64, device=self.device)
+            scatter.index_add_(0, slot[y], centred * centred)
+            if _distributed():
+                dist.all_reduce(scatter)
+            self._m2[classes] += scatter + cross[:, None] * delta * delta
+            self.covariance[classes] = (self._m2[classes] / total[:, None]).float()
+        else:
+            self._merge_full(classes, slot[y], centred, delta, cross, total, rank0)
+        self.count[classes] = total
+        self._mean[classes] += (m / total)[:, None] * (batch_mean - self._mean[classes])
+        self.mean[classes] = self._mean[classes].float()
+
+    def _merge_full(self, classes, slot_of_row, centred, delta, cross, total, rank0: bool) -> None:
+        """M2[c] += Xc^T Xc + cross_c delta_c delta_c^T, chunked over classes to bound memory.
+
+        Each class's centred rows, plus sqrt(cross_c) delta_c as one extra row, are
+        stacked zero-padded into `rows (K, L, A)`, so the merge is one batched
+        product `rows^T rows` per chunk of classes.
+        """
+        k, a = len(classes), self.num_features
+        per_class = torch.bincount(slot_of_row, minlength=k)
+        longest = int(per_class.max()) + 1
+        order = torch.argsort(slot_of_row, stable=True)
+        first = torch.cumsum(per_class, 0) - per_class
+        position = torch.arange(len(order), device=self.device) - first[slot_of_row[order]]
+        rows = torch.zeros(k, longest, a, dtype=torch.float64, device=self.device)
+        rows[slot_of_row[order], position] = centred[order]
+        if rank0:  # the delta term belongs to the merge once, not once per rank
+            rows[:, -1] = cross.sqrt()[:, None] * delta
+        per_chunk = max(1, _CHUNK_BYTES // (8 * a * a))
+        for start in range(0, k, per_chunk):
+            chunk = slice(start, min(start + per_chunk, k))
+            update = rows[chunk].transpose(1, 2) @ rows[chunk]
+            if _distributed():
+                dist.all_reduce(update)
+            if per_chunk == 1:  # large A: work in place on the class's own storage
+                c = int(classes[start])
+                self._m2[c] += update[0]
+                self.covariance[c] = self._m2[c] / total[start]
+            else:
+                idx = classes[chunk]
+                self._m2[idx] += update
+                self.covariance[idx] = (self._m2[idx] / total[chunk, None, None]).float()
+
+    def state_dict(self) -> dict:
+        return {
+            "num_features": self.num_features, "num_classes": self.num_classes, "diagonal": self.diagonal,
+            "m2": self._m2.cpu(), "mean64": self._mean.cpu(), "count": self.count.cpu(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["num_features"], state["num_classes"], state["diagonal"]) != (
+                self.num_features, self.num_classes, self.diagonal):
+            raise ValueError("estimator state is for another feature size, class count or covariance type")
+        self._m2 = state["m2"].to(self.device, torch.float64)
+        self._mean = state["mean64"].to(self.device, torch.float64)
+        self.count = state["count"].to(self.device, torch.float64)
+        self.mean = self._mean.float()
+        denom = self.count.clamp(min=1).view(-1, *[1] * (self._m2.dim() - 1))
+        self.covariance = (self._m2 / denom).float()
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device=None) -> "CovarianceEstimator":
+        est = cls(state["num_features"], state["num_classes"], state["diagonal"], device=device)
+        est.load_state_dict(state)
+        return est

@@ -1,0 +1,116 @@
+"""The ISDA loss (the paper's Eq. 7): cross-entropy of covariance-augmented logits.
+
+For a sample of class y with logits z, the upper bound of the expected
+cross-entropy over features a + eps, eps ~ N(0, lambda Sigma_y), is the
+cross-entropy of
+
+    z_j + (lambda / 2) (w_j - w_y)^T Sigma_y (w_j - w_y).
+
+The quadratic term depends on the sample only through its label, so it is
+computed once per class present in the batch: a `(K, C)` table for K present
+classes, never the `(N, A, A)`, `(N, C, C)` or `(N, C, A)` tensors of the
+reference code. Full covariance: P_k = (W - w_k) Sigma_k is one `(C, A) x (A, A)`
+product per class, and because Sigma_k is symmetric the gradient of
+d^T Sigma d is 2 Sigma d, i.e. 2 P_k: the backward pass reuses the forward
+product instead of a second matrix product. Diagonal covariance: three
+`(K, A) x (A, C)` products.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .estimator import CovarianceEstimator
+
+# Gather all present classes' covariances at once when that copy stays below this many bytes;
+# past it (large A) loop over classes and use each class's covariance in place.
+_GATHER_BYTES = 16 * 2**20
+
+
+class _FullQuadraticForms(torch.autograd.Function):
+    """`s (K, C)`: s[k, j] = (w_j - w_c)^T Sigma_c (w_j - w_c) for c = classes[k]."""
+
+    @staticmethod
+    def forward(ctx, weight, classes, covariance):
+        k, (c, a) = len(classes), weight.shape
+        diffs = weight.unsqueeze(0) - weight[classes].unsqueeze(1)              # (K, C, A)
+        if k * a * a * weight.element_size() <= _GATHER_BYTES:
+            products = diffs @ covariance[classes].to(weight.dtype)              # (K, C, A)
+        else:
+            products = torch.stack([diffs[i] @ covariance[cls].to(weight.dtype)
+                                    for i, cls in enumerate(classes.tolist())])
+        ctx.save_for_backward(products, classes)
+        return (products * diffs).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        products, classes = ctx.saved_tensors
+        grad_diffs = 2 * grad_s.unsqueeze(-1) * products                         # (K, C, A)
+        grad_weight = grad_diffs.sum(0)                                          # w_j in every d_kj
+        grad_weight.index_add_(0, classes, -grad_diffs.sum(1))                   # w_c in all d_kj of row k
+        return grad_weight, None, None
+
+
+def _diagonal_quadratic_forms(weight, classes, variance):
+    """`s (K, C)` for diagonal covariance `variance (C, A)`, by expanding (w_j - w_c)^2."""
+    var = variance[classes].to(weight.dtype)                                     # (K, A)
+    w_c = weight[classes]                                                        # (K, A)
+    return var @ (weight * weight).T - 2 * (var * w_c) @ weight.T + (var * w_c * w_c).sum(1, keepdim=True)
+
+
+def class_quadratic_forms(weight: torch.Tensor, classes: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """`(K, C)` table of (w_j - w_c)^T Sigma_c (w_j - w_c) for each class c in `classes (K,)`.
+
+    `weight (C, A)`; `covariance (C, A, A)` full or `(C, A)` diagonal (per-dimension variances).
+    Differentiable in `weight`; the covariance is treated as a constant.
+    """
+    covariance = covariance.detach()
+    if covariance.dim() == 2:
+        return _diagonal_quadratic_forms(weight, classes, covariance)
+    return _FullQuadraticForms.apply(weight, classes, covariance)
+
+
+def isda_augmented_logits(logits: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          covariance: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`(N, C)`: logits + (ratio / 2) (w_j - w_y)^T Sigma_y (w_j - w_y).
+
+    `logits (N, C)`, `weight (C, A)` of the final linear layer, `targets (N,)`,
+    `covariance (C, A, A)` or `(C, A)` diagonal, `ratio` = lambda >= 0.
+    """
+    classes, row = torch.unique(targets, return_inverse=True)
+    table = class_quadratic_forms(weight, classes, covariance)
+    return logits + (0.5 * ratio) * table[row]
+
+
+class ISDALoss(nn.Module):
+    """Cross-entropy of ISDA-augmented logits, with its own online covariance estimator.
+
+    `loss = criterion(features (N, A), fc, targets (N,), ratio)`: the estimator is
+    first updated with the detached batch features (as in the reference code), then
+    the augmented logits use the updated covariances. `ratio = 0` returns exactly
+    `F.cross_entropy(fc(features), targets)`.
+    """
+
+    def __init__(self, num_features: int, num_classes: int, covariance: str = "full"):
+        super().__init__()
+        if covariance not in ("full", "diagonal"):
+            raise ValueError("covariance must be 'full' or 'diagonal'")
+        self.estimator = CovarianceEstimator(num_features, num_classes, diagonal=covariance == "diagonal")
+
+    def forward(self, features: torch.Tensor, fc: nn.Linear, targets: torch.Tensor, ratio: float) -> torch.Tensor:
+        if self.estimator.device != features.device:
+            self.estimator.to(features.device)
+        self.estimator.update(features.detach(), targets)
+        logits = fc(features)
+        if ratio == 0:
+            return F.cross_entropy(logits, targets)
+        augmented = isda_augmented_logits(logits, fc.weight, targets, self.estimator.covariance, ratio)
+        return F.cross_entropy(augmented, targets)
+
+    def get_extra_state(self) -> dict:
+        return self.estimator.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        self.estimator = CovarianceEstimator.from_state_dict(state, device=self.estimator.device)

@@ -1,0 +1,162 @@
+"""Run directories: atomic writes, safe checkpoint loading, and the classifier a run holds.
+
+A classifier run directory (written by `isda-viz train`) holds
+`checkpoint.pt` (plain tensors and dicts: model, optimizer, estimator state,
+epoch, config, class names, normalisation), `config.json` and `metrics.jsonl`.
+Everything is written to a temporary file in the same folder and renamed into
+place, so a kill never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import IsdaVizError
+from .estimator import CovarianceEstimator
+from .models import build_model
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_atomic(obj, path) -> None:
+    """`torch.save(obj)` to `path` through a temporary file and a rename."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_json_atomic(obj, path) -> None:
+    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_bytes_atomic(data: bytes, path) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def save_image_atomic(image, path) -> None:
+    """Save a PIL image (format from the suffix) atomically."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+    write_bytes_atomic(buf.getvalue(), path)
+
+
+def append_jsonl(record: dict, path) -> None:
+    """Append one JSON line; a line is one small write, so a kill loses at most that line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            pass
+    return out
+
+
+def load_checkpoint(path, what: str = "checkpoint") -> dict:
+    """`torch.load(path, weights_only=True)`, with one-line errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.exists():
+        raise IsdaVizError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise IsdaVizError(f"{what} {path} is corrupt or not a checkpoint ({type(e).__name__})") from None
+
+
+@dataclass
+class Classifier:
+    """A trained classifier, frozen, with what it takes to feed it.
+
+    `model(normalize(x))` for `x (N, channels, image_size, image_size)` in [0, 1].
+    """
+
+    model: torch.nn.Module
+    config: dict
+    class_names: list[str]
+    mean: list[float]
+    std: list[float]
+    channels: int
+    image_size: int
+    estimator: CovarianceEstimator | None
+    run_dir: Path
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def dataset(self) -> str:
+        return self.config["dataset"]
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """`(N, C, H, W)` in [0, 1] at the classifier's size → normalised input."""
+        from .data import normalize
+
+        return normalize(x, self.mean, self.std)
+
+
+def resolve_run_dir(path) -> Path:
+    """A run directory, or the checkpoint file inside one."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def load_classifier(run_dir, device="cpu") -> Classifier:
+    """The classifier of a `train` run, in eval mode with gradients off for its parameters."""
+    run_dir = resolve_run_dir(run_dir)
+    ckpt = load_checkpoint(run_dir / CHECKPOINT, "classifier checkpoint")
+    try:
+        cfg = ckpt["config"]
+        model = build_model(cfg["arch"], len(ckpt["class_names"]), ckpt["input"]["channels"])
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise IsdaVizError(f"{run_dir / CHECKPOINT} is not a classifier checkpoint of isda-viz ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:120]})") from None
+    model.to(device).eval().requires_grad_(False)
+    est = ckpt.get("estimator")
+    estimator = CovarianceEstimator.from_state_dict(est, device=device) if est else None
+    return Classifier(model, cfg, list(ckpt["class_names"]), list(ckpt["normalization"]["mean"]),
+                      list(ckpt["normalization"]["std"]), ckpt["input"]["channels"], ckpt["input"]["size"],
+                      estimator, run_dir)
+
+
+def pick_device(device: str | None) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N`, or None for CUDA when present else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise IsdaVizError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise IsdaVizError(f"--device {device} asked for, but CUDA is not available on this machine")
+    return dev
