@@ -1,0 +1,153 @@
+"""Feature inversion through a frozen generator (the paper's Appendix E, Eqs. 20-21).
+
+Step I reconstructs a real image x with features a = f(x):
+
+    z* = argmin_z ||f(G(z_hat)) - a||^2 + eta ||G(z_hat) - x||^2,   z_hat = (z - mean z) / std z,
+
+from several random starts, keeping the best. Step II samples augmented
+features a~ = a + eps, eps ~ N(0, lambda Sigma_y), and from z* finds
+z' = argmin ||f(G(z_hat')) - a~||^2, for all images x K augmentations in one batch.
+
+`invert_features` is the optimiser and knows nothing of generators or
+classifiers: it drives a `render(z_hat) -> classifier input` and a
+`featurize(input) -> (M, A)` it is handed. Both networks are frozen in eval
+mode (the reference code leaves them in train mode, so batch-norm statistics
+leak between images).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .errors import IsdaVizError
+from .estimator import CovarianceEstimator
+
+
+@dataclass
+class InversionOptions:
+    """How hard to search. The defaults are the fast ones; the reference schedule is 10,000 + 10,000 SGD steps."""
+
+    reconstruct_iterations: int = 400
+    augment_iterations: int = 300
+    restarts: int = 4
+    lr: float = 0.05                    # Adam step on z (z_hat has unit std per code)
+    eta: float = 1.0                    # weight of the pixel term, per pixel, relative to the feature term per dim
+    tolerance: float = 0.0              # stop a stage once every relative feature error is below this
+    optimizer: str = "adam"             # "adam" | "sgd" (plain momentum gradient descent, as the reference)
+    momentum: float = 0.9               # for sgd
+    schedule: str = "cosine"            # "cosine" | "constant" | "step" (÷10 every `step_every`)
+    step_every: int = 2500
+
+
+def normalize_latent(z: torch.Tensor) -> torch.Tensor:
+    """z_hat = (z - mean z) / std z per code, `(M, D)` → `(M, D)`."""
+    return (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True).clamp_min(1e-8)
+
+
+@dataclass
+class InversionTrace:
+    """What one `invert_features` call found: `z (M, D)`, `images` (classifier input), `features (M, A)`,
+    `objective (M,)`, `feature_error (M,)` = ||f - target|| / ||scale||, `history` of median errors."""
+
+    z: torch.Tensor
+    images: torch.Tensor
+    features: torch.Tensor
+    objective: torch.Tensor
+    feature_error: torch.Tensor
+    history: list[dict] = field(default_factory=list)
+
+
+def _learning_rate(opts: InversionOptions, lr: float, step: int, total: int) -> float:
+    if opts.schedule == "cosine":
+        return 0.5 * lr * (1 + math.cos(math.pi * step / max(1, total)))
+    if opts.schedule == "step":
+        return lr * 0.1 ** (step // opts.step_every)
+    return lr
+
+
+def invert_features(render: Callable[[torch.Tensor], torch.Tensor],
+                    featurize: Callable[[torch.Tensor], torch.Tensor],
+                    target: torch.Tensor, z0: torch.Tensor, iterations: int, opts: InversionOptions,
+                    pixel_target: torch.Tensor | None = None, error_scale: torch.Tensor | None = None,
+                    lr: float | None = None, desc: str = "inverting", progress: bool = True) -> InversionTrace:
+    """Minimise ||featurize(render(z_hat)) - target||^2 (+ eta ||render(z_hat) - pixel_target||^2) over z.
+
+    `target (M, A)`, `z0 (M, D)`, `pixel_target` like `render`'s output or None.
+    The feature error reported is ||f - target|| / ||error_scale|| per row
+    (`error_scale (M, A)`, default `target`: the relative error). Each row is an
+    independent problem; the sum over rows is minimised, so rows do not interact.
+    """
+    z = z0.detach().clone().requires_grad_(True)
+    lr = opts.lr if lr is None else lr
+    if opts.optimizer == "adam":
+        optimizer = torch.optim.Adam([z], lr=lr)
+    elif opts.optimizer == "sgd":
+        optimizer = torch.optim.SGD([z], lr=lr, momentum=opts.momentum)
+    else:
+        raise IsdaVizError(f"unknown optimizer '{opts.optimizer}'; choose adam or sgd")
+    scale = (target if error_scale is None else error_scale).norm(dim=1).clamp_min(1e-12)
+    history = []
+    bar = tqdm(range(iterations), desc=desc, disable=not progress, leave=False)
+    error = torch.full((len(target),), float("inf"))
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(opts, lr, step, iterations)
+        images = render(normalize_latent(z))
+        features = featurize(images)
+        feature_loss = (features - target).pow(2).sum(1)
+        objective = feature_loss
+        if pixel_target is not None:
+            objective = objective + opts.eta * (images - pixel_target).pow(2).flatten(1).sum(1)
+        optimizer.zero_grad(set_to_none=True)
+        objective.sum().backward()
+        optimizer.step()
+        error = feature_loss.detach().sqrt() / scale
+        median = error.median().item()
+        if step % 10 == 0 or step == iterations - 1:
+            history.append({"iteration": step, "median_feature_error": median})
+            bar.set_postfix(median_err=f"{median:.4f}")
+        if opts.tolerance and error.max().item() < opts.tolerance:
+            break
+    bar.close()
+    with torch.no_grad():  # the state after the last step, evaluated once more
+        images = render(normalize_latent(z))
+        features = featurize(images)
+        feature_loss = (features - target).pow(2).sum(1)
+        objective = feature_loss
+        if pixel_target is not None:
+            objective = objective + opts.eta * (images - pixel_target).pow(2).flatten(1).sum(1)
+    return InversionTrace(z.detach(), images, features, objective, feature_loss.sqrt() / scale, history)
+
+
+def sample_augmented_features(features: torch.Tensor, labels: torch.Tensor, estimator: CovarianceEstimator,
+                              strength: float, k: int, generator: torch.Generator) -> torch.Tensor:
+    """a~ = a + eps, eps ~ N(0, strength * Sigma_y): `features (N, A)`, `labels (N,)` → `(N, K, A)`.
+
+    Full covariances are factorised by Cholesky with growing jitter (they are
+    often singular: A can exceed the number of features seen); diagonal ones by
+    per-dimension standard deviation. Noise is drawn on the CPU from `generator`.
+    """
+    n, a = features.shape
+    noise = torch.randn(n, k, a, generator=generator, dtype=torch.float64)
+    cov = estimator.covariance[labels.to(estimator.device)].detach().cpu().double()
+    if estimator.diagonal:
+        eps = noise * cov.clamp_min(0).sqrt()[:, None, :]
+    else:
+        eps = torch.einsum("nab,nkb->nka", _cholesky(cov), noise)
+    return features[:, None] + (math.sqrt(strength) * eps).to(features)
+
+
+def _cholesky(cov: torch.Tensor) -> torch.Tensor:
+    """Lower factors L with L L^T = cov + jitter I, `(N, A, A)` float64, jitter the smallest that works."""
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
+    base = cov.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
+    for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4):
+        factor, info = torch.linalg.cholesky_ex(cov + jitter * base * eye)
+        if not info.any():
+            return factor
+    raise IsdaVizError("a class covariance is not positive semi-definite; the classifier run's statistics are broken")
