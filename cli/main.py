@@ -6,6 +6,8 @@ import click
 
 from isda_viz import __version__
 
+from .audit import audit_command
+from .gan import train_gan_command
 from .train import train_command
 
 
@@ -16,3 +18,5 @@ def main():
 
 
 main.add_command(train_command)
+main.add_command(audit_command)
+main.add_command(train_gan_command)

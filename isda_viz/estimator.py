@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# Upper bound on the temporary per-chunk (k, A, A) float64 tensors, in bytes.
-_CHUNK_BYTES = 64 * 2**20
+# Classes whose (A, A) float64 block is at least this big are merged one at a time, in place.
+_PER_CLASS_BYTES = 512 * 2**10
 
 
 def _distributed() -> bool:
@@ -89,15 +89,23 @@ class CovarianceEstimator:
         self.mean[classes] = self._mean[classes].float()
 
     def _merge_full(self, classes, slot_of_row, centred, delta, cross, total, rank0: bool) -> None:
-        """M2[c] += Xc^T Xc + cross_c delta_c delta_c^T, chunked over classes to bound memory.
+        """M2[c] += Xc^T Xc + cross_c delta_c delta_c^T for every present class c.
 
         Each class's centred rows, plus sqrt(cross_c) delta_c as one extra row, are
-        stacked zero-padded into `rows (K, L, A)`, so the merge is one batched
-        product `rows^T rows` per chunk of classes.
+        stacked zero-padded into `rows (K, L, A)` (under torch.distributed, every
+        rank's rows, gathered), so the merge is a rank-L update `rows_c^T rows_c`.
+        Small A: one batched product for all classes. Large A: one in-place
+        `addmm_` per class on its own float64 storage, followed by the float32
+        refresh of that class, so each (A, A) block is read and written once per
+        pass and no `(K, A, A)` temporary is made.
         """
         k, a = len(classes), self.num_features
         per_class = torch.bincount(slot_of_row, minlength=k)
         longest = int(per_class.max()) + 1
+        if _distributed():  # every rank pads to the same length, then gathers all ranks' rows
+            longest_t = torch.tensor([longest], device=self.device)
+            dist.all_reduce(longest_t, op=dist.ReduceOp.MAX)
+            longest = int(longest_t)
         order = torch.argsort(slot_of_row, stable=True)
         first = torch.cumsum(per_class, 0) - per_class
         position = torch.arange(len(order), device=self.device) - first[slot_of_row[order]]
@@ -105,20 +113,20 @@ class CovarianceEstimator:
         rows[slot_of_row[order], position] = centred[order]
         if rank0:  # the delta term belongs to the merge once, not once per rank
             rows[:, -1] = cross.sqrt()[:, None] * delta
-        per_chunk = max(1, _CHUNK_BYTES // (8 * a * a))
-        for start in range(0, k, per_chunk):
-            chunk = slice(start, min(start + per_chunk, k))
-            update = rows[chunk].transpose(1, 2) @ rows[chunk]
-            if _distributed():
-                dist.all_reduce(update)
-            if per_chunk == 1:  # large A: work in place on the class's own storage
-                c = int(classes[start])
-                self._m2[c] += update[0]
-                self.covariance[c] = self._m2[c] / total[start]
-            else:
-                idx = classes[chunk]
-                self._m2[idx] += update
-                self.covariance[idx] = (self._m2[idx] / total[chunk, None, None]).float()
+        if _distributed():
+            gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, rows)
+            rows = torch.cat(gathered, dim=1)                               # (K, world * L, A)
+        if a * a * 8 < _PER_CLASS_BYTES:
+            self._m2.index_add_(0, classes, rows.transpose(1, 2) @ rows)
+            self.covariance[classes] = (self._m2[classes] / total[:, None, None]).float()
+            return
+        rows_t = rows.transpose(1, 2)
+        for i, (c, n) in enumerate(zip(classes.tolist(), total.tolist())):
+            m2 = self._m2[c]
+            m2.addmm_(rows_t[i], rows[i])
+            # cast, then scale in float32: two light passes beat one float64 divide into a float32 output
+            self.covariance[c].copy_(m2).mul_(1.0 / n)
 
     def state_dict(self) -> dict:
         return {

@@ -42,6 +42,7 @@ class InversionOptions:
     momentum: float = 0.9               # for sgd
     schedule: str = "cosine"            # "cosine" | "constant" | "step" (÷10 every `step_every`)
     step_every: int = 2500
+    reduction: str = "sum"              # "sum" of squares (ours) | "mean" (the reference's MSE losses)
 
 
 def normalize_latent(z: torch.Tensor) -> torch.Tensor:
@@ -84,29 +85,28 @@ def invert_features(render: Callable[[torch.Tensor], torch.Tensor],
     """
     z = z0.detach().clone().requires_grad_(True)
     lr = opts.lr if lr is None else lr
-    if opts.optimizer == "adam":
-        optimizer = torch.optim.Adam([z], lr=lr)
-    elif opts.optimizer == "sgd":
-        optimizer = torch.optim.SGD([z], lr=lr, momentum=opts.momentum)
-    else:
+    if opts.optimizer not in ("adam", "sgd"):
         raise IsdaVizError(f"unknown optimizer '{opts.optimizer}'; choose adam or sgd")
+    # One tensor, so the update is written out: torch.optim's first step imports torch._dynamo (seconds).
+    first, second = torch.zeros_like(z), torch.zeros_like(z)
     scale = (target if error_scale is None else error_scale).norm(dim=1).clamp_min(1e-12)
     history = []
     bar = tqdm(range(iterations), desc=desc, disable=not progress, leave=False)
     error = torch.full((len(target),), float("inf"))
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(opts, lr, step, iterations)
-        images = render(normalize_latent(z))
-        features = featurize(images)
-        feature_loss = (features - target).pow(2).sum(1)
-        objective = feature_loss
-        if pixel_target is not None:
-            objective = objective + opts.eta * (images - pixel_target).pow(2).flatten(1).sum(1)
-        optimizer.zero_grad(set_to_none=True)
-        objective.sum().backward()
-        optimizer.step()
-        error = feature_loss.detach().sqrt() / scale
+        images, _, feature_loss, objective = _objective(render, featurize, z, target, pixel_target, opts)
+        (grad,) = torch.autograd.grad(objective.sum(), z)
+        with torch.no_grad():
+            step_lr = _learning_rate(opts, lr, step, iterations)
+            if opts.optimizer == "adam":  # Kingma & Ba, betas (0.9, 0.999), bias-corrected
+                first.mul_(0.9).add_(grad, alpha=0.1)
+                second.mul_(0.999).addcmul_(grad, grad, value=0.001)
+                denom = (second / (1 - 0.999 ** (step + 1))).sqrt_().add_(1e-8)
+                z.addcdiv_(first, denom, value=-step_lr / (1 - 0.9 ** (step + 1)))
+            else:  # heavy-ball gradient descent, as the reference code
+                first.mul_(opts.momentum).add_(grad)
+                z.add_(first, alpha=-step_lr)
+        error = feature_loss.sqrt() / scale
         median = error.median().item()
         if step % 10 == 0 or step == iterations - 1:
             history.append({"iteration": step, "median_feature_error": median})
@@ -115,13 +115,20 @@ def invert_features(render: Callable[[torch.Tensor], torch.Tensor],
             break
     bar.close()
     with torch.no_grad():  # the state after the last step, evaluated once more
-        images = render(normalize_latent(z))
-        features = featurize(images)
-        feature_loss = (features - target).pow(2).sum(1)
-        objective = feature_loss
-        if pixel_target is not None:
-            objective = objective + opts.eta * (images - pixel_target).pow(2).flatten(1).sum(1)
+        images, features, feature_loss, objective = _objective(render, featurize, z, target, pixel_target, opts)
     return InversionTrace(z.detach(), images, features, objective, feature_loss.sqrt() / scale, history)
+
+
+def _objective(render, featurize, z, target, pixel_target, opts: InversionOptions):
+    """Images, features, ||f - target||^2 `(M,)` and the objective (+ eta ||image - pixel_target||^2) `(M,)`."""
+    images = render(normalize_latent(z))
+    features = featurize(images)
+    feature_loss = (features - target).pow(2).sum(1)
+    objective = feature_loss / target.shape[1] if opts.reduction == "mean" else feature_loss
+    if pixel_target is not None:
+        pixel = (images - pixel_target).pow(2).flatten(1)
+        objective = objective + opts.eta * (pixel.mean(1) if opts.reduction == "mean" else pixel.sum(1))
+    return images, features, feature_loss.detach(), objective
 
 
 def sample_augmented_features(features: torch.Tensor, labels: torch.Tensor, estimator: CovarianceEstimator,

@@ -30,26 +30,48 @@ _GATHER_BYTES = 16 * 2**20
 
 
 class _FullQuadraticForms(torch.autograd.Function):
-    """`s (K, C)`: s[k, j] = (w_j - w_c)^T Sigma_c (w_j - w_c) for c = classes[k]."""
+    """`s (K, C)`: s[k, j] = (w_j - w_c)^T Sigma_c (w_j - w_c) for c = classes[k].
+
+    Only the products P_k = (W - w_c) Sigma_c `(K, C, A)` are kept for the backward
+    pass. Small A: batched over classes. Large A: one class at a time, so each
+    class's `(C, A)` blocks stay in cache between the product and the row-wise dot
+    (forward) or the two reductions (backward), and no other `(K, C, A)` tensor is made.
+    """
 
     @staticmethod
     def forward(ctx, weight, classes, covariance):
         k, (c, a) = len(classes), weight.shape
-        diffs = weight.unsqueeze(0) - weight[classes].unsqueeze(1)              # (K, C, A)
         if k * a * a * weight.element_size() <= _GATHER_BYTES:
+            diffs = weight.unsqueeze(0) - weight[classes].unsqueeze(1)          # (K, C, A)
             products = diffs @ covariance[classes].to(weight.dtype)              # (K, C, A)
-        else:
-            products = torch.stack([diffs[i] @ covariance[cls].to(weight.dtype)
-                                    for i, cls in enumerate(classes.tolist())])
+            s = (products * diffs).sum(-1)
+        else:  # each class's covariance used in place, its product written straight into its slice
+            products = weight.new_empty(k, c, a)
+            s = weight.new_empty(k, c)
+            for i, cls in enumerate(classes.tolist()):
+                diff = weight - weight[cls]                                      # (C, A)
+                torch.mm(diff, covariance[cls].to(weight.dtype), out=products[i])
+                torch.sum(products[i] * diff, 1, out=s[i])
         ctx.save_for_backward(products, classes)
-        return (products * diffs).sum(-1)
+        ctx.batched = k * a * a * weight.element_size() <= _GATHER_BYTES
+        return s
 
     @staticmethod
     def backward(ctx, grad_s):
+        # d s[k, j] / d w_j = 2 P[k, j] and d s[k, j] / d w_c = -2 P[k, j] (Sigma symmetric).
         products, classes = ctx.saved_tensors
-        grad_diffs = 2 * grad_s.unsqueeze(-1) * products                         # (K, C, A)
-        grad_weight = grad_diffs.sum(0)                                          # w_j in every d_kj
-        grad_weight.index_add_(0, classes, -grad_diffs.sum(1))                   # w_c in all d_kj of row k
+        grad_s = 2 * grad_s
+        if ctx.batched:
+            grad_diffs = grad_s.unsqueeze(-1) * products                         # (K, C, A)
+            grad_weight = grad_diffs.sum(0)
+            grad_class = grad_diffs.sum(1)                                       # (K, A)
+        else:
+            grad_weight = products.new_zeros(products.shape[1:])
+            grad_class = products.new_empty(len(classes), products.shape[2])
+            for i in range(len(classes)):
+                grad_weight.addcmul_(grad_s[i].unsqueeze(1), products[i])
+                torch.mv(products[i].T, grad_s[i], out=grad_class[i])
+        grad_weight.index_add_(0, classes, -grad_class)
         return grad_weight, None, None
 
 

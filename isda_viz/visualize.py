@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .adapter import GeneratorAdapter
+from .adapter import GeneratorAdapter, map_channels, resize
 from .data import load_split
 from .errors import IsdaVizError
 from .estimator import CovarianceEstimator
 from .figures import labelled_grid
 from .inversion import InversionOptions, invert_features, sample_augmented_features
-from .runs import (Classifier, load_checkpoint, save_atomic, save_image_atomic, write_json_atomic)
+from .runs import Classifier, load_checkpoint, save_atomic, write_json_atomic
 
 STATISTICS_CACHE = "class_statistics.pt"
 
@@ -102,7 +101,12 @@ def visualize_augmentations(classifier: Classifier, generator, images: torch.Ten
     gen_labels = labels if generator.conditional else None
 
     def renderer(y):
-        return lambda z_hat: adapter(generator.generate(z_hat, y))
+        return lambda z_hat: adapter(z_hat, y)
+
+    def pixels(z, y):
+        """Generated images as the classifier sees them, in [0, 1] (what is saved and measured)."""
+        with torch.no_grad():
+            return classifier_pixels(generator, classifier, generator.generate(_hat(z), y))
 
     # Step I: R restarts per image in one batch, keep the best objective.
     started = time.time()
@@ -113,7 +117,7 @@ def visualize_augmentations(classifier: Classifier, generator, images: torch.Ten
                             desc="step I: reconstruct", progress=progress)
     best = step1.objective.view(n, r).argmin(1) + torch.arange(n, device=device) * r
     z_star = step1.z[best]
-    recon_unit = adapter.to_unit(generator.generate(_hat(z_star), gen_labels)).detach()
+    recon_unit = pixels(z_star, gen_labels)
     timings["reconstruct"] = time.time() - started
 
     # Sampling and Step II: N x K problems in one batch, each starting from its image's z*.
@@ -125,7 +129,7 @@ def visualize_augmentations(classifier: Classifier, generator, images: torch.Ten
     step2 = invert_features(renderer(y_aug), featurize, wanted.reshape(n * k, -1), z_star.repeat_interleave(k, 0),
                             opts.augment_iterations, opts, error_scale=shift, desc="step II: augment",
                             progress=progress)
-    aug_unit = adapter.to_unit(generator.generate(_hat(step2.z), y_aug)).detach().view(n, k, *recon_unit.shape[1:])
+    aug_unit = pixels(step2.z, y_aug).view(n, k, *recon_unit.shape[1:])
     timings["augment"] = time.time() - started
 
     recon_pred, recon_judge = _predict(classifier, recon_unit), _predict(judge, recon_unit)
@@ -154,6 +158,11 @@ def _hat(z: torch.Tensor) -> torch.Tensor:
     from .inversion import normalize_latent
 
     return normalize_latent(z)
+
+
+def classifier_pixels(generator, classifier: Classifier, images: torch.Tensor) -> torch.Tensor:
+    """Generator output → `(N, classifier channels, size, size)` in [0, 1], before normalisation."""
+    return map_channels(resize(generator.to_unit(images), classifier.image_size), classifier.channels)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -342,12 +351,11 @@ def make_grid(classifier: Classifier, generator, out_png, per_class: int = 1, cl
                                      judge, data_root, progress)
     samples = None
     if generator.conditional and num_samples > 0:
-        adapter = GeneratorAdapter(generator, classifier)
         rng = torch.Generator().manual_seed(seed + 1)
         z = torch.randn(len(labels) * num_samples, generator.latent_dim, generator=rng).to(generator.device)
         with torch.no_grad():
             y = labels.repeat_interleave(num_samples).to(generator.device)
-            samples = adapter.to_unit(generator.generate(z, y)).cpu().view(len(labels), num_samples,
+            samples = classifier_pixels(generator, classifier, generator.generate(z, y)).cpu().view(len(labels), num_samples,
                                                                             *images.shape[1:])
     files_dir = out_png.with_name(out_png.stem + "_files")
     extra = {"settings": {"strength": strength, "num_augmented": num_augmented, "seed": seed,

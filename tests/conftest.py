@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
-
-# Tests share two cores with each other; one thread each is faster overall than oversubscription.
-torch.set_num_threads(int(os.environ.get("ISDA_VIZ_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

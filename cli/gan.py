@@ -1,0 +1,54 @@
+"""`isda-viz train-gan`: train the class-conditional WGAN-GP the inverter uses; and the `--generator` option."""
+
+from __future__ import annotations
+
+import click
+
+from isda_viz.data import DATASET_NAMES
+from isda_viz.generators.wgan import GanConfig, train_gan
+
+from .common import device_option, seed_option, user_errors
+
+_DEFAULT = GanConfig(out="")
+
+# For commands that drive a generator: pass the string to isda_viz.generators.load_generator(spec, device).
+generator_option = click.option(
+    "--generator", "generator", required=True, metavar="GAN_DIR|PATH|biggan-deep-128|256|512",
+    help="A GAN_DIR written by train-gan, a BigGAN folder (config.json + pytorch_model.bin), or a BigGAN name "
+         "(downloaded where online).")
+truncation_option = click.option("--truncation", type=click.FloatRange(0, 1, min_open=True), default=0.5,
+                                 show_default=True, help="BigGAN truncation (ignored by WGAN generators).")
+
+
+@click.command("train-gan")
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), default="fashion-mnist", show_default=True)
+@click.option("--data-root", type=click.Path(), default=None, help="Dataset folder (as for `train`).")
+@click.option("--iterations", type=click.IntRange(min=1), default=_DEFAULT.iterations, show_default=True,
+              help="Generator steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_DEFAULT.batch_size, show_default=True)
+@click.option("--n-critic", type=click.IntRange(min=1), default=_DEFAULT.n_critic, show_default=True,
+              help="Critic steps per generator step.")
+@click.option("--gp", type=click.FloatRange(min=0), default=_DEFAULT.gp, show_default=True,
+              help="Gradient-penalty weight lambda.")
+@click.option("--lr-g", type=float, default=_DEFAULT.lr_g, show_default=True, help="Generator Adam learning rate.")
+@click.option("--lr-d", type=float, default=_DEFAULT.lr_d, show_default=True, help="Critic Adam learning rate.")
+@click.option("--beta1", type=click.Choice(["0.0", "0.5"]), default=str(_DEFAULT.beta1), show_default=True,
+              help="Adam beta1 (beta2 is 0.9).")
+@click.option("--unconditional", is_flag=True, help="Ignore labels (no class-conditional sampling).")
+@click.option("--classifier", type=click.Path(), default=None, metavar="RUN_DIR",
+              help="A `train` run: report how often it classifies samples as their conditioning class.")
+@click.option("--limit-train", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
+@click.option("--sample-every", type=click.IntRange(min=1), default=_DEFAULT.sample_every, show_default=True,
+              help="Iterations between samples.png, generator.pt and agreement refreshes.")
+@seed_option
+@device_option
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="GAN_DIR to write.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved iteration.")
+@user_errors
+def train_gan_command(resume, unconditional, beta1, **options):
+    """Train a class-conditional WGAN-GP; writes generator.pt, samples.png, metrics.jsonl into --out."""
+    record = train_gan(GanConfig(conditional=not unconditional, beta1=float(beta1), **options), resume=resume,
+                       log=click.echo)
+    agreement = f", class agreement {record['agreement']:.3f}" if "agreement" in record else ""
+    click.echo(f"GAN written to {options['out']} (generator.pt, samples.png, metrics.jsonl; "
+               f"{record.get('iteration', 0)} iterations{agreement})")
