@@ -44,7 +44,7 @@ CONFIGS = {
     "wrn28_10": (128, 640, 100, False, "WRN-28-10 CIFAR-100"),
     "densenet_bc100": (64, 342, 100, False, "DenseNet-BC-100 CIFAR-100"),
     "resnext29": (128, 1024, 100, False, "ResNeXt-29 CIFAR-100"),
-    "resnet50_diag": (256, 2048, 1000, True, "ResNet-50 ImageNet diagonal"),
+    "resnet50_diag": (256, 2048, 1000, True, "ResNet-50 ImageNet diag"),
 }
 # arch for build_model: (batch, input shape, classes)
 NETWORKS = {
@@ -330,7 +330,7 @@ def main():
         else:
             m_ours, m_dense = _peak_extra_rss(name, "ours", threads), _peak_extra_rss(name, "dense", threads)
         ratio = m_dense["extra_mib"] / max(m_ours["extra_mib"], 0.01)
-        row = (f"{label + (' (diag)' if diagonal else ''):<28}{n:>5}{a:>6}{c:>6}  {t_ours * 1e3:>9.2f}"
+        row = (f"{label:<28}{n:>5}{a:>6}{c:>6}  {t_ours * 1e3:>9.2f}"
                f"{t_dense * 1e3:>10.1f}{t_dense / t_ours:>8.1f}x{m_ours['extra_mib']:>10.1f}"
                f"{m_dense['extra_mib']:>10.1f}{ratio:>9.1f}x"
                f"{m_ours['state_mib']:>11.1f}/{m_dense['state_mib']:<10.1f}{diff:>13.1e}")

@@ -7,6 +7,8 @@ import click
 from isda_viz import __version__
 
 from .audit import audit_command
+from .augment import augment_command, grid_command
+from .demo import demo_command
 from .gan import train_gan_command
 from .train import train_command
 
@@ -20,3 +22,6 @@ def main():
 main.add_command(train_command)
 main.add_command(audit_command)
 main.add_command(train_gan_command)
+main.add_command(augment_command)
+main.add_command(grid_command)
+main.add_command(demo_command)

@@ -1,0 +1,209 @@
+"""`isda-viz demo`: the whole pipeline on Fashion-MNIST, resumable stage by stage.
+
+Stages (each skipped, with a status line saying so, when DIR already holds its finished output):
+  1-3. with `from_scratch`: train the ISDA classifier, the CE judge (other seed) and the WGAN-GP;
+       otherwise use the weights shipped in `isda_viz/pretrained`.
+  4.   the figure grid: one test image per class, its reconstruction, K augmented, random same-class samples.
+  5.   the FAISS audit of the augmented images against the training set.
+  6.   `summary.json` and a table of the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import IsdaVizError
+from .inversion import InversionOptions
+from .runs import CHECKPOINT, load_checkpoint, read_jsonl, write_json_atomic
+
+
+@dataclass
+class DemoPlan:
+    """Sizes of each stage: the full demo, or the CI-sized `quick` one."""
+
+    classifier_epochs: int = 4
+    judge_epochs: int = 2
+    classifier_arch: str = "resnet32"
+    limit_train: int | None = None
+    limit_test: int | None = None
+    gan_iterations: int | None = None     # None: train-gan's default
+    inversion: InversionOptions = None
+    num_augmented: int = 4
+    audit_limit_train: int | None = None
+    audit_limit_test: int | None = None
+
+    @classmethod
+    def make(cls, quick: bool) -> "DemoPlan":
+        if not quick:
+            return cls(inversion=InversionOptions())
+        return cls(classifier_epochs=1, judge_epochs=1, classifier_arch="resnet8", limit_train=1024, limit_test=500,
+                   gan_iterations=30, inversion=InversionOptions(reconstruct_iterations=30, augment_iterations=20,
+                                                                 restarts=2),
+                   num_augmented=2, audit_limit_train=5000, audit_limit_test=500)
+
+
+def _train_finished(run_dir: Path, epochs: int) -> bool:
+    path = run_dir / CHECKPOINT
+    return path.exists() and load_checkpoint(path).get("epoch", 0) >= epochs
+
+
+def _gan_finished(gan_dir: Path, iterations: int) -> bool:
+    history = read_jsonl(gan_dir / "metrics.jsonl")
+    return (gan_dir / "generator.pt").exists() and bool(history) and history[-1].get("iteration", 0) >= iterations
+
+
+def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: bool = False,
+             seed: int = 0, log=print, progress: bool = True) -> dict:
+    """Run every stage into `out`; returns the summary (also written as `out/summary.json`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = DemoPlan.make(quick)
+    seconds: dict[str, float] = {}
+    models = _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
+    report = _grid_stage(out, plan, models, device, seed, log, progress, seconds)
+    audit = _audit_stage(out, plan, device, log, progress, seconds)
+    summary = _summary(models, report, audit, seconds, quick, from_scratch)
+    write_json_atomic(summary, out / "summary.json")
+    return summary
+
+
+def _status(log, stage: str, message: str) -> None:
+    log(f"[{stage}] {message}")
+
+
+def _timed(seconds: dict, name: str, fn):
+    started = time.time()
+    result = fn()
+    seconds[name] = round(time.time() - started, 1)
+    return result
+
+
+def _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds) -> dict:
+    """Paths of the classifier, judge and generator: trained here, or the shipped ones."""
+    if not from_scratch:
+        from .pretrained import default_classifier, default_generator, default_judge
+
+        models = {"classifier": default_classifier(), "judge": default_judge(), "generator": default_generator()}
+        _status(log, "models", f"using the shipped weights in {models['classifier'].parent}")
+        return models
+    from .generators.wgan import GanConfig, train_gan
+
+    from .train import TrainConfig, fit
+
+    runs = {"classifier": out / "classifier", "judge": out / "judge", "generator": out / "gan"}
+    jobs = [("classifier", "isda", seed, plan.classifier_epochs), ("judge", "ce", seed + 1, plan.judge_epochs)]
+    for name, loss, run_seed, epochs in jobs:
+        run_dir = runs[name]
+        if _train_finished(run_dir, epochs):
+            _status(log, name, f"reusing the finished run in {run_dir}")
+            continue
+        resume = (run_dir / CHECKPOINT).exists()
+        _status(log, name, f"{'resuming' if resume else 'training'} {plan.classifier_arch} with {loss} into {run_dir}")
+        cfg = TrainConfig(out=str(run_dir), arch=plan.classifier_arch, loss=loss, epochs=epochs, seed=run_seed,
+                          limit_train=plan.limit_train, limit_test=plan.limit_test, device=device)
+        _timed(seconds, f"train_{name}", lambda: fit(cfg, resume=resume, progress=progress, log=log))
+    gan_cfg = GanConfig(out=str(runs["generator"]), classifier=str(runs["classifier"]), seed=seed, device=device,
+                        limit_train=plan.limit_train)
+    if plan.gan_iterations:
+        gan_cfg.iterations = plan.gan_iterations
+        gan_cfg.sample_every = max(1, plan.gan_iterations // 2)
+        gan_cfg.agreement_per_class = 10
+    if _gan_finished(runs["generator"], gan_cfg.iterations):
+        _status(log, "generator", f"reusing the finished GAN in {runs['generator']}")
+    else:
+        resume = (runs["generator"] / "metrics.jsonl").exists()
+        _status(log, "generator", f"{'resuming' if resume else 'training'} the WGAN-GP into {runs['generator']}")
+        _timed(seconds, "train_generator", lambda: train_gan(gan_cfg, resume=resume, progress=progress, log=log))
+    return runs
+
+
+def _grid_stage(out, plan, models, device, seed, log, progress, seconds) -> dict:
+    from .generators import load_generator
+
+    from .runs import load_classifier, pick_device
+    from .visualize import make_grid
+
+    figure = out / "figure.png"
+    if figure.exists() and figure.with_suffix(".json").exists():
+        _status(log, "grid", f"reusing the finished figure {figure}")
+        return json.loads(figure.with_suffix(".json").read_text())
+    dev = pick_device(device)
+    classifier = load_classifier(models["classifier"], dev)
+    judge = load_classifier(models["judge"], dev) if models.get("judge") else None
+    generator = load_generator(str(models["generator"]), dev)
+    _status(log, "grid", f"inverting one test image per class, {plan.num_augmented} augmentations each")
+    return _timed(seconds, "grid", lambda: make_grid(
+        classifier, generator, figure, per_class=1, num_augmented=plan.num_augmented, strength=0.5,
+        opts=plan.inversion, seed=seed, judge=judge, progress=progress))
+
+
+def _audit_stage(out, plan, device, log, progress, seconds) -> dict:
+    from .audit import AuditConfig, run_audit
+
+    audit_dir = out / "audit"
+    if (audit_dir / "audit.json").exists():
+        _status(log, "audit", f"reusing the finished audit in {audit_dir}")
+        return json.loads((audit_dir / "audit.json").read_text())
+    _status(log, "audit", "nearest training images of each augmented image (FAISS, pixel space)")
+    cfg = AuditConfig(out=str(audit_dir), dataset="fashion-mnist", from_dir=str(out / "figure_files"), device=device,
+                      limit_train=plan.audit_limit_train, limit_test=plan.audit_limit_test)
+    result = _timed(seconds, "audit", lambda: run_audit(cfg, progress=progress, log=log))
+    _status(log, "audit", result.summary())
+    return result.report
+
+
+def _metrics_of(run_dir) -> dict:
+    history = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    if not history:  # shipped weights keep their metrics in provenance.json
+        provenance = Path(run_dir) / "provenance.json"
+        return json.loads(provenance.read_text()).get("metrics", {}) if provenance.exists() else {}
+    return history[-1]
+
+
+def _summary(models, report, audit, seconds, quick, from_scratch) -> dict:
+    s = report["summary"]
+    gan = _metrics_of(models["generator"])
+    return {
+        "quick": quick, "from_scratch": from_scratch,
+        "classifier_test_accuracy": _metrics_of(models["classifier"]).get("test_accuracy"),
+        "judge_test_accuracy": _metrics_of(models["judge"]).get("test_accuracy") if models.get("judge") else None,
+        "gan_class_agreement": gan.get("agreement"),
+        "step1_median_feature_error": s["step1_median_feature_error"],
+        "reconstruction_true_label_rate": s["reconstruction_true_label_rate"],
+        "step2_median_reached_shift_error": s["step2_median_reached_shift_error"],
+        "augmented_judge_label_kept_rate": s["augmented_judge_label_kept_rate"],
+        "median_pixel_distance_to_reconstruction": s["median_pixel_distance_to_reconstruction"],
+        "audit_queries": len(audit["queries"]),
+        "audit_flagged_copies": sum(q["flagged"] for q in audit["queries"]),
+        "seconds": seconds,
+        "models": {k: str(v) if v else None for k, v in models.items()},
+    }
+
+
+def summary_table(summary: dict) -> str:
+    """The demo's figures as a small aligned table."""
+    def fmt(value):
+        return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+    rows = [
+        ("classifier test accuracy (ISDA)", summary["classifier_test_accuracy"]),
+        ("judge test accuracy (CE)", summary["judge_test_accuracy"]),
+        ("GAN class agreement", summary["gan_class_agreement"]),
+        ("step I median feature error", summary["step1_median_feature_error"]),
+        ("reconstructions with true label", summary["reconstruction_true_label_rate"]),
+        ("step II median reached-shift error", summary["step2_median_reached_shift_error"]),
+        ("augmented: label kept (judge)", summary["augmented_judge_label_kept_rate"]),
+        ("median pixel distance to reconstr.", summary["median_pixel_distance_to_reconstruction"]),
+        ("audit: likely copies flagged", f"{summary['audit_flagged_copies']} of {summary['audit_queries']}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {fmt(value)}" for name, value in rows)
+
+
+def check_out_dir(out) -> None:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise IsdaVizError(f"--out {out} is a file; give a folder")
