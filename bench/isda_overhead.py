@@ -152,18 +152,26 @@ def _batches(n, a, c, count, seed=0):
 
 
 def _setup(name, impl, seed=0):
-    """(criterion, fc, step) with the estimator pre-warmed on WARM_BATCHES batches."""
+    """(criterion, fc, step) with the estimator pre-warmed on WARM_BATCHES batches.
+
+    The dense estimator starts from the same statistics as ours (its own update_CV
+    on the warm-up batches would take minutes at ResNet-50 size); every timed step
+    runs its update_CV.
+    """
     n, a, c, diagonal, _ = CONFIGS[name]
     torch.manual_seed(seed)
     fc = nn.Linear(a, c)
-    if impl == "ours":
-        criterion = ISDALoss(a, c, covariance="diagonal" if diagonal else "full")
-        warm = criterion.estimator.update
-    else:
-        criterion = DenseISDALoss(a, c, diagonal)
-        warm = criterion.estimator.update_CV
+    criterion = ISDALoss(a, c, covariance="diagonal" if diagonal else "full")
     for x, y in _batches(n, a, c, WARM_BATCHES, seed=seed + 1):
-        warm(x, y)
+        criterion.estimator.update(x, y)
+    if impl == "dense":
+        est = criterion.estimator
+        criterion = DenseISDALoss(a, c, diagonal)
+        criterion.estimator.CoVariance = est.covariance.clone()
+        criterion.estimator.Ave = est.mean.clone()
+        criterion.estimator.Amount = est.count.float()
+        del est
+        gc.collect()
     stream = _batches(n, a, c, 2, seed=seed + 2)
     state = {"i": 0}
 
@@ -182,23 +190,11 @@ def _setup(name, impl, seed=0):
 def _state_mib(criterion):
     if isinstance(criterion, ISDALoss):
         est = criterion.estimator
-        tensors = [v for v in vars(est).values() if torch.is_tensor(v)]
+        tensors = [v for v in vars(est).values() if torch.is_tensor(v)]  # float64 M2 + float32 copy + buffers
     else:
         est = criterion.estimator
         tensors = [est.CoVariance, est.Ave, est.Amount]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
-
-
-def check_agreement(name):
-    """Max relative difference of loss and gradients between ours and dense on the same batches."""
-    _, _, ours = _setup(name, "ours")
-    _, _, dense = _setup(name, "dense")
-    worst = 0.0
-    for _ in range(2):
-        a, b = ours(), dense()
-        for u, v in zip(a, b):
-            worst = max(worst, ((u - v).abs().max() / v.abs().max().clamp(min=1e-30)).item())
-    return worst
 
 
 # ---------------------------------------------------------------- memory
@@ -234,7 +230,7 @@ def _peak_extra_rss(name, impl, threads):
     /proc/self/clear_refs, and the result is VmHWM after the step minus VmRSS before it.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
-               OMP_NUM_THREADS=str(threads))
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     out = subprocess.run([sys.executable, __file__, "--_memory-child", name, impl], env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -249,16 +245,20 @@ def _time(fn):
 
 
 def time_config(name, repeats):
-    """Median seconds per step of ours and dense, interleaved so both see the same machine load."""
+    """Median seconds per step of ours and dense, interleaved so both see the same machine load,
+    and the largest relative difference of loss, feature and weight gradients over the two warm-up steps."""
     _, _, ours = _setup(name, "ours")
     _, _, dense = _setup(name, "dense")
-    ours(), dense()  # warm-up
+    worst = 0.0
+    for _ in range(2):  # warm-up, on the same batches from the same statistics: must agree
+        for u, v in zip(ours(), dense()):
+            worst = max(worst, ((u - v).abs().max() / v.abs().max().clamp(min=1e-30)).item())
     t_ours, t_dense = [], []
     for _ in range(repeats):
         # ours is cheap: take the best of a few inner runs per repeat to damp scheduler noise
         t_ours.append(min(_time(ours) for _ in range(3)))
         t_dense.append(_time(dense))
-    return statistics.median(t_ours), statistics.median(t_dense)
+    return statistics.median(t_ours), statistics.median(t_dense), worst
 
 
 def time_network(arch, repeats):
@@ -284,13 +284,27 @@ def time_network(arch, repeats):
         criterion(model.features(x), model.fc, y, RATIO).backward()
         opt.step()
 
+    with torch.no_grad():
+        feats = model.features(x)
+
+    def ce_head():  # the loss part alone, on fixed features: what ISDA replaces
+        f = feats.clone().requires_grad_(True)
+        F.cross_entropy(model.fc(f), y).backward()
+
+    def isda_head():
+        f = feats.clone().requires_grad_(True)
+        criterion(f, model.fc, y, RATIO).backward()
+
     ce_step(), isda_step()  # warm-up
     t_ce, t_isda = [], []
     for i in range(repeats):
         order = (ce_step, isda_step) if i % 2 == 0 else (isda_step, ce_step)
         for fn in order:
             (t_ce if fn is ce_step else t_isda).append(_time(fn))
-    return statistics.median(t_ce), statistics.median(t_isda)
+    heads = [(_time(ce_head), _time(isda_head)) for _ in range(21)]
+    model.zero_grad(set_to_none=True)
+    return (statistics.median(t_ce), statistics.median(t_isda),
+            statistics.median(h[0] for h in heads), statistics.median(h[1] for h in heads))
 
 
 # ---------------------------------------------------------------- main
@@ -302,12 +316,16 @@ def main():
     p.add_argument("--networks", default="resnet32",
                    help=f"networks for the CE-step overhead, subset of {','.join(NETWORKS)} or 'none'")
     p.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurements")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice); 1 is steadier on a busy machine")
     p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._memory_child:
         _memory_child(*args._memory_child)
         return
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     names = [s for s in args.configs.split(",") if s]
     unknown = [s for s in names if s not in CONFIGS]
@@ -323,8 +341,7 @@ def main():
         n, a, c, diagonal, label = CONFIGS[name]
         heavy = a * a * c >= 640 * 640 * 100 or diagonal
         repeats = (2 if heavy else 5) if args.quick else (5 if heavy else 21)
-        diff = check_agreement(name)
-        t_ours, t_dense = time_config(name, repeats)
+        t_ours, t_dense, diff = time_config(name, repeats)
         if args.no_memory:
             m_ours = m_dense = {"extra_mib": float("nan"), "state_mib": float("nan")}
         else:
@@ -347,13 +364,18 @@ def main():
     if archs:
         print("\nISDA overhead on a training step (SGD step included, channels_last, ISDA ratio "
               f"{RATIO}; ResNet-50 with diagonal covariance):")
-        print(f"{'network':<12}{'input':>20}{'C':>6}{'CE step ms':>12}{'ISDA step ms':>14}{'overhead':>10}")
+        print("  'overhead' = (ISDA step - CE step) / CE step, medians of interleaved steps (noisy: the "
+              "machine is shared);\n  'from parts' = (ISDA loss - CE loss, each forward + backward on the "
+              "same fixed features) / CE step.")
+        print(f"{'network':<12}{'input':>20}{'C':>6}{'steps':>6}{'CE step ms':>12}{'ISDA step ms':>14}"
+              f"{'overhead':>10}{'CE loss ms':>12}{'ISDA loss ms':>14}{'from parts':>12}")
     for arch in archs:
         n, shape, c = NETWORKS[arch]
         repeats = 1 if arch in ("wrn28_10", "resnet50") else (4 if args.quick else 15)
-        t_ce, t_isda = time_network(arch, repeats)
-        print(f"{arch:<12}{str((n, *shape)):>20}{c:>6}{t_ce * 1e3:>12.1f}{t_isda * 1e3:>14.1f}"
-              f"{(t_isda - t_ce) / t_ce * 100:>9.2f}%", flush=True)
+        t_ce, t_isda, h_ce, h_isda = time_network(arch, repeats)
+        print(f"{arch:<12}{str((n, *shape)):>20}{c:>6}{repeats:>6}{t_ce * 1e3:>12.1f}{t_isda * 1e3:>14.1f}"
+              f"{(t_isda - t_ce) / t_ce * 100:>9.2f}%{h_ce * 1e3:>12.2f}{h_isda * 1e3:>14.2f}"
+              f"{(h_isda - h_ce) / t_ce * 100:>11.2f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,8 @@ def choose_index_params(kind: str, n: int, dim: int) -> IndexParams:
     at most 128 dims, 4-bit codes of 2 dims each (32 bytes for 128 dims; 8-bit
     codes reach the same recall after re-ranking but train ~20x slower),
     nlist ≈ 4·sqrt(n) (a power of two, ≥ 39 training rows per list), nprobe 32,
-    and 20·k candidates re-ranked exactly.
+    and 50·k candidates re-ranked exactly (on 1M vectors with clusters of
+    near-identical copies, 20·k reached recall@5 0.90, 40·k 0.97).
     """
     if kind not in INDEX_KINDS:
         raise IsdaVizError(f"unknown index type '{kind}'; choose flat, ivfpq or auto")
@@ -161,7 +162,7 @@ def choose_index_params(kind: str, n: int, dim: int) -> IndexParams:
     nlist = min(2 ** round(math.log2(4 * math.sqrt(n))), 2 ** int(math.log2(n / 39)), 65536)
     train_size = min(n, max(39 * nlist, 50_000))
     return IndexParams("ivfpq", nlist=nlist, pq_m=pca_dim // 2, nbits=4, pca_dim=pca_dim,
-                       nprobe=min(nlist, 32), rerank=20, train_size=train_size)
+                       nprobe=min(nlist, 32), rerank=50, train_size=train_size)
 
 
 def _as_float64(rows: np.ndarray) -> np.ndarray:
@@ -448,8 +449,8 @@ def open_index(directory, mmap: bool = True) -> AuditIndex:
         raise IsdaVizError(f"audit index in {directory} is incomplete or corrupt ({type(e).__name__}); "
                            "delete it to rebuild") from None
     if neighbours.faiss_index.d != vectors.shape[1] or vectors.shape[1] != manifest.get("dim"):
-        raise IsdaVizError(f"audit index in {directory} is inconsistent (index of {neighbours.faiss_index.d}-d vectors, "
-                           f"manifest says {manifest.get('dim')}); delete it to rebuild")
+        raise IsdaVizError(f"audit index in {directory} is inconsistent (index of {neighbours.faiss_index.d}-d "
+                           f"vectors, manifest says {manifest.get('dim')}); delete it to rebuild")
     return AuditIndex(directory, manifest, neighbours, labels, positions)
 
 
@@ -626,7 +627,8 @@ def queries_from_report(out_dir, channels: int, size: int) -> list[Query]:
     queries = []
     for file, role, origin in listed:
         path = out_dir / file
-        source = f"{path} (reconstruction of {origin})" if role == "reconstruction" else f"{path} (augmented from {origin})"
+        what = "reconstruction of" if role == "reconstruction" else "augmented from"
+        source = f"{path} ({what} {origin})"
         queries.append(Query(source, read_query_image(path, channels, size), role))
     return queries
 
@@ -670,9 +672,10 @@ class AuditResult:
     def summary(self) -> str:
         r = self.report
         scores = [q["copy_score"] for q in r["queries"]]
-        return (f"{len(scores)} queries vs {r['index']['train_size']} {r['dataset']} training images ({r['space']} space, "
-                f"{r['index']['kind']} index {self.index_status}): {self.flagged} flagged as likely copies "
-                f"(copy score < {r['threshold']:.3f}); lowest copy score {min(scores):.3f}, median {np.median(scores):.3f}")
+        return (f"{len(scores)} queries vs {r['index']['train_size']} {r['dataset']} training images "
+                f"({r['space']} space, {r['index']['kind']} index {self.index_status}): "
+                f"{self.flagged} flagged as likely copies (copy score < {r['threshold']:.3f}); "
+                f"lowest copy score {min(scores):.3f}, median {np.median(scores):.3f}")
 
 
 def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None] = print) -> AuditResult:

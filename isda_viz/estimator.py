@@ -9,11 +9,22 @@ whole batch:
     M2_new = M2 + S_b + (n m / (n + m)) (mu - mu_b)(mu - mu_b)^T,
     mu_new = (n mu + m mu_b) / (n + m),     Sigma = M2 / n.
 
-The running sums live in float64 (statistics accumulate over hundreds of
-thousands of features); `mean` and `covariance` are float32 copies refreshed
-for the classes each update touches, ready for the per-step ISDA product.
-Only the classes present in a batch are touched. Under torch.distributed the
-batch statistics are all-reduced first, so every rank merges the global batch.
+Both added terms are sums of outer products of rows: the centred features and
+sqrt(n m / (n + m)) (mu - mu_b). The running sums live in float64 (statistics
+accumulate over hundreds of thousands of features); `mean` and `covariance` are
+float32, ready for the per-step ISDA product. Only the classes present in a
+batch are touched.
+
+With full covariance and a large feature size A, writing a class's (A, A)
+float64 block and its float32 copy every step would cost more than the ISDA
+product itself, so a class's rows wait in a small float64 buffer (a few dozen
+rows) and are merged into M2 when it fills or when `covariance` is read. In
+between, `multiply_covariance` applies the exact current Sigma_c as
+(n_merged / n) Sigma_merged + R^T R / n without forming it.
+
+Under torch.distributed the batch counts and sums are all-reduced and the rows
+all-gathered, so every rank holds the same statistics as a single process that
+saw the global batch.
 """
 
 from __future__ import annotations
@@ -21,8 +32,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# Classes whose (A, A) float64 block is at least this big are merged one at a time, in place.
-_PER_CLASS_BYTES = 512 * 2**10
+# Full covariance with A >= this: rows wait in a per-class buffer of A // _FEATURES_PER_BUFFERED_ROW rows
+# and classes merge one at a time, in place; buffered rows add at most 2 / _FEATURES_PER_BUFFERED_ROW to the
+# cost of the ISDA product. Smaller A: every update merges at once, batched over classes.
+_DEFER_MIN_FEATURES = 256
+_FEATURES_PER_BUFFERED_ROW = 32
+# Upper bound on the batched path's temporary (k, A, A) float64 products, in bytes.
+_CHUNK_BYTES = 16 * 2**20
 
 
 def _distributed() -> bool:
@@ -40,14 +56,29 @@ class CovarianceEstimator:
         self._mean = torch.zeros(c, a, dtype=torch.float64, device=device)
         self.count = torch.zeros(c, dtype=torch.float64, device=device)
         self.mean = torch.zeros(c, a, device=device)
-        self.covariance = torch.zeros(shape, device=device)
+        self._covariance = torch.zeros(shape, device=device)          # float32 M2 / n as of the last merge
+        self._merged_count = torch.zeros(c, dtype=torch.float64, device=device)
+        capacity = a // _FEATURES_PER_BUFFERED_ROW if not diagonal and a >= _DEFER_MIN_FEATURES else 0
+        self._pending = torch.zeros(c, capacity, a, dtype=torch.float64, device=device)
+        self._pending_len = [0] * c
 
     @property
     def device(self) -> torch.device:
         return self._m2.device
 
+    @property
+    def defers_merges(self) -> bool:
+        """Full covariance with large A: rows are buffered, see `multiply_covariance`."""
+        return self._pending.shape[1] > 0
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """`(C, A, A)` or `(C, A)` float32 population covariance of every feature seen (zero if none)."""
+        self._merge_pending(range(self.num_classes))
+        return self._covariance
+
     def to(self, device) -> "CovarianceEstimator":
-        for name in ("_m2", "_mean", "count", "mean", "covariance"):
+        for name in ("_m2", "_mean", "count", "mean", "_covariance", "_merged_count", "_pending"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -75,34 +106,30 @@ class CovarianceEstimator:
         centred = x - batch_mean[slot[y]]
         rank0 = not _distributed() or dist.get_rank() == 0
         total = n + m
+        self.count[classes] = total
+        self._mean[classes] += (m / total)[:, None] * (batch_mean - self._mean[classes])
+        self.mean[classes] = self._mean[classes].float()
         if self.diagonal:
             scatter = torch.zeros(len(classes), self.num_features, dtype=torch.float64, device=self.device)
             scatter.index_add_(0, slot[y], centred * centred)
             if _distributed():
                 dist.all_reduce(scatter)
             self._m2[classes] += scatter + cross[:, None] * delta * delta
-            self.covariance[classes] = (self._m2[classes] / total[:, None]).float()
+            self._refresh(classes)
         else:
-            self._merge_full(classes, slot[y], centred, delta, cross, total, rank0)
-        self.count[classes] = total
-        self._mean[classes] += (m / total)[:, None] * (batch_mean - self._mean[classes])
-        self.mean[classes] = self._mean[classes].float()
+            rows, valid = self._class_rows(classes, slot[y], centred, cross.sqrt()[:, None] * delta, rank0)
+            self._add_rows(classes, rows, valid)
 
-    def _merge_full(self, classes, slot_of_row, centred, delta, cross, total, rank0: bool) -> None:
-        """M2[c] += Xc^T Xc + cross_c delta_c delta_c^T for every present class c.
+    def _class_rows(self, classes, slot_of_row, centred, delta_row, rank0: bool):
+        """`rows (K, L, A)` float64: each present class's centred features, then its delta row; `valid (K, L)`.
 
-        Each class's centred rows, plus sqrt(cross_c) delta_c as one extra row, are
-        stacked zero-padded into `rows (K, L, A)` (under torch.distributed, every
-        rank's rows, gathered), so the merge is a rank-L update `rows_c^T rows_c`.
-        Small A: one batched product for all classes. Large A: one in-place
-        `addmm_` per class on its own float64 storage, followed by the float32
-        refresh of that class, so each (A, A) block is read and written once per
-        pass and no `(K, A, A)` temporary is made.
+        Classes are zero-padded to a common length L; under torch.distributed every
+        rank pads to the same L and the ranks' rows are gathered side by side.
         """
         k, a = len(classes), self.num_features
         per_class = torch.bincount(slot_of_row, minlength=k)
         longest = int(per_class.max()) + 1
-        if _distributed():  # every rank pads to the same length, then gathers all ranks' rows
+        if _distributed():
             longest_t = torch.tensor([longest], device=self.device)
             dist.all_reduce(longest_t, op=dist.ReduceOp.MAX)
             longest = int(longest_t)
@@ -111,24 +138,96 @@ class CovarianceEstimator:
         position = torch.arange(len(order), device=self.device) - first[slot_of_row[order]]
         rows = torch.zeros(k, longest, a, dtype=torch.float64, device=self.device)
         rows[slot_of_row[order], position] = centred[order]
+        valid = (torch.arange(longest, device=self.device) < per_class[:, None]).to(torch.uint8)
         if rank0:  # the delta term belongs to the merge once, not once per rank
-            rows[:, -1] = cross.sqrt()[:, None] * delta
+            rows[:, -1] = delta_row
+            valid[:, -1] = 1
         if _distributed():
             gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, rows)
-            rows = torch.cat(gathered, dim=1)                               # (K, world * L, A)
-        if a * a * 8 < _PER_CLASS_BYTES:
-            self._m2.index_add_(0, classes, rows.transpose(1, 2) @ rows)
-            self.covariance[classes] = (self._m2[classes] / total[:, None, None]).float()
+            gathered_valid = [torch.empty_like(valid) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered_valid, valid)
+            rows, valid = torch.cat(gathered, dim=1), torch.cat(gathered_valid, dim=1)   # (K, world * L, A)
+        return rows, valid.bool()
+
+    def _add_rows(self, classes, rows, valid) -> None:
+        """M2[c] += rows_c^T rows_c for each present class, now or (large A) via the pending buffer."""
+        capacity = self._pending.shape[1]
+        if capacity == 0:
+            self._merge_now(classes, rows)
             return
-        rows_t = rows.transpose(1, 2)
-        for i, (c, n) in enumerate(zip(classes.tolist(), total.tolist())):
-            m2 = self._m2[c]
-            m2.addmm_(rows_t[i], rows[i])
-            # cast, then scale in float32: two light passes beat one float64 divide into a float32 output
-            self.covariance[c].copy_(m2).mul_(1.0 / n)
+        n_new = valid.sum(1).tolist()
+        fits = []
+        for i, c in enumerate(classes.tolist()):
+            if self._pending_len[c] + n_new[i] > capacity:
+                self._merge_pending([c], extra=rows[i, valid[i]])
+            else:
+                fits.append(i)
+        if not fits:
+            return
+        fits = torch.tensor(fits, device=self.device)
+        cls, rows, valid = classes[fits], rows[fits], valid[fits]
+        start = torch.tensor([self._pending_len[c] for c in cls.tolist()], device=self.device)
+        position = start[:, None] + torch.cumsum(valid, 1) - 1                  # (K', L) slot in the buffer
+        which = valid.nonzero(as_tuple=True)
+        self._pending[cls[which[0]], position[which]] = rows[which]
+        for c, extra in zip(cls.tolist(), valid.sum(1).tolist()):
+            self._pending_len[c] += extra
+
+    def _merge_now(self, classes, rows) -> None:
+        """Small A: batched `rows^T rows` products, in chunks of classes to bound the temporary."""
+        per_chunk = max(1, _CHUNK_BYTES // (8 * self.num_features ** 2))
+        for start in range(0, len(classes), per_chunk):
+            chunk = slice(start, start + per_chunk)
+            self._m2.index_add_(0, classes[chunk], rows[chunk].transpose(1, 2) @ rows[chunk])
+            self._refresh(classes[chunk])
+
+    def _refresh(self, classes) -> None:
+        """float32 covariance of `classes` from M2, as float32(M2) * float32(1 / n) (the same rounding as
+        `_merge_class`, so the result does not depend on which path merged a class)."""
+        inv = (1.0 / self.count[classes].clamp(min=1)).float()
+        self._covariance[classes] = self._m2[classes].float() * inv.view(-1, *[1] * (self._m2.dim() - 1))
+        self._merged_count[classes] = self.count[classes]
+
+    def _merge_class(self, c: int, rows) -> None:
+        """M2[c] += rows^T rows in place, then refresh the class's float32 covariance."""
+        m2 = self._m2[c]
+        m2.addmm_(rows.T, rows)
+        # cast, then scale in float32 (as `_refresh`): two light passes beat a float64 divide into float32
+        self._covariance[c].copy_(m2).mul_(1.0 / float(self.count[c]))
+        self._merged_count[c] = self.count[c]
+
+    def _merge_pending(self, classes, extra=None) -> None:
+        """Merge the buffered rows (and `extra (L, A)` rows, if given) of `classes` into M2."""
+        if not self.defers_merges:
+            return
+        for c in classes:
+            size = self._pending_len[c]
+            if size == 0 and extra is None:
+                continue
+            rows = self._pending[c, :size]
+            if extra is not None:
+                rows = torch.cat([rows, extra])
+            self._merge_class(c, rows)
+            self._pending_len[c] = 0
+
+    def multiply_covariance(self, c: int, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`x (M, A) @ Sigma_c` for the current covariance of class c, without merging buffered rows.
+
+        Sigma_c = (n_merged / n) Sigma_merged + R^T R / n for the float32 covariance
+        as of the last merge and the R rows buffered since. Result in `x.dtype`.
+        """
+        out = torch.mm(x, self._covariance[c].to(x.dtype), out=out)
+        size = self._pending_len[c] if not self.diagonal else 0
+        if size:
+            n = float(self.count[c])
+            rows = self._pending[c, :size].to(x.dtype)
+            out.addmm_(x @ rows.T, rows, beta=float(self._merged_count[c]) / n, alpha=1.0 / n)
+        return out
 
     def state_dict(self) -> dict:
+        """Plain tensors; buffered rows are merged first, so the state is the same however it was reached."""
+        self._merge_pending(range(self.num_classes))
         return {
             "num_features": self.num_features, "num_classes": self.num_classes, "diagonal": self.diagonal,
             "m2": self._m2.cpu(), "mean64": self._mean.cpu(), "count": self.count.cpu(),
@@ -142,8 +241,11 @@ class CovarianceEstimator:
         self._mean = state["mean64"].to(self.device, torch.float64)
         self.count = state["count"].to(self.device, torch.float64)
         self.mean = self._mean.float()
-        denom = self.count.clamp(min=1).view(-1, *[1] * (self._m2.dim() - 1))
-        self.covariance = (self._m2 / denom).float()
+        self._covariance = torch.zeros_like(self._m2, dtype=torch.float32)
+        self._merged_count = torch.zeros_like(self.count)
+        self._refresh(torch.arange(self.num_classes, device=self.device))
+        self._pending.zero_()
+        self._pending_len = [0] * self.num_classes
 
     @classmethod
     def from_state_dict(cls, state: dict, device=None) -> "CovarianceEstimator":

@@ -39,21 +39,22 @@ class _FullQuadraticForms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, classes, covariance):
+    def forward(ctx, weight, classes, covariance, multiply):
+        """Batched with `covariance (C, A, A)`, or class by class with `multiply(c, x, out)` = x @ Sigma_c."""
         k, (c, a) = len(classes), weight.shape
-        if k * a * a * weight.element_size() <= _GATHER_BYTES:
+        ctx.batched = covariance is not None
+        if ctx.batched:
             diffs = weight.unsqueeze(0) - weight[classes].unsqueeze(1)          # (K, C, A)
             products = diffs @ covariance[classes].to(weight.dtype)              # (K, C, A)
             s = (products * diffs).sum(-1)
-        else:  # each class's covariance used in place, its product written straight into its slice
+        else:  # each product written straight into its slice
             products = weight.new_empty(k, c, a)
             s = weight.new_empty(k, c)
             for i, cls in enumerate(classes.tolist()):
                 diff = weight - weight[cls]                                      # (C, A)
-                torch.mm(diff, covariance[cls].to(weight.dtype), out=products[i])
+                multiply(cls, diff, out=products[i])
                 torch.sum(products[i] * diff, 1, out=s[i])
         ctx.save_for_backward(products, classes)
-        ctx.batched = k * a * a * weight.element_size() <= _GATHER_BYTES
         return s
 
     @staticmethod
@@ -72,7 +73,7 @@ class _FullQuadraticForms(torch.autograd.Function):
                 grad_weight.addcmul_(grad_s[i].unsqueeze(1), products[i])
                 torch.mv(products[i].T, grad_s[i], out=grad_class[i])
         grad_weight.index_add_(0, classes, -grad_class)
-        return grad_weight, None, None
+        return grad_weight, None, None, None
 
 
 def _diagonal_quadratic_forms(weight, classes, variance):
@@ -82,16 +83,27 @@ def _diagonal_quadratic_forms(weight, classes, variance):
     return var @ (weight * weight).T - 2 * (var * w_c) @ weight.T + (var * w_c * w_c).sum(1, keepdim=True)
 
 
-def class_quadratic_forms(weight: torch.Tensor, classes: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+def class_quadratic_forms(weight: torch.Tensor, classes: torch.Tensor, covariance) -> torch.Tensor:
     """`(K, C)` table of (w_j - w_c)^T Sigma_c (w_j - w_c) for each class c in `classes (K,)`.
 
-    `weight (C, A)`; `covariance (C, A, A)` full or `(C, A)` diagonal (per-dimension variances).
-    Differentiable in `weight`; the covariance is treated as a constant.
+    `weight (C, A)`; `covariance (C, A, A)` full or `(C, A)` diagonal (per-dimension
+    variances), or a `CovarianceEstimator`, whose current covariances are then used
+    without merging its buffered rows. Differentiable in `weight`; the covariance is
+    treated as a constant.
     """
+    if isinstance(covariance, CovarianceEstimator):
+        if covariance.defers_merges:
+            return _FullQuadraticForms.apply(weight, classes, None, covariance.multiply_covariance)
+        covariance = covariance.covariance
     covariance = covariance.detach()
     if covariance.dim() == 2:
         return _diagonal_quadratic_forms(weight, classes, covariance)
-    return _FullQuadraticForms.apply(weight, classes, covariance)
+    if len(classes) * weight.shape[1] ** 2 * weight.element_size() <= _GATHER_BYTES:
+        return _FullQuadraticForms.apply(weight, classes, covariance, None)
+
+    def multiply(c, x, out):  # large A: each class's covariance used in place, not gathered
+        return torch.mm(x, covariance[c].to(x.dtype), out=out)
+    return _FullQuadraticForms.apply(weight, classes, None, multiply)
 
 
 def isda_augmented_logits(logits: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -99,7 +111,7 @@ def isda_augmented_logits(logits: torch.Tensor, weight: torch.Tensor, targets: t
     """`(N, C)`: logits + (ratio / 2) (w_j - w_y)^T Sigma_y (w_j - w_y).
 
     `logits (N, C)`, `weight (C, A)` of the final linear layer, `targets (N,)`,
-    `covariance (C, A, A)` or `(C, A)` diagonal, `ratio` = lambda >= 0.
+    `covariance (C, A, A)` or `(C, A)` diagonal (or a `CovarianceEstimator`), `ratio` = lambda >= 0.
     """
     classes, row = torch.unique(targets, return_inverse=True)
     table = class_quadratic_forms(weight, classes, covariance)
@@ -128,7 +140,7 @@ class ISDALoss(nn.Module):
         logits = fc(features)
         if ratio == 0:
             return F.cross_entropy(logits, targets)
-        augmented = isda_augmented_logits(logits, fc.weight, targets, self.estimator.covariance, ratio)
+        augmented = isda_augmented_logits(logits, fc.weight, targets, self.estimator, ratio)
         return F.cross_entropy(augmented, targets)
 
     def get_extra_state(self) -> dict:

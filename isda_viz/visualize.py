@@ -44,7 +44,8 @@ def class_statistics(classifier: Classifier, data_root=None, batch_size: int = 5
         state = load_checkpoint(cache, "class statistics cache")
         if state.get("checkpoint") == key:
             return CovarianceEstimator.from_state_dict(state["estimator"], device=device)
-    train = load_split(classifier.dataset, True, data_root or classifier.config.get("data_root"))
+    train = load_split(classifier.dataset, True, data_root or classifier.config.get("data_root"),
+                       classifier.config.get("limit_train"))  # the images the run was trained on
     estimator = CovarianceEstimator(classifier.model.feature_dim, classifier.num_classes, device=device,
                                     diagonal=classifier.config.get("covariance") == "diagonal")
     with torch.no_grad():

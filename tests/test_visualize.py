@@ -1,0 +1,133 @@
+"""`isda-viz augment` and `isda-viz grid` end to end with tiny real models; CE-run class statistics."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from isda_viz.cli.main import main
+from isda_viz.data import load_split
+from isda_viz.generators.wgan import WGANGenerator, recompute_batchnorm_statistics, save_generator
+from isda_viz.runs import load_classifier
+from isda_viz.visualize import STATISTICS_CACHE, class_statistics
+
+FAST = ["--iterations", "8", "--restarts", "2", "--num-augmented", "2"]
+
+
+def _gan(path, num_classes=10):
+    torch.manual_seed(0)
+    generator = WGANGenerator(latent_dim=16, num_classes=num_classes, width=8)
+    recompute_batchnorm_statistics(generator, 2, 32, torch.Generator().manual_seed(0))
+    save_generator(generator, path / "generator.pt", iteration=0, dataset="fashion-mnist")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gan(tmp_path_factory):
+    return _gan(tmp_path_factory.mktemp("gan"))
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _error_line(result):
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return [line for line in result.output.splitlines() if line.startswith("Error:")][-1]
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    test = load_split("fashion-mnist", False, limit=2)
+    big = Image.fromarray(test.images[0, 0].numpy()).resize((90, 70)).convert("RGBA")
+    big.save(folder / "shirt.png")
+    Image.fromarray(test.images[1, 0].numpy()).convert("RGB").save(folder / "other.jpg")
+    return [folder / "shirt.png", folder / "other.jpg"]
+
+
+def test_augment_writes_grid_pngs_and_report(tiny_run, tiny_ce_run, tiny_gan, image_files, tmp_path):
+    out = tmp_path / "aug"
+    result = _invoke("augment", "--image", image_files[0], "--image", image_files[1], "--label", "trouser",
+                     "--classifier", tiny_run, "--judge", tiny_ce_run, "--generator", tiny_gan, *FAST, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [r["source"] for r in report["images"]] == [str(p) for p in image_files]
+    for record in report["images"]:
+        assert record["label"] == 1 and 0 <= record["predicted"] < 10
+        rec = record["reconstruction"]
+        assert rec["feature_error"] >= 0 and np.isfinite(rec["psnr"]) and 0 <= rec["predicted"] < 10
+        assert Image.open(out / rec["file"]).size == (28, 28)
+        assert len(record["augmented"]) == 2
+        for aug in record["augmented"]:
+            assert set(aug) >= {"file", "reached_shift_error", "predicted", "judge_predicted", "pixel_distance"}
+            assert 0 <= aug["judge_predicted"] < 10 and aug["pixel_distance"] >= 0
+            png = np.asarray(Image.open(out / aug["file"]))
+            assert png.shape == (28, 28)
+    grid = Image.open(out / "grid.png")
+    assert grid.width > grid.height > 0  # 2 rows of 4 cells
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".aug")]  # no temporary folder left
+
+
+def test_augment_label_defaults_to_the_prediction_and_same_seed_same_output(tiny_run, tiny_gan, image_files, tmp_path):
+    reports = []
+    for name in ("a", "b"):
+        result = _invoke("augment", "--image", image_files[0], "--classifier", tiny_run, "--generator", tiny_gan,
+                         *FAST, "--seed", 5, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+    first = reports[0]["images"][0]
+    assert first["label"] == first["predicted"]
+    assert reports[0]["images"] == reports[1]["images"]
+    assert (tmp_path / "a" / first["augmented"][1]["file"]).read_bytes() == \
+        (tmp_path / "b" / first["augmented"][1]["file"]).read_bytes()
+
+
+def test_grid_rows_per_class_with_samples(tiny_run, tiny_gan, tmp_path):
+    fig = tmp_path / "fig.png"
+    result = _invoke("grid", "--classifier", tiny_run, "--generator", tiny_gan, "--classes", "Sneaker,0",
+                     "--per-class", 2, "--samples", 3, *FAST, "--out", fig)
+    assert result.exit_code == 0, result.output
+    report = json.loads(fig.with_suffix(".json").read_text())
+    assert [r["label"] for r in report["images"]] == [7, 7, 0, 0]
+    assert all(r["source"].startswith("fashion-mnist:test[") for r in report["images"])
+    for record in report["images"]:
+        assert (tmp_path / record["augmented"][0]["file"]).exists()  # relative to the report
+    assert Image.open(fig).size == Image.open(tmp_path / "fig_files" / "grid.png").size
+    assert 0 <= report["summary"]["reconstruction_true_label_rate"] <= 1
+
+
+def test_errors_are_one_line_and_leave_no_output(tiny_run, tiny_gan, image_files, tmp_path):
+    out = tmp_path / "never"
+    base = ["--classifier", tiny_run, "--generator", tiny_gan, *FAST, "--out", out]
+    assert "image not found" in _error_line(_invoke("augment", "--image", tmp_path / "nope.png", *base))
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    assert "cannot read image" in _error_line(_invoke("augment", "--image", tmp_path / "bad.png", *base))
+    assert "not a class" in _error_line(_invoke("augment", "--image", image_files[0], "--label", "Sock", *base))
+    assert "--num-augmented" in _error_line(_invoke("augment", "--image", image_files[0], *base, "-k", 0))
+    assert "--strength" in _error_line(_invoke("augment", "--image", image_files[0], *base, "--strength", -1))
+    five = _gan(tmp_path / "five", num_classes=5) if (tmp_path / "five").mkdir() is None else None
+    assert "has 5 classes" in _error_line(_invoke("augment", "--image", image_files[0], "--classifier", tiny_run,
+                                                  "--generator", five, *FAST, "--out", out))
+    assert not out.exists()
+
+
+def test_ce_run_statistics_are_computed_once_and_cached(tiny_ce_run):
+    classifier = load_classifier(tiny_ce_run)
+    assert classifier.estimator is None
+    (tiny_ce_run / STATISTICS_CACHE).unlink(missing_ok=True)
+    estimator = class_statistics(classifier, progress=False)
+    assert (tiny_ce_run / STATISTICS_CACHE).exists()
+    train = load_split("fashion-mnist", True, limit=1024)  # the images the run was trained on
+    with torch.no_grad():
+        features = classifier.model.features(classifier.preprocess(train.images.float() / 255)).double().numpy()
+    labels = train.labels.numpy()
+    for c in (0, 9):
+        expected = np.cov(features[labels == c].T, bias=True)
+        np.testing.assert_allclose(estimator.covariance[c].numpy(), expected, rtol=1e-4, atol=1e-5)
+    cached = class_statistics(classifier, progress=False)
+    assert torch.equal(cached.covariance, estimator.covariance)
