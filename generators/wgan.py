@@ -270,10 +270,10 @@ class GanConfig:
     data_root: str | None = None
     iterations: int = 3000             # generator steps
     batch_size: int = 64
-    n_critic: int = 5                  # critic steps per generator step
+    n_critic: int = 2                  # critic steps per generator step
     gp: float = 10.0                   # gradient-penalty weight λ
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
+    lr_g: float = 1e-3
+    lr_d: float = 1e-3
     beta1: float = 0.5
     beta2: float = 0.9
     latent_dim: int = 128

@@ -50,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .data import CACHE_ROOT, FolderImages, dataset_spec, iterate_batches, load_split
+from .data import CACHE_ROOT, FolderImages, dataset_spec, iterate_batches, load_image_file, load_split
 from .errors import IsdaVizError
 from .runs import CHECKPOINT, load_classifier, pick_device, resolve_run_dir, save_image_atomic, write_json_atomic
 
@@ -566,27 +566,8 @@ class Query:
 
 
 def read_query_image(path, channels: int, size: int) -> torch.Tensor:
-    """A PNG/JPEG (any size, any mode) → uint8 `(channels, size, size)`: centre square crop, bicubic resize."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise IsdaVizError(f"query image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise IsdaVizError(f"cannot read query image {path}: not a valid image ({type(e).__name__})") from None
-    w, h = im.size
-    side = min(w, h)
-    if w != h:
-        im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-    if side != size:
-        im = im.resize((size, size), Image.Resampling.BICUBIC)
-    array = np.asarray(im, dtype=np.uint8)
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy())
+    """A PNG/JPEG (any size, any mode) → uint8 `(channels, size, size)`, as `load_image_file` converts it."""
+    return (load_image_file(path, channels, size) * 255).round().to(torch.uint8)
 
 
 def queries_from_paths(paths: Iterable, channels: int, size: int) -> list[Query]:

@@ -220,6 +220,33 @@ def load_split(name: str, train: bool, data_root: str | Path | None = None, limi
     return ds.subset(limit)
 
 
+def load_image_file(path, channels: int, size: int) -> torch.Tensor:
+    """Any image file → `(channels, size, size)` in [0, 1]: mode converted (alpha over white), centre square
+    crop, resized to `size`. Missing or unreadable files raise `IsdaVizError`."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise IsdaVizError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = {1: "L", 3: "RGB"}.get(channels)
+            if mode is None:
+                raise IsdaVizError(f"the classifier takes {channels}-channel images; only 1 or 3 can be made from files")
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                background = Image.new("RGBA", img.size, "white")
+                img = Image.alpha_composite(background, img.convert("RGBA"))
+            img = img.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise IsdaVizError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0][:100]}") from None
+    side = min(img.size)  # centre square, then PIL's antialiased bicubic resize
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    return TF.pil_to_tensor(img).float() / 255
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """`(N, C, H, W)` floats in [0, 1] → the classifier's input, `(x - mean) / std` per channel."""
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

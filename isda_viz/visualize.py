@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .adapter import GeneratorAdapter, map_channels, resize
-from .data import load_split
+from .data import load_image_file, load_split
 from .errors import IsdaVizError
 from .estimator import CovarianceEstimator
 from .figures import labelled_grid
@@ -255,31 +255,6 @@ def write_augment_dir(result: AugmentationResult, sources: list[str], class_name
     return out
 
 
-def load_image(path, channels: int, size: int) -> torch.Tensor:
-    """Any image file → `(channels, size, size)` in [0, 1]: mode converted, shorter side resized, centre-cropped."""
-    from PIL import Image, UnidentifiedImageError
-    import torchvision.transforms.functional as TF
-
-    path = Path(path)
-    if not path.is_file():
-        raise IsdaVizError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = {1: "L", 3: "RGB"}.get(channels)
-            if mode is None:
-                raise IsdaVizError(f"the classifier takes {channels}-channel images; only 1 or 3 can be made from files")
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                background = Image.new("RGBA", img.size, "white")
-                img = Image.alpha_composite(background, img.convert("RGBA"))
-            img = img.convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise IsdaVizError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0][:100]}") from None
-    tensor = TF.pil_to_tensor(img).float() / 255
-    tensor = TF.resize(tensor, size, antialias=True)
-    return TF.center_crop(tensor, size).clamp(0, 1)
-
-
 def parse_label(label: str | None, class_names: list[str]) -> int | None:
     """A class given by index or (case-insensitive) name; None stays None."""
     if label is None:
@@ -303,7 +278,7 @@ def augment_images(image_paths: list, classifier: Classifier, generator, out, la
     opts = opts or InversionOptions()
     if not image_paths:
         raise IsdaVizError("give at least one --image")
-    images = torch.stack([load_image(p, classifier.channels, classifier.image_size) for p in image_paths])
+    images = torch.stack([load_image_file(p, classifier.channels, classifier.image_size) for p in image_paths])
     fixed = parse_label(label, classifier.class_names)
     device = next(classifier.model.parameters()).device
     if fixed is None:

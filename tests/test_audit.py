@@ -315,7 +315,7 @@ def test_bad_input_gives_one_line_errors(pixel_audit, queries, tmp_path):
                           "not found", "missing.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
     assert_one_line_error(run_cli(["--images", str(tmp_path / "corrupt.png"), *common], False),
-                          "cannot read query image", "corrupt.png")
+                          "cannot read image", "corrupt.png")
     assert_one_line_error(run_cli(["--images", str(queries), "--dataset", "fashion-mnist", "--space", "feature", *out],
                                   False), "--space feature needs --classifier")
     assert_one_line_error(run_cli(["--from", str(tmp_path), *common], False), "has no report.json")

@@ -8,7 +8,8 @@ from PIL import Image
 from isda_viz.errors import IsdaVizError
 from isda_viz.estimator import CovarianceEstimator
 from isda_viz.inversion import InversionOptions, invert_features, normalize_latent, sample_augmented_features
-from isda_viz.visualize import load_image, parse_label
+from isda_viz.data import load_image_file as load_image
+from isda_viz.visualize import parse_label
 
 
 def test_normalize_latent_has_zero_mean_unit_std_per_code():
