@@ -313,7 +313,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few repeats, for development")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of: {','.join(CONFIGS)}")
-    p.add_argument("--networks", default="resnet32",
+    p.add_argument("--networks", default="resnet32,resnet110",
                    help=f"networks for the CE-step overhead, subset of {','.join(NETWORKS)} or 'none'")
     p.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurements")
     p.add_argument("--threads", type=int, default=None,
@@ -371,7 +371,8 @@ def main():
               f"{'overhead':>10}{'CE loss ms':>12}{'ISDA loss ms':>14}{'from parts':>12}")
     for arch in archs:
         n, shape, c = NETWORKS[arch]
-        repeats = 1 if arch in ("wrn28_10", "resnet50") else (4 if args.quick else 15)
+        repeats = {"resnet32": 15, "resnet110": 7}.get(arch, 1)
+        repeats = min(repeats, 4) if args.quick else repeats
         t_ce, t_isda, h_ce, h_isda = time_network(arch, repeats)
         print(f"{arch:<12}{str((n, *shape)):>20}{c:>6}{repeats:>6}{t_ce * 1e3:>12.1f}{t_isda * 1e3:>14.1f}"
               f"{(t_isda - t_ce) / t_ce * 100:>9.2f}%{h_ce * 1e3:>12.2f}{h_isda * 1e3:>14.2f}"

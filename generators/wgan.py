@@ -315,11 +315,18 @@ class _BatchSampler:
         return x, self.labels[idx].to(self.device)
 
 
-def _check_resumable(saved: dict, cfg: GanConfig, path: Path) -> None:
-    for key in ("dataset", "conditional", "latent_dim", "width", "critic_width", "image_size", "limit_train"):
+# What a resumed run may change; everything else is taken from the run being resumed.
+RESUME_OVERRIDES = ("iterations", "classifier", "agreement_per_class", "sample_every", "log_every", "device", "out")
+
+
+def _resumed_config(saved: dict, cfg: GanConfig, path: Path) -> GanConfig:
+    for key in ("dataset", "conditional"):
         if saved.get(key) != getattr(cfg, key):
             raise IsdaVizError(f"{path} holds a GAN with {key}={saved.get(key)}, not {getattr(cfg, key)}; "
                                "choose another --out or match the run")
+    fields = {f.name for f in dataclasses.fields(GanConfig)}
+    return GanConfig(**{**{k: v for k, v in saved.items() if k in fields},
+                        **{k: getattr(cfg, k) for k in RESUME_OVERRIDES}})
 
 
 def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
@@ -337,9 +344,21 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.n_critic < 1:
         raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")
     device = pick_device(cfg.device)
+    out = Path(cfg.out)
+    state_path = out / STATE_FILE
+    state = None
+    if state_path.exists():
+        if not resume:
+            raise IsdaVizError(f"--out {out} already holds a GAN run; pass --resume to continue it, "
+                               "or choose another --out")
+        state = load_checkpoint(state_path, "GAN training state")
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise IsdaVizError(f"{state_path} is not a train-gan training state; choose another --out")
+        cfg = _resumed_config(state["config"], cfg, state_path)
+    elif resume and out.exists() and any(out.iterdir()):
+        raise IsdaVizError(f"--resume: {out} holds no {STATE_FILE}")
     spec = dataset_spec(cfg.dataset, cfg.data_root)
     cfg = dataclasses.replace(cfg, image_size=cfg.image_size or min(spec.image_size, 32))
-    out = Path(cfg.out)
     train_set = load_split(cfg.dataset, True, cfg.data_root, cfg.limit_train)
     class_names = list(train_set.classes)
     num_classes = len(class_names) if cfg.conditional else None
@@ -362,14 +381,8 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     opt_d = torch.optim.Adam(critic.parameters(), cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
     rng = torch.Generator().manual_seed(cfg.seed)  # every random draw of training: batches, z, y, interpolation
     start, elapsed = 0, 0.0
-
-    state_path = out / STATE_FILE
-    if state_path.exists():
-        if not resume:
-            raise IsdaVizError(f"--out {out} already holds a GAN run; pass --resume to continue it, or choose another --out")
-        state = load_checkpoint(state_path, "GAN training state")
+    if state is not None:
         try:
-            _check_resumable(state["config"], cfg, state_path)
             generator.load_state_dict(state["generator"])
             critic.load_state_dict(state["critic"])
             opt_g.load_state_dict(state["opt_g"])
@@ -384,8 +397,6 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
         kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("iteration", 0) <= start]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         log(f"resuming {out} at iteration {start}/{cfg.iterations}")
-    elif resume and out.exists() and any(out.iterdir()):
-        raise IsdaVizError(f"--resume: {out} holds no {STATE_FILE}")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic({**dataclasses.asdict(cfg), "isda_viz_version": __version__, "torch": torch.__version__},
                       out / "config.json")
@@ -457,9 +468,10 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
         count += 1
         done = it + 1
         agreement = None
-        if done % cfg.sample_every == 0 or done == cfg.iterations:
+        snap = done % cfg.sample_every == 0 or done == cfg.iterations
+        if snap:
             agreement = snapshot(done)
-        if done % cfg.log_every == 0 or agreement is not None or done == cfg.iterations:
+        if done % cfg.log_every == 0 or snap:
             seconds = elapsed + time.time() - t0
             record = {"iteration": done, **{k: v / count for k, v in sums.items()},
                       "lr_g": learning_rate(cfg.lr_g, it, cfg.iterations), "seconds": round(seconds, 2)}
@@ -468,14 +480,14 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
                 last_agreement = agreement
             sums = dict.fromkeys(sums, 0.0)
             count = 0
-            if done % cfg.sample_every == 0 or done == cfg.iterations:
+            if snap:
                 save_state(done, seconds)  # after the metrics it covers are computed, before they are written
             append_jsonl(record, out / "metrics.jsonl")
             postfix = {"W": f"{record['wasserstein']:.3f}", "gp": f"{record['gradient_penalty']:.3f}"}
             if last_agreement is not None:
                 postfix["agree"] = f"{last_agreement:.3f}"
             bar.set_postfix(postfix)
-            if done % cfg.sample_every == 0 or done == cfg.iterations:
+            if snap:
                 agreement_text = f"  class agreement {agreement:.3f}" if agreement is not None else ""
                 log(f"iteration {done}/{cfg.iterations}{agreement_text}  {seconds / 60:.1f} min  "
                     f"(W {record['wasserstein']:.3f}, gp {record['gradient_penalty']:.3f})")

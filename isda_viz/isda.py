@@ -13,7 +13,9 @@ reference code. Full covariance: P_k = (W - w_k) Sigma_k is one `(C, A) x (A, A)
 product per class, and because Sigma_k is symmetric the gradient of
 d^T Sigma d is 2 Sigma d, i.e. 2 P_k: the backward pass reuses the forward
 product instead of a second matrix product. Diagonal covariance: three
-`(K, A) x (A, C)` products.
+`(K, A) x (A, C)` products. `ISDALoss` hands over its estimator itself, so that
+with large A each class's covariance is applied as its merged part plus the rows
+buffered since (see `CovarianceEstimator`) instead of being rewritten every step.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def _diagonal_quadratic_forms(weight, classes, variance):
     return var @ (weight * weight).T - 2 * (var * w_c) @ weight.T + (var * w_c * w_c).sum(1, keepdim=True)
 
 
-def class_quadratic_forms(weight: torch.Tensor, classes: torch.Tensor, covariance) -> torch.Tensor:
+def class_quadratic_forms(weight: torch.Tensor, classes: torch.Tensor,
+                          covariance: torch.Tensor | CovarianceEstimator) -> torch.Tensor:
     """`(K, C)` table of (w_j - w_c)^T Sigma_c (w_j - w_c) for each class c in `classes (K,)`.
 
     `weight (C, A)`; `covariance (C, A, A)` full or `(C, A)` diagonal (per-dimension
@@ -107,7 +110,7 @@ def class_quadratic_forms(weight: torch.Tensor, classes: torch.Tensor, covarianc
 
 
 def isda_augmented_logits(logits: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          covariance: torch.Tensor, ratio: float) -> torch.Tensor:
+                          covariance: torch.Tensor | CovarianceEstimator, ratio: float) -> torch.Tensor:
     """`(N, C)`: logits + (ratio / 2) (w_j - w_y)^T Sigma_y (w_j - w_y).
 
     `logits (N, C)`, `weight (C, A)` of the final linear layer, `targets (N,)`,

@@ -239,7 +239,8 @@ class _Killed(Exception):
 
 
 def test_resume_continues_and_ends_identical_to_an_uninterrupted_run(tmp_path):
-    cfg = dict(limit_train=256, batch_size=16, n_critic=1, sample_every=2, iterations=6, seed=4)
+    cfg = dict(limit_train=256, batch_size=16, n_critic=1, sample_every=2, iterations=6, seed=4, width=8,
+               critic_width=8)  # the resumed run takes its widths from the saved state, not the CLI
     train_gan(GanConfig(out=str(tmp_path / "straight"), **cfg), progress=False, log=lambda *a: None)
 
     def kill_at_iteration_4(message):
