@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +75,7 @@ class UpBlock(nn.Module):
 
 
 class WGANGenerator(Generator):
-    """Class-conditional (or unconditional) generator: `(N, latent_dim)`, `(N,)` → `(N, channels, S, S)` in [-1, 1]."""
+    """Class-conditional (or unconditional) generator: `(N, latent_dim)`, `(N,)` → `(N, C, S, S)` in [-1, 1]."""
 
     name = "wgan"
     output_range = (-1.0, 1.0)
@@ -86,7 +85,8 @@ class WGANGenerator(Generator):
         super().__init__()
         if image_size % 4:
             raise IsdaVizError(f"the WGAN generates sizes divisible by 4 (28, 32), not {image_size}")
-        self.latent_dim, self.num_classes, self.channels, self.image_size = latent_dim, num_classes, channels, image_size
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.channels, self.image_size = channels, image_size
         self.width = width
         self.class_names = list(class_names) if class_names else None
         self.base = image_size // 4
@@ -140,7 +140,10 @@ class WGANCritic(nn.Module):
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor | None,
                      eps: torch.Tensor) -> torch.Tensor:
-    """WGAN-GP's `E[(‖∇_x̂ D(x̂, y)‖₂ - 1)²]` at `x̂ = eps·real + (1 - eps)·fake`, `eps (N, 1, 1, 1)` in [0, 1]."""
+    """WGAN-GP's `E[(‖∇_x̂ D(x̂, y)‖₂ - 1)²]` at `x̂ = eps·real + (1 - eps)·fake`.
+
+    `real`, `fake (N, C, S, S)`; `eps (N, 1, 1, 1)` in [0, 1]; returns a scalar.
+    """
     x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat, y).sum(), x_hat, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
@@ -409,7 +412,8 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
 
     def snapshot(iteration: int) -> float | None:
         """Standing BN statistics, then generator.pt, samples.png, agreement; returns the agreement."""
-        recompute_batchnorm_statistics(generator, 8, 128, torch.Generator().manual_seed(cfg.seed * 7919 + iteration))
+        recompute_batchnorm_statistics(generator, 8, 2 * cfg.batch_size,  # 1024 samples at the default batch
+                                       torch.Generator().manual_seed(cfg.seed * 7919 + iteration))
         generator.eval()
         agreement = None
         if classifier is not None:
@@ -495,6 +499,4 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     if not record:
         history = read_jsonl(out / "metrics.jsonl")
         record = history[-1] if history else {}
-    if classifier is not None and "agreement" in record:
-        log(f"class agreement of {classifier.run_dir} with the generator's samples: {record['agreement']:.3f}")
     return record

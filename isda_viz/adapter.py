@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import normalize
 from .errors import IsdaVizError
 
 # ITU-R BT.601 luma weights, as in PIL's convert("L") and torchvision's rgb_to_grayscale.

@@ -52,7 +52,9 @@ def tiny_biggan(num_classes: int = 10, seed: int = 0):
     from pytorch_pretrained_biggan.model import BigGANBatchNorm
 
     torch.manual_seed(seed)
-    model = BigGAN(BigGANConfig(channel_width=8, num_classes=num_classes, z_dim=16, class_embed_dim=16)).eval()
+    # Attention at 8x8 rather than the default 64x64, where its 4096x1024 maps would dominate the test's time.
+    model = BigGAN(BigGANConfig(channel_width=8, num_classes=num_classes, z_dim=16, class_embed_dim=16,
+                                attention_layer_position=2)).eval()
     with torch.no_grad():
         model.generator.bn.weight.fill_(1.0)
         model.generator.bn.bias.zero_()
@@ -355,3 +357,40 @@ def test_class_count_mismatch_with_a_classifier_run_is_a_one_line_error(tmp_path
                     "5 classes", "10")
     _one_line_error(_invoke(main, "train-gan", *TINY_GAN, "--iterations", 1, "--unconditional", "--classifier",
                             tiny_run, "--out", tmp_path / "u"), "class-conditional")
+
+
+def test_biggan_names_download_where_online(biggan_dir, tmp_path, monkeypatch):
+    """A local HTTP server stands in for the model host: a name downloads once into our cache, then loads offline."""
+    import functools
+    import http.server
+    import threading
+
+    import isda_viz.generators.biggan as biggan
+
+    served = tmp_path / "served"
+    served.mkdir()
+    for file in ("config.json", "pytorch_model.bin"):
+        shutil.copy(biggan_dir / file, served / f"biggan-deep-512-{file}")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("ISDA_VIZ_OFFLINE", raising=False)
+    monkeypatch.setenv("ISDA_VIZ_CACHE", str(tmp_path / "ours"))
+    monkeypatch.setenv("PYTORCH_PRETRAINED_BIGGAN_CACHE", str(tmp_path / "theirs"))
+    try:
+        monkeypatch.setattr(biggan, "BIGGAN_URL", f"http://127.0.0.1:{server.server_address[1]}/{{name}}-{{file}}")
+        result = _invoke(probe, "--generator", "biggan-deep-512")  # a progress bar, then the probe's line
+        assert result.exit_code == 0 and result.output.strip().endswith("BigGANGenerator (2, 3, 128, 128) finite=True")
+        cached = tmp_path / "ours" / "biggan" / "biggan-deep-512" / "pytorch_model.bin"
+        assert cached.read_bytes() == (biggan_dir / "pytorch_model.bin").read_bytes()
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The host gone, the cached copy still loads; a name never fetched is one line naming the folder option.
+    monkeypatch.setattr(biggan, "BIGGAN_URL", "http://127.0.0.1:9/{name}-{file}")  # port 9: connection refused
+    assert _invoke(probe, "--generator", "biggan-deep-512").output.startswith("BigGANGenerator")
+    _one_line_error(_invoke(probe, "--generator", "biggan-deep-128"), "could not be downloaded", "--generator PATH")
