@@ -1,0 +1,34 @@
+"""`isda-viz demo --quick` end to end: every stage's files, the summary, and reuse on a second call."""
+
+import json
+
+from click.testing import CliRunner
+from PIL import Image
+
+from isda_viz.cli.main import main
+
+
+def test_quick_demo_from_scratch_runs_every_stage_then_reuses_them(tmp_path):
+    out = tmp_path / "demo"
+    first = CliRunner().invoke(main, ["demo", "--quick", "--from-scratch", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    for stage in ("[classifier] training", "[judge] training", "[generator] training", "[grid]", "[audit]"):
+        assert stage in first.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["classifier_test_accuracy"] <= 1 and 0 < summary["judge_test_accuracy"] <= 1
+    assert summary["audit_queries"] == 10 * 2 + 10  # 2 augmented + 1 reconstruction per class
+    assert 0 <= summary["audit_flagged_copies"] <= summary["audit_queries"]
+    assert set(summary["seconds"]) >= {"train_classifier", "train_judge", "train_generator", "grid", "audit"}
+    figure = json.loads((out / "figure.json").read_text())
+    assert sorted(r["label"] for r in figure["images"]) == list(range(10))
+    assert Image.open(out / "figure.png").width > 500
+    audit = json.loads((out / "audit" / "audit.json").read_text())
+    assert len(audit["queries"]) == summary["audit_queries"] and (out / "audit" / "audit.png").exists()
+    assert "step I median feature error" in first.output and str(out / "summary.json") in first.output
+
+    second = CliRunner().invoke(main, ["demo", "--quick", "--from-scratch", "--out", str(out)])
+    assert second.exit_code == 0, second.output
+    assert second.output.count("reusing") == 5
+    again = json.loads((out / "summary.json").read_text())
+    assert again["step1_median_feature_error"] == summary["step1_median_feature_error"]
+    assert again["seconds"] == summary["seconds"]
