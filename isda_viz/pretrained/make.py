@@ -1,0 +1,105 @@
+"""Turn finished runs into the shipped weights: float16 tensors, no optimiser state, and provenance.
+
+    python -m isda_viz.pretrained.make --classifier runs/fmnist-isda --judge runs/fmnist-ce \
+        --generator runs/fmnist-gan [--commit HASH]
+
+Each run is copied as its own command wrote it, minus what only resuming needs
+(optimiser, critic), with floating-point weights in float16; the estimator's
+float64 statistics are kept as they are (they are small for A = 64). Beside it,
+`provenance.json` records the command that made the run (from its config.json),
+its seed, the commit it was trained from, the wall time and the final metrics,
+and the sha256 of the file shipped. Nothing here edits a weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+from isda_viz.pretrained import CLASSIFIER, GENERATOR, HERE, JUDGE
+from isda_viz.runs import load_checkpoint, read_jsonl, save_atomic, write_json_atomic
+
+
+def _half(state: dict) -> dict:
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _command(kind: str, config: dict) -> str:
+    """The command line that reproduces the run, from its saved config."""
+    skip = {"out", "device", "isda_viz_version", "torch", "workers", "classifier_agreement"}
+    parts = [f"isda-viz {kind}"]
+    for key, value in config.items():
+        if key in skip or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts + [f"--out {config['out']}"])
+
+
+def ship_classifier(run_dir: Path, name: str, commit: str) -> Path:
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    shipped = {k: v for k, v in ckpt.items() if k != "optimizer"}
+    shipped["model"] = _half(ckpt["model"])
+    folder = HERE / name
+    save_atomic(shipped, folder / "checkpoint.pt")
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    config = json.loads((run_dir / "config.json").read_text())
+    write_json_atomic({
+        "made_by": _command("train", {**config, "out": str(run_dir)}),
+        "seed": config["seed"], "commit": commit, "epochs": ckpt["epoch"],
+        "wall_seconds": round(sum(r["seconds"] for r in history), 1),
+        "metrics": history[-1], "history": history, "float16": True,
+        "sha256": {"checkpoint.pt": _sha256(folder / "checkpoint.pt")},
+    }, folder / "provenance.json")
+    return folder
+
+
+def ship_generator(gan_dir: Path, name: str, commit: str) -> Path:
+    ckpt = load_checkpoint(gan_dir / "generator.pt")
+    shipped = {**ckpt, "state_dict": _half(ckpt["state_dict"])}
+    folder = HERE / name
+    save_atomic(shipped, folder / "generator.pt")
+    history = read_jsonl(gan_dir / "metrics.jsonl")
+    config = json.loads((gan_dir / "config.json").read_text())
+    agreement = [r for r in history if r.get("agreement") is not None]
+    write_json_atomic({
+        "made_by": _command("train-gan", {**config, "out": str(gan_dir)}),
+        "seed": config.get("seed"), "commit": commit, "iterations": ckpt.get("iteration"),
+        "wall_seconds": history[-1]["seconds"] if history else None,
+        "metrics": agreement[-1] if agreement else (history[-1] if history else {}),
+        "agreement_curve": [{"iteration": r["iteration"], "seconds": r["seconds"], "agreement": r["agreement"]}
+                            for r in agreement],
+        "float16": True, "sha256": {"generator.pt": _sha256(folder / "generator.pt")},
+    }, folder / "provenance.json")
+    (folder / "samples.png").write_bytes((gan_dir / "samples.png").read_bytes()) \
+        if (gan_dir / "samples.png").exists() else None
+    return folder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classifier", type=Path)
+    parser.add_argument("--judge", type=Path)
+    parser.add_argument("--generator", type=Path)
+    parser.add_argument("--commit", default=None, help="Commit the runs were trained from (default: HEAD).")
+    args = parser.parse_args()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    for path, name, ship in ((args.classifier, CLASSIFIER, ship_classifier), (args.judge, JUDGE, ship_classifier),
+                             (args.generator, GENERATOR, ship_generator)):
+        if path:
+            folder = ship(path, name, commit)
+            size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+            print(f"shipped {path} → {folder} ({size:.2f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
