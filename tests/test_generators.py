@@ -176,10 +176,11 @@ def test_adapter_maps_a_constant_rgb_image_to_its_normalised_luminance():
 def test_adapter_gray_to_rgb_and_antialiased_resize():
     checker = (torch.arange(128).view(1, -1) + torch.arange(128).view(-1, 1)) % 2  # 1-pixel checkerboard
     images = checker.float().view(1, 1, 128, 128) * 2 - 1
-    x = to_classifier_input(images, (-1.0, 1.0), _FakeClassifier(3, 32))
-    assert x.shape == (1, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])
-    # Antialiasing averages the checkerboard to mid-gray (0.5 → 0); plain bilinear would alias it.
-    assert (x * 0.25 + 0.5 - 0.5).abs().max() < 0.05
+    x = to_classifier_input(images, (-1.0, 1.0), _FakeClassifier(3, 30))
+    assert x.shape == (1, 3, 30, 30) and torch.equal(x[:, 0], x[:, 2])
+    # Antialiasing averages the checkerboard to mid-gray 0.5 everywhere; plain bilinear at 128 → 30 would alias
+    # it (values off by up to 0.44).
+    assert (x * 0.25).abs().max() < 0.02  # x = (v - 0.5) / 0.25
     assert resize(images, 128) is images and map_channels(images, 1) is images
     with pytest.raises(IsdaVizError, match="2-channel"):
         map_channels(torch.zeros(1, 2, 4, 4), 3)
@@ -337,7 +338,14 @@ def test_missing_and_corrupt_files_are_one_line_errors(gan_dir, biggan_dir, tmp_
     (truncated / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
     _one_line_error(_invoke(probe, "--generator", truncated), "corrupt")
 
-    mismatched = tmp_path / "mismatched"  # weights of width 8 under a config of width 16: never random weights
+    incomplete = tmp_path / "incomplete"  # a key short: the package's strict=False would keep a random layer
+    shutil.copytree(biggan_dir, incomplete)
+    state = torch.load(incomplete / "pytorch_model.bin", weights_only=True)
+    del state["generator.conv_to_rgb.weight_orig"]
+    torch.save(state, incomplete / "pytorch_model.bin")
+    _one_line_error(_invoke(probe, "--generator", incomplete), "do not match", "Missing key", "conv_to_rgb")
+
+    mismatched = tmp_path / "mismatched"  # weights of width 8 under a config of width 16
     shutil.copytree(biggan_dir, mismatched)
     config = json.loads((mismatched / "config.json").read_text())
     (mismatched / "config.json").write_text(json.dumps({**config, "channel_width": 16}))

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from isda_viz.generators.wgan import GanConfig
 from isda_viz.pretrained import CLASSIFIER, GENERATOR, HERE, JUDGE
 from isda_viz.runs import load_checkpoint, read_jsonl, save_atomic, write_json_atomic
+from isda_viz.train import TrainConfig
 
 
 def _half(state: dict) -> dict:
@@ -33,19 +35,21 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _command(kind: str, config: dict) -> str:
-    """The command line that reproduces the run, from its saved config."""
-    skip = {"out", "device", "isda_viz_version", "torch", "workers", "classifier_agreement"}
+def _command(kind: str, config: dict, defaults) -> str:
+    """The command line that reproduces the run: the options whose saved values differ from the defaults."""
+    skip = {"out", "device", "isda_viz_version", "torch", "workers", "image_size"}
     parts = [f"isda-viz {kind}"]
     for key, value in config.items():
-        if key in skip or value is None or value is False:
+        if key in skip or value is None or value == getattr(defaults, key, object()):
             continue
-        flag = "--" + key.replace("_", "-")
-        parts.append(flag if value is True else f"{flag} {value}")
+        if key == "conditional":
+            parts.append("--unconditional")
+            continue
+        parts.append(f"--{key.replace('_', '-')} {value}")
     return " ".join(parts + [f"--out {config['out']}"])
 
 
-def ship_classifier(run_dir: Path, name: str, commit: str) -> Path:
+def ship_classifier(run_dir: Path, name: str, commit: str, note: str | None = None) -> Path:
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     shipped = {k: v for k, v in ckpt.items() if k != "optimizer"}
     shipped["model"] = _half(ckpt["model"])
@@ -54,16 +58,16 @@ def ship_classifier(run_dir: Path, name: str, commit: str) -> Path:
     history = read_jsonl(run_dir / "metrics.jsonl")
     config = json.loads((run_dir / "config.json").read_text())
     write_json_atomic({
-        "made_by": _command("train", {**config, "out": str(run_dir)}),
+        "made_by": _command("train", {**config, "out": str(run_dir)}, TrainConfig(out="")),
         "seed": config["seed"], "commit": commit, "epochs": ckpt["epoch"],
         "wall_seconds": round(sum(r["seconds"] for r in history), 1),
-        "metrics": history[-1], "history": history, "float16": True,
+        "metrics": history[-1], "history": history, "float16": True, "note": note,
         "sha256": {"checkpoint.pt": _sha256(folder / "checkpoint.pt")},
     }, folder / "provenance.json")
     return folder
 
 
-def ship_generator(gan_dir: Path, name: str, commit: str) -> Path:
+def ship_generator(gan_dir: Path, name: str, commit: str, note: str | None = None) -> Path:
     ckpt = load_checkpoint(gan_dir / "generator.pt")
     shipped = {**ckpt, "state_dict": _half(ckpt["state_dict"])}
     folder = HERE / name
@@ -72,13 +76,13 @@ def ship_generator(gan_dir: Path, name: str, commit: str) -> Path:
     config = json.loads((gan_dir / "config.json").read_text())
     agreement = [r for r in history if r.get("agreement") is not None]
     write_json_atomic({
-        "made_by": _command("train-gan", {**config, "out": str(gan_dir)}),
+        "made_by": _command("train-gan", {**config, "out": str(gan_dir)}, GanConfig(out="")),
         "seed": config.get("seed"), "commit": commit, "iterations": ckpt.get("iteration"),
         "wall_seconds": history[-1]["seconds"] if history else None,
         "metrics": agreement[-1] if agreement else (history[-1] if history else {}),
         "agreement_curve": [{"iteration": r["iteration"], "seconds": r["seconds"], "agreement": r["agreement"]}
                             for r in agreement],
-        "float16": True, "sha256": {"generator.pt": _sha256(folder / "generator.pt")},
+        "float16": True, "note": note, "sha256": {"generator.pt": _sha256(folder / "generator.pt")},
     }, folder / "provenance.json")
     (folder / "samples.png").write_bytes((gan_dir / "samples.png").read_bytes()) \
         if (gan_dir / "samples.png").exists() else None
@@ -91,12 +95,16 @@ def main():
     parser.add_argument("--judge", type=Path)
     parser.add_argument("--generator", type=Path)
     parser.add_argument("--commit", default=None, help="Commit the runs were trained from (default: HEAD).")
+    parser.add_argument("--note", action="append", default=[], metavar="KIND=TEXT",
+                        help="A remark for one weight's provenance (KIND: classifier, judge or generator).")
     args = parser.parse_args()
     commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    for path, name, ship in ((args.classifier, CLASSIFIER, ship_classifier), (args.judge, JUDGE, ship_classifier),
-                             (args.generator, GENERATOR, ship_generator)):
+    notes = dict(n.split("=", 1) for n in args.note)
+    for kind, path, name, ship in (("classifier", args.classifier, CLASSIFIER, ship_classifier),
+                                   ("judge", args.judge, JUDGE, ship_classifier),
+                                   ("generator", args.generator, GENERATOR, ship_generator)):
         if path:
-            folder = ship(path, name, commit)
+            folder = ship(path, name, commit, notes.get(kind))
             size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
             print(f"shipped {path} → {folder} ({size:.2f} MiB)")
 
