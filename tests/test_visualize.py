@@ -131,3 +131,15 @@ def test_ce_run_statistics_are_computed_once_and_cached(tiny_ce_run):
         np.testing.assert_allclose(estimator.covariance[c].numpy(), expected, rtol=1e-4, atol=1e-5)
     cached = class_statistics(classifier, progress=False)
     assert torch.equal(cached.covariance, estimator.covariance)
+
+
+def test_augment_works_out_of_the_box_with_the_shipped_weights(image_files, tmp_path):
+    result = _invoke("augment", "--image", image_files[0], "--iterations", 3, "--restarts", 1, "-k", 1,
+                     "--out", tmp_path / "shipped")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "shipped" / "report.json").read_text())
+    assert report["settings"]["classifier"].endswith("fmnist-isda-resnet32")
+    assert report["settings"]["judge"].endswith("fmnist-ce-resnet32")
+    record = report["images"][0]
+    assert record["label"] == record["predicted"] == 0  # the shipped classifier knows a T-shirt
+    assert record["augmented"][0]["judge_predicted"] is not None
