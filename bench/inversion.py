@@ -76,7 +76,7 @@ def main():
     y = labels if generator.conditional else None
 
     def render(z_hat):
-        return adapter(generator.generate(z_hat, y))
+        return adapter(z_hat, y)
 
     z0 = torch.randn(len(images), generator.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     ours_opts = InversionOptions()
