@@ -45,11 +45,14 @@ def to_classifier_input(images: torch.Tensor, output_range: tuple[float, float],
     `classifier` is an `isda_viz.runs.Classifier` (anything with `channels`,
     `image_size` and `preprocess`). Values are clamped to [0, 1] like a saved image would be.
     """
+    return classifier.preprocess(to_classifier_pixels(images, output_range, classifier))
+
+
+def to_classifier_pixels(images: torch.Tensor, output_range: tuple[float, float], classifier) -> torch.Tensor:
+    """Generator images → `(N, classifier channels, size, size)` in [0, 1]: what is saved and measured."""
     lo, hi = output_range
     x = ((images - lo) / (hi - lo)).clamp(0, 1)
-    x = resize(x, classifier.image_size)
-    x = map_channels(x, classifier.channels)
-    return classifier.preprocess(x)
+    return map_channels(resize(x, classifier.image_size), classifier.channels)
 
 
 def check_compatible(generator, classifier) -> None:
@@ -79,6 +82,10 @@ class GeneratorAdapter(nn.Module):
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         """Generator images `(N, C, H, W)` in its output range → classifier input."""
         return to_classifier_input(images, self.generator.output_range, self.classifier)
+
+    def pixels(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Generated images as the classifier sees them, in [0, 1] before normalisation."""
+        return to_classifier_pixels(self.generator.generate(z, y), self.generator.output_range, self.classifier)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.adapt(self.generator.generate(z, y))

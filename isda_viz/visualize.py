@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .adapter import GeneratorAdapter, map_channels, resize
+from .adapter import GeneratorAdapter
 from .data import load_image_file, load_split
 from .errors import IsdaVizError
 from .estimator import CovarianceEstimator
 from .figures import labelled_grid
-from .inversion import InversionOptions, invert_features, sample_augmented_features
+from .inversion import InversionOptions, invert_features, normalize_latent, sample_augmented_features
 from .runs import Classifier, load_checkpoint, save_atomic, write_json_atomic
 
 STATISTICS_CACHE = "class_statistics.pt"
@@ -105,9 +105,8 @@ def visualize_augmentations(classifier: Classifier, generator, images: torch.Ten
         return lambda z_hat: adapter(z_hat, y)
 
     def pixels(z, y):
-        """Generated images as the classifier sees them, in [0, 1] (what is saved and measured)."""
         with torch.no_grad():
-            return classifier_pixels(generator, classifier, generator.generate(_hat(z), y))
+            return adapter.pixels(normalize_latent(z), y)
 
     # Step I: R restarts per image in one batch, keep the best objective.
     started = time.time()
@@ -153,17 +152,6 @@ def visualize_augmentations(classifier: Classifier, generator, images: torch.Ten
                            "pixel_distance": float(distance[i, j])} for j in range(k)],
         })
     return AugmentationResult(images.cpu(), labels.cpu(), recon_unit.cpu(), aug_unit.cpu(), records, timings)
-
-
-def _hat(z: torch.Tensor) -> torch.Tensor:
-    from .inversion import normalize_latent
-
-    return normalize_latent(z)
-
-
-def classifier_pixels(generator, classifier: Classifier, images: torch.Tensor) -> torch.Tensor:
-    """Generator output → `(N, classifier channels, size, size)` in [0, 1], before normalisation."""
-    return map_channels(resize(generator.to_unit(images), classifier.image_size), classifier.channels)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -331,7 +319,7 @@ def make_grid(classifier: Classifier, generator, out_png, per_class: int = 1, cl
         z = torch.randn(len(labels) * num_samples, generator.latent_dim, generator=rng).to(generator.device)
         with torch.no_grad():
             y = labels.repeat_interleave(num_samples).to(generator.device)
-            samples = classifier_pixels(generator, classifier, generator.generate(z, y)).cpu().view(len(labels), num_samples,
+            samples = GeneratorAdapter(generator, classifier).pixels(z, y).cpu().view(len(labels), num_samples,
                                                                             *images.shape[1:])
     files_dir = out_png.with_name(out_png.stem + "_files")
     extra = {"settings": {"strength": strength, "num_augmented": num_augmented, "seed": seed,
