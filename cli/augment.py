@@ -32,9 +32,10 @@ def inversion_options(fn):
         click.option("--restarts", type=click.IntRange(1, 64), default=4, show_default=True,
                      help="Random starts per image in Step I (the best is kept)."),
         click.option("--iterations", type=click.IntRange(1), default=None,
-                     help="Step I iterations (Step II takes 3/4 of it); default 400."),
+                     help="Step I iterations (Step II takes 3 times as many); default 100."),
         click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True),
-        click.option("--lr", type=float, default=None, help="Step size on z (default 0.05 for adam)."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Step size on z for both steps (default for adam: 0.2 in Step I, 0.05 in Step II)."),
         click.option("--tolerance", type=float, default=0.0, help="Stop a stage once every feature error is below this."),
         seed_option,
         device_option,
@@ -49,9 +50,9 @@ def inversion_options(fn):
         dev = pick_device(device)
         opts = InversionOptions(restarts=restarts, optimizer=optimizer, tolerance=tolerance)
         if iterations:
-            opts.reconstruct_iterations, opts.augment_iterations = iterations, max(1, iterations * 3 // 4)
+            opts.reconstruct_iterations, opts.augment_iterations = iterations, 3 * iterations
         if lr is not None:
-            opts.lr = lr
+            opts.reconstruct_lr = opts.augment_lr = lr
         if classifier is None and judge is None:
             judge = default_judge()
         models = {
@@ -95,4 +96,5 @@ def grid_command(per_class, classes, samples, data_root, out, opts, classifier, 
     s = report["summary"]
     click.echo(f"wrote {out} and its report {out[:-4]}.json: step I median feature error "
                f"{s['step1_median_feature_error']:.3f}, step II median reached-shift error "
-               f"{s['step2_median_reached_shift_error']:.3f}")
+               f"{s['step2_median_reached_shift_error']:.3f} (no image can go below "
+               f"{s['step2_median_negative_target_floor']:.3f}: the targets' negative part)")

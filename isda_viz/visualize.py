@@ -57,6 +57,15 @@ def class_statistics(classifier: Classifier, data_root=None, batch_size: int = 5
     return estimator
 
 
+def negative_target_floor(wanted: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """||min(a~, 0)|| / ||a~ - a|| per row, `(M, A)` → `(M,)`: a lower bound on the reached-shift error.
+
+    Every architecture here takes its features as averages of ReLU outputs, so no image has a negative
+    feature; a Gaussian a~ has some, and that part of the shift cannot be reached by any image.
+    """
+    return wanted.clamp(max=0).norm(dim=1) / shift.norm(dim=1).clamp_min(1e-12)
+
+
 @dataclass
 class AugmentationResult:
     """Everything one batch produced. Images are `(·, C, H, W)` in [0, 1] at the classifier's size."""
@@ -113,7 +122,7 @@ def visualize_augmentations(classifier: Classifier, generator, images: torch.Ten
     z0 = torch.randn(n * r, generator.latent_dim, generator=rng).to(device)
     y_rep = gen_labels.repeat_interleave(r) if gen_labels is not None else None
     step1 = invert_features(renderer(y_rep), featurize, target.repeat_interleave(r, 0), z0,
-                            opts.reconstruct_iterations, opts, pixel_target=x.repeat_interleave(r, 0),
+                            opts.reconstruct_iterations, opts.reconstruct_lr, opts, pixel_target=x.repeat_interleave(r, 0),
                             desc="step I: reconstruct", progress=progress)
     best = step1.objective.view(n, r).argmin(1) + torch.arange(n, device=device) * r
     z_star = step1.z[best]
@@ -126,8 +135,9 @@ def visualize_augmentations(classifier: Classifier, generator, images: torch.Ten
     wanted = sample_augmented_features(target, labels, statistics, strength, k, rng)    # (N, K, A)
     y_aug = gen_labels.repeat_interleave(k) if gen_labels is not None else None
     shift = (wanted - target[:, None]).reshape(n * k, -1)
+    floor = negative_target_floor(wanted.reshape(n * k, -1), shift)
     step2 = invert_features(renderer(y_aug), featurize, wanted.reshape(n * k, -1), z_star.repeat_interleave(k, 0),
-                            opts.augment_iterations, opts, error_scale=shift, desc="step II: augment",
+                            opts.augment_iterations, opts.augment_lr, opts, error_scale=shift, desc="step II: augment",
                             progress=progress)
     aug_unit = pixels(step2.z, y_aug).view(n, k, *recon_unit.shape[1:])
     timings["augment"] = time.time() - started
@@ -148,6 +158,7 @@ def visualize_augmentations(classifier: Classifier, generator, images: torch.Ten
                                "predicted": recon_pred[i], "judge_predicted": recon_judge[i]},
             "augmented": [{"reached_shift_error": float(step2.feature_error[i * k + j]),
                            "shift_norm": float(shift[i * k + j].norm()),
+                           "negative_target_floor": float(floor[i * k + j]),
                            "predicted": aug_pred[i * k + j], "judge_predicted": aug_judge[i * k + j],
                            "pixel_distance": float(distance[i, j])} for j in range(k)],
         })
@@ -169,6 +180,7 @@ def summarize(records: list[dict]) -> dict:
         "reconstruction_true_label_rate": sum(r["reconstruction"]["predicted"] == r["label"] for r in records)
         / max(1, len(records)),
         "step2_median_reached_shift_error": median([a["reached_shift_error"] for a in augmented]),
+        "step2_median_negative_target_floor": median([a["negative_target_floor"] for a in augmented if "negative_target_floor" in a]),
         "augmented_label_kept_rate": sum(a["predicted"] == r["label"] for r in records for a in r["augmented"])
         / max(1, len(augmented)),
         "augmented_judge_label_kept_rate": (sum(a["judge_predicted"] == r["label"] for r in records

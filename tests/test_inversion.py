@@ -33,15 +33,15 @@ def test_inverter_recovers_reachable_features_of_a_smooth_generator():
 
     true_z = torch.randn(6, 16, generator=g)
     target = featurize(render(normalize_latent(true_z)))
-    opts = InversionOptions(lr=0.05)
+    opts = InversionOptions()
     z0 = torch.randn(6, 16, generator=g)
-    start = invert_features(render, featurize, target, z0, 0, opts, progress=False)
-    trace = invert_features(render, featurize, target, z0, 500, opts, progress=False)
+    start = invert_features(render, featurize, target, z0, 0, 0.05, opts, progress=False)
+    trace = invert_features(render, featurize, target, z0, 500, 0.05, opts, progress=False)
     assert trace.feature_error.median() < 0.01 and trace.feature_error.max() < 0.1
     assert start.feature_error.min() > 0.2
     assert trace.history[0]["median_feature_error"] > trace.history[-1]["median_feature_error"]
     # Rows are independent problems: solving a row alone gives the same answer.
-    alone = invert_features(render, featurize, target[:1], trace.z[:1], 0, opts, progress=False)
+    alone = invert_features(render, featurize, target[:1], trace.z[:1], 0, 0.05, opts, progress=False)
     torch.testing.assert_close(alone.features, trace.features[:1])
 
 
@@ -57,9 +57,9 @@ def test_pixel_term_pulls_towards_the_pixel_target():
 
     pixels = render(normalize_latent(torch.randn(3, 8, generator=g)))
     z0 = torch.randn(3, 8, generator=g)
-    free = invert_features(render, featurize, pixels[:, :2], z0, 300, InversionOptions(lr=0.05, eta=0.0),
+    free = invert_features(render, featurize, pixels[:, :2], z0, 300, 0.05, InversionOptions(eta=0.0),
                            progress=False)
-    tied = invert_features(render, featurize, pixels[:, :2], z0, 300, InversionOptions(lr=0.05, eta=1.0),
+    tied = invert_features(render, featurize, pixels[:, :2], z0, 300, 0.05, InversionOptions(eta=1.0),
                            pixel_target=pixels, progress=False)
     assert (tied.images - pixels).norm() < 0.5 * (free.images - pixels).norm()
 

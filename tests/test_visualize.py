@@ -1,6 +1,7 @@
 """`isda-viz augment` and `isda-viz grid` end to end with tiny real models; CE-run class statistics."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from isda_viz.cli.main import main
 from isda_viz.data import load_split
 from isda_viz.generators.wgan import WGANGenerator, recompute_batchnorm_statistics, save_generator
 from isda_viz.runs import load_classifier
-from isda_viz.visualize import STATISTICS_CACHE, class_statistics
+from isda_viz.visualize import STATISTICS_CACHE, class_statistics, negative_target_floor
 
 FAST = ["--iterations", "8", "--restarts", "2", "--num-augmented", "2"]
 
@@ -64,8 +65,11 @@ def test_augment_writes_grid_pngs_and_report(tiny_run, tiny_ce_run, tiny_gan, im
         assert Image.open(out / rec["file"]).size == (28, 28)
         assert len(record["augmented"]) == 2
         for aug in record["augmented"]:
-            assert set(aug) >= {"file", "reached_shift_error", "predicted", "judge_predicted", "pixel_distance"}
+            assert set(aug) >= {"file", "reached_shift_error", "predicted", "judge_predicted", "pixel_distance",
+                                "negative_target_floor"}
             assert 0 <= aug["judge_predicted"] < 10 and aug["pixel_distance"] >= 0
+            # The floor is a bound: no image's (post-ReLU) features get closer to a~ than its negative part.
+            assert 0 <= aug["negative_target_floor"] <= aug["reached_shift_error"] + 1e-6
             png = np.asarray(Image.open(out / aug["file"]))
             assert png.shape == (28, 28)
     grid = Image.open(out / "grid.png")
@@ -144,3 +148,17 @@ def test_augment_works_out_of_the_box_with_the_shipped_weights(image_files, tmp_
     true_label = int(load_split("fashion-mnist", False, limit=1).labels[0])  # the image is test image 0
     assert record["label"] == record["predicted"] == true_label
     assert record["augmented"][0]["judge_predicted"] is not None
+
+
+def test_negative_target_floor_is_the_distance_to_the_nonnegative_orthant():
+    g = torch.Generator().manual_seed(3)
+    wanted, shift = torch.randn(50, 7, generator=g, dtype=torch.float64), torch.randn(50, 7, generator=g,
+                                                                                       dtype=torch.float64)
+    floor = negative_target_floor(wanted, shift)
+    for i in range(50):  # brute force: sum of squares of the negative entries, one row at a time
+        negative = math.sqrt(sum(v * v for v in wanted[i].tolist() if v < 0))
+        assert floor[i].item() == pytest.approx(negative / math.sqrt(sum(v * v for v in shift[i].tolist())))
+    # and no non-negative vector is closer to a~ than that
+    features = torch.rand(50, 1000, 7, generator=g, dtype=torch.float64) * 3
+    closest = (features - wanted[:, None]).norm(dim=2).min(1).values / shift.norm(dim=1)
+    assert (closest >= floor - 1e-12).all()
