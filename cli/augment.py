@@ -32,8 +32,9 @@ def inversion_options(fn):
         click.option("--restarts", type=click.IntRange(1, 64), default=4, show_default=True,
                      help="Random starts per image in Step I (the best is kept)."),
         click.option("--iterations", type=click.IntRange(1), default=None,
-                     help="Step I iterations (Step II takes 3 times as many); default 100."),
-        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True),
+                     help="Step I iterations (default 200); Step II takes 3/2 as many (default 300)."),
+        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
+                     help="adam, or sgd: heavy-ball gradient descent as the reference code (needs --lr)."),
         click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
                      help="Step size on z for both steps (default for adam: 0.2 in Step I, 0.05 in Step II)."),
         click.option("--tolerance", type=float, default=0.0, help="Stop a stage once every feature error is below this."),
@@ -47,10 +48,13 @@ def inversion_options(fn):
     def wrapper(classifier, generator, judge, restarts, iterations, optimizer, lr, tolerance, device, **kwargs):
         from isda_viz.generators import load_generator
 
+        if optimizer == "sgd" and lr is None:
+            # Adam's steps are scale-free; gradient descent's depend on the loss scale, so no default fits.
+            raise click.UsageError("--optimizer sgd needs --lr (gradient descent has no default step size here)")
         dev = pick_device(device)
         opts = InversionOptions(restarts=restarts, optimizer=optimizer, tolerance=tolerance)
         if iterations:
-            opts.reconstruct_iterations, opts.augment_iterations = iterations, 3 * iterations
+            opts.reconstruct_iterations, opts.augment_iterations = iterations, max(1, iterations * 3 // 2)
         if lr is not None:
             opts.reconstruct_lr = opts.augment_lr = lr
         if classifier is None and judge is None:

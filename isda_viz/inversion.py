@@ -37,7 +37,7 @@ class InversionOptions:
     there a smaller step settles lower.
     """
 
-    reconstruct_iterations: int = 100
+    reconstruct_iterations: int = 200
     augment_iterations: int = 300
     restarts: int = 4
     reconstruct_lr: float = 0.2         # Adam step on z (z_hat has unit std per code)

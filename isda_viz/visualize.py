@@ -240,19 +240,26 @@ def write_outputs(result: AugmentationResult, sources: list[str], class_names: l
 
 
 def write_augment_dir(result: AugmentationResult, sources: list[str], class_names: list[str], out,
-                      extra: dict | None = None, samples: torch.Tensor | None = None) -> Path:
-    """Write OUT_DIR all at once: built in a temporary sibling folder, renamed into place when complete."""
+                      extra: dict | None = None, samples: torch.Tensor | None = None) -> dict:
+    """Write OUT_DIR all at once: built in a temporary sibling folder, renamed into place when complete.
+    Returns the report written as OUT_DIR/report.json."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
     try:
-        report = write_outputs(result, sources, class_names, tmp, samples)
-        write_json_atomic({**report, **(extra or {})}, tmp / "report.json")
+        report = {**write_outputs(result, sources, class_names, tmp, samples), **(extra or {})}
+        write_json_atomic(report, tmp / "report.json")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _replace_dir(tmp, out)
-    return out
+    return report
+
+
+def _settings(strength, num_augmented, seed, opts: InversionOptions, classifier: Classifier, judge) -> dict:
+    """What a report records of how it was made."""
+    return {"strength": strength, "num_augmented": num_augmented, "seed": seed, "options": dict(opts.__dict__),
+            "classifier": str(classifier.run_dir), "judge": str(judge.run_dir) if judge else None}
 
 
 def parse_label(label: str | None, class_names: list[str]) -> int | None:
@@ -288,10 +295,9 @@ def augment_images(image_paths: list, classifier: Classifier, generator, out, la
         labels = torch.full((len(images),), fixed)
     result = visualize_augmentations(classifier, generator, images, labels, strength, num_augmented, opts, seed,
                                      judge, progress=progress)
-    extra = {"settings": {"strength": strength, "num_augmented": num_augmented, "seed": seed,
-                          "options": opts.__dict__, "classifier": str(classifier.run_dir),
-                          "judge": str(judge.run_dir) if judge else None}}
-    return write_augment_dir(result, [str(p) for p in image_paths], classifier.class_names, out, extra)
+    extra = {"settings": _settings(strength, num_augmented, seed, opts, classifier, judge)}
+    write_augment_dir(result, [str(p) for p in image_paths], classifier.class_names, out, extra)
+    return Path(out)
 
 
 def test_images_per_class(classifier: Classifier, per_class: int, classes: list[int] | None, data_root=None):
@@ -334,14 +340,9 @@ def make_grid(classifier: Classifier, generator, out_png, per_class: int = 1, cl
             samples = GeneratorAdapter(generator, classifier).pixels(z, y).cpu().view(len(labels), num_samples,
                                                                             *images.shape[1:])
     files_dir = out_png.with_name(out_png.stem + "_files")
-    extra = {"settings": {"strength": strength, "num_augmented": num_augmented, "seed": seed,
-                          "options": opts.__dict__, "classifier": str(classifier.run_dir),
-                          "judge": str(judge.run_dir) if judge else None}}
-    write_augment_dir(result, sources, classifier.class_names, files_dir, extra, samples)
+    extra = {"settings": _settings(strength, num_augmented, seed, opts, classifier, judge)}
+    report = write_augment_dir(result, sources, classifier.class_names, files_dir, extra, samples)
     # The figure and its report beside it; the report's file paths are made relative to FIG.json.
-    import json
-
-    report = json.loads((files_dir / "report.json").read_text())
     for record in report["images"]:
         record["reconstruction"]["file"] = f"{files_dir.name}/{record['reconstruction']['file']}"
         for a in record["augmented"]:

@@ -58,6 +58,8 @@ def test_augment_writes_grid_pngs_and_report(tiny_run, tiny_ce_run, tiny_gan, im
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert [r["source"] for r in report["images"]] == [str(p) for p in image_files]
+    options = report["settings"]["options"]
+    assert (options["reconstruct_iterations"], options["augment_iterations"], options["restarts"]) == (8, 12, 2)
     for record in report["images"]:
         assert record["label"] == 1 and 0 <= record["predicted"] < 10
         rec = record["reconstruction"]
@@ -114,6 +116,7 @@ def test_errors_are_one_line_and_leave_no_output(tiny_run, tiny_gan, image_files
     assert "not a class" in _error_line(_invoke("augment", "--image", image_files[0], "--label", "Sock", *base))
     assert "--num-augmented" in _error_line(_invoke("augment", "--image", image_files[0], *base, "-k", 0))
     assert "--strength" in _error_line(_invoke("augment", "--image", image_files[0], *base, "--strength", -1))
+    assert "needs --lr" in _error_line(_invoke("augment", "--image", image_files[0], *base, "--optimizer", "sgd"))
     five = _gan(tmp_path / "five", num_classes=5) if (tmp_path / "five").mkdir() is None else None
     assert "has 5 classes" in _error_line(_invoke("augment", "--image", image_files[0], "--classifier", tiny_run,
                                                   "--generator", five, *FAST, "--out", out))
