@@ -136,9 +136,9 @@ def main():
         else:
             guess = extrapolate(trace.history, goal)
             guess_text = f"power law says {guess:.0f}" if math.isfinite(guess) else "its trend never gets there"
-            print(f"{name:<40}{'> ' + str(args.reference_cap):>12}{'> ' + format(per_it * args.reference_cap, '.0f'):>10}"
-                  f"{'> ' + format(args.reference_cap / ours_iters, '.1f') + 'x':>10}{final:>11.4f}"
-                  f"   (not reached within the cap; {guess_text})")
+            cap = args.reference_cap
+            print(f"{name:<40}{f'> {cap}':>12}{f'> {per_it * cap:.0f}':>10}{f'> {cap / ours_iters:.1f}x':>10}"
+                  f"{final:>11.4f}   (not reached within the cap; {guess_text})")
     print("errors along the way (median feature error after N iterations):")
     marks = [10, 50, 100, 300, 1000, 2000, args.reference_cap]
     totals = {"ours": ours_opts.reconstruct_iterations, **{n: args.reference_cap for n in runs}}

@@ -54,7 +54,7 @@ def inversion_options(fn):
         dev = pick_device(device)
         opts = InversionOptions(restarts=restarts, optimizer=optimizer, tolerance=tolerance)
         if iterations:
-            opts.reconstruct_iterations, opts.augment_iterations = iterations, max(1, iterations * 3 // 2)
+            opts.reconstruct_iterations, opts.augment_iterations = iterations, iterations * 3 // 2
         if lr is not None:
             opts.reconstruct_lr = opts.augment_lr = lr
         if classifier is None and judge is None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from isda_viz.adapter import to_unit
+
 
 class Generator(nn.Module):
     """Base class: subclasses set the attributes below and implement `generate`."""
@@ -40,8 +42,7 @@ class Generator(nn.Module):
 
     def to_unit(self, images: torch.Tensor) -> torch.Tensor:
         """Generator output → [0, 1]."""
-        lo, hi = self.output_range
-        return ((images - lo) / (hi - lo)).clamp(0, 1)
+        return to_unit(images, self.output_range)
 
     def freeze(self) -> "Generator":
         self.eval().requires_grad_(False)

@@ -48,11 +48,15 @@ def to_classifier_input(images: torch.Tensor, output_range: tuple[float, float],
     return classifier.preprocess(to_classifier_pixels(images, output_range, classifier))
 
 
+def to_unit(images: torch.Tensor, output_range: tuple[float, float]) -> torch.Tensor:
+    """Images with values in `output_range` → [0, 1], clamped like a saved image would be."""
+    lo, hi = output_range
+    return ((images - lo) / (hi - lo)).clamp(0, 1)
+
+
 def to_classifier_pixels(images: torch.Tensor, output_range: tuple[float, float], classifier) -> torch.Tensor:
     """Generator images → `(N, classifier channels, size, size)` in [0, 1]: what is saved and measured."""
-    lo, hi = output_range
-    x = ((images - lo) / (hi - lo)).clamp(0, 1)
-    return map_channels(resize(x, classifier.image_size), classifier.channels)
+    return map_channels(resize(to_unit(images, output_range), classifier.image_size), classifier.channels)
 
 
 def check_compatible(generator, classifier) -> None:

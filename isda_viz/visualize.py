@@ -122,8 +122,8 @@ def visualize_augmentations(classifier: Classifier, generator, images: torch.Ten
     z0 = torch.randn(n * r, generator.latent_dim, generator=rng).to(device)
     y_rep = gen_labels.repeat_interleave(r) if gen_labels is not None else None
     step1 = invert_features(renderer(y_rep), featurize, target.repeat_interleave(r, 0), z0,
-                            opts.reconstruct_iterations, opts.reconstruct_lr, opts, pixel_target=x.repeat_interleave(r, 0),
-                            desc="step I: reconstruct", progress=progress)
+                            opts.reconstruct_iterations, opts.reconstruct_lr, opts,
+                            pixel_target=x.repeat_interleave(r, 0), desc="step I: reconstruct", progress=progress)
     best = step1.objective.view(n, r).argmin(1) + torch.arange(n, device=device) * r
     z_star = step1.z[best]
     recon_unit = pixels(z_star, gen_labels)
@@ -137,8 +137,8 @@ def visualize_augmentations(classifier: Classifier, generator, images: torch.Ten
     shift = (wanted - target[:, None]).reshape(n * k, -1)
     floor = negative_target_floor(wanted.reshape(n * k, -1), shift)
     step2 = invert_features(renderer(y_aug), featurize, wanted.reshape(n * k, -1), z_star.repeat_interleave(k, 0),
-                            opts.augment_iterations, opts.augment_lr, opts, error_scale=shift, desc="step II: augment",
-                            progress=progress)
+                            opts.augment_iterations, opts.augment_lr, opts, error_scale=shift,
+                            desc="step II: augment", progress=progress)
     aug_unit = pixels(step2.z, y_aug).view(n, k, *recon_unit.shape[1:])
     timings["augment"] = time.time() - started
 
@@ -180,7 +180,7 @@ def summarize(records: list[dict]) -> dict:
         "reconstruction_true_label_rate": sum(r["reconstruction"]["predicted"] == r["label"] for r in records)
         / max(1, len(records)),
         "step2_median_reached_shift_error": median([a["reached_shift_error"] for a in augmented]),
-        "step2_median_negative_target_floor": median([a["negative_target_floor"] for a in augmented if "negative_target_floor" in a]),
+        "step2_median_negative_target_floor": median([a["negative_target_floor"] for a in augmented]),
         "augmented_label_kept_rate": sum(a["predicted"] == r["label"] for r in records for a in r["augmented"])
         / max(1, len(augmented)),
         "augmented_judge_label_kept_rate": (sum(a["judge_predicted"] == r["label"] for r in records
