@@ -53,7 +53,7 @@ NETWORKS = {
     "wrn28_10": (128, (3, 32, 32), 100),
     "resnet50": (256, (3, 224, 224), 1000),
 }
-RATIO = 0.5
+STRENGTH = 0.5
 WARM_BATCHES = 4
 
 
@@ -115,7 +115,7 @@ class DenseISDALoss(nn.Module):
         self.estimator = DenseEstimator(num_features, num_classes, diagonal)
         self.class_num, self.diagonal = num_classes, diagonal
 
-    def isda_aug(self, fc, features, y, labels, cv_matrix, ratio):
+    def isda_aug(self, fc, features, y, labels, cv_matrix, strength):
         N, A = features.shape
         C = self.class_num
         weight_m = list(fc.parameters())[0]
@@ -123,16 +123,16 @@ class DenseISDALoss(nn.Module):
         NxW_kj = torch.gather(NxW_ij, 1, labels.view(N, 1, 1).expand(N, C, A))
         CV_temp = cv_matrix[labels]
         if self.diagonal:
-            sigma2 = ratio * (weight_m - NxW_kj).pow(2).mul(CV_temp.view(N, 1, A).expand(N, C, A)).sum(2)
+            sigma2 = strength * (weight_m - NxW_kj).pow(2).mul(CV_temp.view(N, 1, A).expand(N, C, A)).sum(2)
         else:
-            sigma2 = ratio * torch.bmm(torch.bmm(NxW_ij - NxW_kj, CV_temp), (NxW_ij - NxW_kj).permute(0, 2, 1))
+            sigma2 = strength * torch.bmm(torch.bmm(NxW_ij - NxW_kj, CV_temp), (NxW_ij - NxW_kj).permute(0, 2, 1))
             sigma2 = sigma2.mul(torch.eye(C).expand(N, C, C)).sum(2).view(N, C)
         return y + 0.5 * sigma2
 
-    def forward(self, features, fc, targets, ratio):
+    def forward(self, features, fc, targets, strength):
         y = fc(features)
         self.estimator.update_CV(features.detach(), targets)
-        aug = self.isda_aug(fc, features, y, targets, self.estimator.CoVariance.detach(), ratio)
+        aug = self.isda_aug(fc, features, y, targets, self.estimator.CoVariance.detach(), strength)
         return F.cross_entropy(aug, targets)
 
 
@@ -180,7 +180,7 @@ def _setup(name, impl, seed=0):
         state["i"] += 1
         features = x.clone().requires_grad_(True)
         fc.zero_grad(set_to_none=True)
-        loss = criterion(features, fc, y, RATIO)
+        loss = criterion(features, fc, y, STRENGTH)
         loss.backward()
         return loss, features.grad, fc.weight.grad
 
@@ -281,7 +281,7 @@ def time_network(arch, repeats):
 
     def isda_step():
         opt.zero_grad(set_to_none=True)
-        criterion(model.features(x), model.fc, y, RATIO).backward()
+        criterion(model.features(x), model.fc, y, STRENGTH).backward()
         opt.step()
 
     with torch.no_grad():
@@ -293,7 +293,7 @@ def time_network(arch, repeats):
 
     def isda_head():
         f = feats.clone().requires_grad_(True)
-        criterion(f, model.fc, y, RATIO).backward()
+        criterion(f, model.fc, y, STRENGTH).backward()
 
     ce_step(), isda_step()  # warm-up
     t_ce, t_isda = [], []
@@ -331,7 +331,7 @@ def main():
     unknown = [s for s in names if s not in CONFIGS]
     if unknown:
         sys.exit(f"unknown config(s): {', '.join(unknown)}")
-    print(f"torch {torch.__version__}, {threads} threads, ratio {RATIO}, estimator pre-warmed with "
+    print(f"torch {torch.__version__}, {threads} threads, ISDA strength {STRENGTH}, estimator pre-warmed with "
           f"{WARM_BATCHES} batches; times: median per step (forward + backward, estimator update included)")
     header = (f"{'config':<28}{'N':>5}{'A':>6}{'C':>6}  {'ours ms':>9}{'dense ms':>10}{'speedup':>9}"
               f"{'ours MiB':>10}{'dense MiB':>10}{'mem ratio':>10}{'state ours/dense MiB':>22}{'max rel diff':>13}")
@@ -362,8 +362,8 @@ def main():
 
     archs = [s for s in args.networks.split(",") if s and s != "none"]
     if archs:
-        print("\nISDA overhead on a training step (SGD step included, channels_last, ISDA ratio "
-              f"{RATIO}; ResNet-50 with diagonal covariance):")
+        print("\nISDA overhead on a training step (SGD step included, channels_last, ISDA strength "
+              f"{STRENGTH}; ResNet-50 with diagonal covariance):")
         print("  'overhead' = (ISDA step - CE step) / CE step, medians of interleaved steps (noisy: the "
               "machine is shared);\n  'from parts' = (ISDA loss - CE loss, each forward + backward on the "
               "same fixed features) / CE step.")

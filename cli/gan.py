@@ -1,23 +1,15 @@
-"""`isda-viz train-gan`: train the class-conditional WGAN-GP the inverter uses; and the `--generator` option."""
+"""`isda-viz train-gan`: train the class-conditional WGAN-GP the inverter uses."""
 
 from __future__ import annotations
 
 import click
 
 from isda_viz.data import DATASET_NAMES
-from isda_viz.generators.wgan import GanConfig, train_gan
+from isda_viz.generators import GanConfig, train_gan
 
 from .common import device_option, seed_option, user_errors
 
 _DEFAULT = GanConfig(out="")
-
-# For commands that drive a generator: pass the string to isda_viz.generators.load_generator(spec, device).
-generator_option = click.option(
-    "--generator", "generator", required=True, metavar="GAN_DIR|PATH|biggan-deep-128|256|512",
-    help="A GAN_DIR written by train-gan, a BigGAN folder (config.json + pytorch_model.bin), or a BigGAN name "
-         "(downloaded where online).")
-truncation_option = click.option("--truncation", type=click.FloatRange(0, 1, min_open=True), default=0.5,
-                                 show_default=True, help="BigGAN truncation (ignored by WGAN generators).")
 
 
 @click.command("train-gan")

@@ -13,8 +13,10 @@ from pathlib import Path
 from isda_viz.errors import IsdaVizError
 
 from .base import Generator
-from .biggan import BIGGAN_NAMES, DEFAULT_TRUNCATION, BigGANGenerator, load_biggan, save_biggan
-from .wgan import GENERATOR_FILE, STATE_FILE, GanConfig, WGANCritic, WGANGenerator, load_wgan, train_gan
+from .biggan import DEFAULT_TRUNCATION, BigGANGenerator, load_biggan
+from .biggan_weights import BIGGAN_NAMES, save_biggan
+from .wgan import GENERATOR_FILE, STATE_FILE, WGANCritic, WGANGenerator, load_wgan
+from .wgan_train import GanConfig, train_gan
 
 __all__ = ["BIGGAN_NAMES", "BigGANGenerator", "GanConfig", "Generator", "WGANCritic", "WGANGenerator",
            "load_biggan", "load_generator", "load_wgan", "save_biggan", "train_gan"]

@@ -90,7 +90,7 @@ def _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
         models = {"classifier": default_classifier(), "judge": default_judge(), "generator": default_generator()}
         _status(log, "models", f"using the shipped weights in {models['classifier'].parent}")
         return models
-    from .generators.wgan import GanConfig, train_gan
+    from .generators import GanConfig, train_gan
 
     from .train import TrainConfig, fit
 

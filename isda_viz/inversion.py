@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .errors import IsdaVizError
 from .estimator import CovarianceEstimator
+from .schedules import learning_rate
 
 
 @dataclass
@@ -72,11 +73,7 @@ class InversionTrace:
 
 
 def _learning_rate(opts: InversionOptions, lr: float, step: int, total: int) -> float:
-    if opts.schedule == "cosine":
-        return 0.5 * lr * (1 + math.cos(math.pi * step / max(1, total)))
-    if opts.schedule == "step":
-        return lr * 0.1 ** (step // opts.step_every)
-    return lr
+    return learning_rate(opts.schedule, lr, step, max(1, total), every=opts.step_every)
 
 
 def invert_features(render: Callable[[torch.Tensor], torch.Tensor],

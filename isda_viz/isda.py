@@ -110,23 +110,24 @@ def class_quadratic_forms(weight: torch.Tensor, classes: torch.Tensor,
 
 
 def isda_augmented_logits(logits: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          covariance: torch.Tensor | CovarianceEstimator, ratio: float) -> torch.Tensor:
-    """`(N, C)`: logits + (ratio / 2) (w_j - w_y)^T Sigma_y (w_j - w_y).
+                          covariance: torch.Tensor | CovarianceEstimator, strength: float) -> torch.Tensor:
+    """`(N, C)`: logits + (strength / 2) (w_j - w_y)^T Sigma_y (w_j - w_y).
 
     `logits (N, C)`, `weight (C, A)` of the final linear layer, `targets (N,)`,
-    `covariance (C, A, A)` or `(C, A)` diagonal (or a `CovarianceEstimator`), `ratio` = lambda >= 0.
+    `covariance (C, A, A)` or `(C, A)` diagonal (or a `CovarianceEstimator`), `strength` = λ >= 0,
+    the augmentation strength.
     """
     classes, row = torch.unique(targets, return_inverse=True)
     table = class_quadratic_forms(weight, classes, covariance)
-    return logits + (0.5 * ratio) * table[row]
+    return logits + (0.5 * strength) * table[row]
 
 
 class ISDALoss(nn.Module):
     """Cross-entropy of ISDA-augmented logits, with its own online covariance estimator.
 
-    `loss = criterion(features (N, A), fc, targets (N,), ratio)`: the estimator is
+    `loss = criterion(features (N, A), fc, targets (N,), strength)`: the estimator is
     first updated with the detached batch features (as in the reference code), then
-    the augmented logits use the updated covariances. `ratio = 0` returns exactly
+    the augmented logits use the updated covariances. `strength = 0` returns exactly
     `F.cross_entropy(fc(features), targets)`.
     """
 
@@ -136,14 +137,15 @@ class ISDALoss(nn.Module):
             raise ValueError("covariance must be 'full' or 'diagonal'")
         self.estimator = CovarianceEstimator(num_features, num_classes, diagonal=covariance == "diagonal")
 
-    def forward(self, features: torch.Tensor, fc: nn.Linear, targets: torch.Tensor, ratio: float) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, fc: nn.Linear, targets: torch.Tensor,
+                strength: float) -> torch.Tensor:
         if self.estimator.device != features.device:
             self.estimator.to(features.device)
         self.estimator.update(features.detach(), targets)
         logits = fc(features)
-        if ratio == 0:
+        if strength == 0:
             return F.cross_entropy(logits, targets)
-        augmented = isda_augmented_logits(logits, fc.weight, targets, self.estimator, ratio)
+        augmented = isda_augmented_logits(logits, fc.weight, targets, self.estimator, strength)
         return F.cross_entropy(augmented, targets)
 
     def get_extra_state(self) -> dict:

@@ -163,3 +163,40 @@ def pick_device(device: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise IsdaVizError(f"--device {device} asked for, but CUDA is not available on this machine")
     return dev
+
+
+# ------------------------------------------------------------------------------------------------ resuming a run
+
+
+def open_run_dir(out, checkpoint_name: str, resume: bool, match: dict | None = None,
+                 what: str = "checkpoint") -> dict | None:
+    """The checkpoint to resume from in the run directory `out`, or None for a fresh run.
+
+    The one resume protocol of `train` and `train-gan`: a folder holding `checkpoint_name`
+    is continued only with `resume`; `resume` on a non-empty folder without one is refused;
+    the saved run's `config` must agree with `match` (`{key: value}`, e.g. dataset, arch).
+    Refusals are `IsdaVizError`s; nothing is written here.
+    """
+    out = Path(out)
+    path = out / checkpoint_name
+    if not path.exists():
+        if resume and out.exists() and any(out.iterdir()):
+            raise IsdaVizError(f"--resume: {out} holds no {checkpoint_name}")
+        return None
+    if not resume:
+        raise IsdaVizError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+    ckpt = load_checkpoint(path, what)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise IsdaVizError(f"{path} is not a {what} of isda-viz; choose another --out")
+    for key, value in (match or {}).items():
+        if ckpt["config"].get(key) != value:
+            raise IsdaVizError(f"{path} holds a run with {key}={ckpt['config'].get(key)}, not {value}; "
+                               "choose another --out or match the run")
+    return ckpt
+
+
+def truncate_metrics(path, key: str, last) -> None:
+    """Drop the lines of a metrics.jsonl whose `key` (epoch, iteration) is beyond `last`: the lines
+    written after the checkpoint being resumed, which the resumed run writes again."""
+    kept = [r for r in read_jsonl(path) if r.get(key, 0) <= last]
+    write_bytes_atomic("".join(json.dumps(r) + "\n" for r in kept).encode(), path)

@@ -11,7 +11,6 @@ resumed ends bit-identical to one that was never interrupted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -26,7 +25,9 @@ from .data import augment_batch, dataset_spec, iterate_batches, load_split, norm
 from .errors import IsdaVizError
 from .isda import ISDALoss
 from .models import build_model
-from .runs import CHECKPOINT, append_jsonl, load_checkpoint, pick_device, read_jsonl, save_atomic, write_json_atomic
+from .runs import (CHECKPOINT, append_jsonl, open_run_dir, pick_device, read_jsonl, save_atomic, truncate_metrics,
+                   write_json_atomic)
+from .schedules import isda_strength, learning_rate
 
 
 @dataclass
@@ -57,13 +58,6 @@ class TrainConfig:
                                    covariance=self.covariance or spec.default_covariance)
 
 
-def learning_rate(cfg: TrainConfig, progress: float) -> float:
-    """Learning rate at `progress` = t/T in [0, 1]."""
-    if cfg.schedule == "cosine":
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
-    return cfg.lr * (0.1 ** ((progress >= 0.5) + (progress >= 0.75)))
-
-
 def evaluate(model, dataset, mean, std, device, batch_size: int = 500) -> float:
     """Top-1 accuracy in [0, 1] of `model` on a dataset of uint8 images."""
     model.eval()
@@ -75,17 +69,6 @@ def evaluate(model, dataset, mean, std, device, batch_size: int = 500) -> float:
     return correct / max(1, len(dataset))
 
 
-def _check_resumable(ckpt: dict, cfg: TrainConfig, num_classes: int, path: Path) -> None:
-    saved = ckpt.get("config", {})
-    for key in ("arch", "dataset", "loss"):
-        if saved.get(key) != getattr(cfg, key):
-            raise IsdaVizError(f"{path} holds a run with {key}={saved.get(key)}, not {getattr(cfg, key)}; "
-                               "choose another --out or match the run")
-    if len(ckpt.get("class_names", [])) != num_classes:
-        raise IsdaVizError(f"{path} holds a run with {len(ckpt.get('class_names', []))} classes, "
-                           f"the dataset has {num_classes}; choose another --out")
-
-
 def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
     """Train per `cfg`, writing the run directory `cfg.out`; returns the last epoch's metrics."""
     cfg = cfg.resolved()
@@ -93,6 +76,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
         raise IsdaVizError(f"unknown loss '{cfg.loss}'; choose isda or ce")
     if cfg.covariance not in ("full", "diagonal"):
         raise IsdaVizError(f"unknown covariance '{cfg.covariance}'; choose full or diagonal")
+    if cfg.schedule not in ("cosine", "step"):
+        raise IsdaVizError(f"unknown schedule '{cfg.schedule}'; choose cosine or step")
     device = pick_device(cfg.device)
     out = Path(cfg.out)
     spec = dataset_spec(cfg.dataset, cfg.data_root)
@@ -108,23 +93,19 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
                                 weight_decay=cfg.weight_decay)
     start_epoch = 0
     ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists():
-        if not resume:
-            raise IsdaVizError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
-        ckpt = load_checkpoint(ckpt_path, "checkpoint")
-        _check_resumable(ckpt, cfg, num_classes, ckpt_path)
+    ckpt = open_run_dir(out, CHECKPOINT, resume, {"arch": cfg.arch, "dataset": cfg.dataset, "loss": cfg.loss})
+    if ckpt is not None:
+        if len(ckpt.get("class_names", [])) != num_classes:
+            raise IsdaVizError(f"{ckpt_path} holds a run with {len(ckpt.get('class_names', []))} classes, "
+                               f"the dataset has {num_classes}; choose another --out")
         cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), epochs=cfg.epochs, device=cfg.device, out=cfg.out)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("estimator"):
             criterion.set_extra_state(ckpt["estimator"])
         start_epoch = ckpt["epoch"]
-        # Drop metric lines of an epoch whose checkpoint never landed.
-        kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("epoch", 0) <= start_epoch]
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        truncate_metrics(out / "metrics.jsonl", "epoch", start_epoch)  # lines of an epoch whose checkpoint never landed
         log(f"resuming {out} at epoch {start_epoch}/{cfg.epochs}")
-    elif resume and out.exists() and any(out.iterdir()):
-        raise IsdaVizError(f"--resume: {out} holds no {CHECKPOINT}")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic({**dataclasses.asdict(cfg), "isda_viz_version": __version__, "torch": torch.__version__},
                       out / "config.json")
@@ -145,10 +126,9 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for i, (images, labels) in enumerate(bar):
             step = epoch * steps_per_epoch + i
-            progress_frac = step / total_steps
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, progress_frac)
-            ratio = cfg.lambda0 * progress_frac if cfg.loss == "isda" else 0.0
+                group["lr"] = learning_rate(cfg.schedule, cfg.lr, step / total_steps)
+            strength = isda_strength(cfg.lambda0, step / total_steps) if cfg.loss == "isda" else 0.0
             x = augment_batch(images, generator, pad) if cfg.dataset not in ("imagenet", "folder") else images
             x = normalize(x.to(device).float() / 255, spec.mean, spec.std)
             if channels_last:
@@ -156,7 +136,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
             y = labels.to(device)
             features = model.features(x)
             if cfg.loss == "isda":
-                loss = criterion(features, model.fc, y, ratio)
+                loss = criterion(features, model.fc, y, strength)
             else:
                 loss = F.cross_entropy(model.fc(features), y)
             optimizer.zero_grad(set_to_none=True)
@@ -170,8 +150,9 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
         bar.close()
         test_acc = evaluate(model, test_set, spec.mean, spec.std, device)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-                  "test_accuracy": test_acc, "lambda": cfg.lambda0 * (epoch + 1) / cfg.epochs if cfg.loss == "isda"
-                  else 0.0, "lr": learning_rate(cfg, (epoch + 1) / cfg.epochs), "seconds": time.time() - started}
+                  "test_accuracy": test_acc,
+                  "lambda": isda_strength(cfg.lambda0, (epoch + 1) / cfg.epochs) if cfg.loss == "isda" else 0.0,
+                  "lr": learning_rate(cfg.schedule, cfg.lr, (epoch + 1) / cfg.epochs), "seconds": time.time() - started}
         save_atomic({
             "model": {k: v.contiguous() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),

@@ -16,12 +16,12 @@ from PIL import Image
 
 from isda_viz.adapter import LUMINANCE, GeneratorAdapter, check_compatible, map_channels, resize, to_classifier_input
 from isda_viz.cli.common import device_option, user_errors
-from isda_viz.cli.gan import generator_option, truncation_option
 from isda_viz.cli.main import main
 from isda_viz.data import normalize
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import BigGANGenerator, WGANGenerator, load_generator, save_biggan
-from isda_viz.generators.wgan import GanConfig, sample_grid, train_gan
+from isda_viz.generators import GanConfig, train_gan
+from isda_viz.generators.wgan import sample_grid
 from isda_viz.runs import load_classifier, pick_device
 
 TINY_GAN = ["--limit-train", 256, "--batch-size", 16, "--n-critic", 1, "--sample-every", 2]
@@ -281,8 +281,8 @@ def test_unconditional_gan(tmp_path):
 
 
 @click.command()
-@generator_option
-@truncation_option
+@click.option("--generator", required=True)
+@click.option("--truncation", type=float, default=0.5)
 @click.option("--classifier", default=None)
 @device_option
 @user_errors
@@ -373,7 +373,7 @@ def test_biggan_names_download_where_online(biggan_dir, tmp_path, monkeypatch):
     import http.server
     import threading
 
-    import isda_viz.generators.biggan as biggan
+    import isda_viz.generators.biggan_weights as biggan
 
     served = tmp_path / "served"
     served.mkdir()

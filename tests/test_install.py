@@ -15,7 +15,7 @@ def test_non_editable_install_works_outside_the_repo(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
-    probe = ("import isda_viz, isda_viz.generators.wgan, isda_viz.cli.main, isda_viz.pretrained as p; "
+    probe = ("import isda_viz, isda_viz.generators.wgan_train, isda_viz.cli.main, isda_viz.pretrained as p; "
              "print(isda_viz.__file__); print(sorted(x.name for x in p.HERE.iterdir() if x.is_dir()))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=outside, env=env, check=True, capture_output=True,
                          text=True).stdout.splitlines()

@@ -11,8 +11,8 @@ from isda_viz import ISDALoss, isda_augmented_logits
 from isda_viz.estimator import CovarianceEstimator
 
 
-def _brute_force(logits, weight, targets, covariance, ratio):
-    """Per sample and class: z_j + ratio/2 (w_j - w_y)^T Sigma_y (w_j - w_y), in plain loops."""
+def _brute_force(logits, weight, targets, covariance, strength):
+    """Per sample and class: z_j + strength/2 (w_j - w_y)^T Sigma_y (w_j - w_y), in plain loops."""
     n, c = logits.shape
     out = logits.clone()
     for i in range(n):
@@ -20,7 +20,7 @@ def _brute_force(logits, weight, targets, covariance, ratio):
         sigma = covariance[y] if covariance.dim() == 3 else torch.diag(covariance[y])
         for j in range(c):
             d = weight[j] - weight[y]
-            out[i, j] = logits[i, j] + 0.5 * ratio * (d @ sigma @ d)
+            out[i, j] = logits[i, j] + 0.5 * strength * (d @ sigma @ d)
     return out
 
 
@@ -62,7 +62,7 @@ def test_large_feature_dimension_loops_over_classes_exactly():
     torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-3)
 
 
-def test_ratio_zero_is_exactly_cross_entropy_and_still_updates_statistics():
+def test_strength_zero_is_exactly_cross_entropy_and_still_updates_statistics():
     g = torch.Generator().manual_seed(1)
     fc = nn.Linear(5, 4)
     features = torch.randn(9, 5, generator=g)
@@ -89,9 +89,9 @@ def test_loss_uses_estimator_updated_with_the_batch():
     assert features.grad is not None and fc.weight.grad is not None
 
 
-@pytest.mark.parametrize("ratio", [0.1, 0.5, 2.0])
-def test_isda_loss_upper_bounds_the_monte_carlo_expected_cross_entropy(ratio):
-    """Proposition 1: E_eps[CE(W(a + eps) + b)] <= ISDA loss, eps ~ N(0, ratio Sigma_y), and close for small ratio."""
+@pytest.mark.parametrize("strength", [0.1, 0.5, 2.0])
+def test_isda_loss_upper_bounds_the_monte_carlo_expected_cross_entropy(strength):
+    """Proposition 1: E_eps[CE(W(a + eps) + b)] <= ISDA loss, eps ~ N(0, strength Sigma_y); close for small strength."""
     g = torch.Generator().manual_seed(4)
     n, a, c, samples = 6, 5, 4, 200_000
     weight = torch.randn(c, a, dtype=torch.float64, generator=g) * 0.6
@@ -100,15 +100,16 @@ def test_isda_loss_upper_bounds_the_monte_carlo_expected_cross_entropy(ratio):
     targets = torch.arange(n) % c
     cov = _spd(c, a, g)
     logits = features @ weight.T + bias
-    bound = F.cross_entropy(isda_augmented_logits(logits, weight, targets, cov, ratio), targets, reduction="none")
-    chol = torch.linalg.cholesky(cov * ratio)
+    augmented = isda_augmented_logits(logits, weight, targets, cov, strength)
+    bound = F.cross_entropy(augmented, targets, reduction="none")
+    chol = torch.linalg.cholesky(cov * strength)
     for i in range(n):
         eps = torch.randn(samples, a, dtype=torch.float64, generator=g) @ chol[targets[i]].T
         mc = F.cross_entropy((features[i] + eps) @ weight.T + bias, targets[i].expand(samples), reduction="none")
         mean, stderr = mc.mean().item(), mc.std().item() / math.sqrt(samples)
         assert mean <= bound[i].item() + 4 * stderr
-        if ratio <= 0.5:  # the bound is tight for small augmentation strength (the paper's Fig. 9)
-            assert bound[i].item() - mean <= 0.05 + 0.25 * ratio * bound[i].item()
+        if strength <= 0.5:  # the bound is tight for small augmentation strength (the paper's Fig. 9)
+            assert bound[i].item() - mean <= 0.05 + 0.25 * strength * bound[i].item()
 
 
 def test_isda_loss_state_round_trips_through_module_state_dict():
