@@ -192,8 +192,7 @@ def sample_grid(generator: Generator, z: torch.Tensor, class_names: list[str] | 
 
     `z (K, latent_dim)`: K columns. Unconditional generators give one row per K codes.
     """
-    import torchvision.utils as vutils
-    from PIL import Image, ImageDraw
+    from isda_viz.figures import sample_grid as draw_sample_grid
 
     k = len(z)
     with torch.no_grad():
@@ -203,20 +202,5 @@ def sample_grid(generator: Generator, z: torch.Tensor, class_names: list[str] | 
             images = generator.generate(z.repeat(rows, 1), y)
         else:
             images = generator.generate(z)
-    images = generator.to_unit(images).cpu()
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    grid = vutils.make_grid(images, nrow=k, padding=2, pad_value=1.0)
-    grid = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    picture = Image.fromarray(grid)
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    if not (generator.conditional and class_names):
-        return picture
-    margin = 90
-    canvas = Image.new("RGB", (picture.width + margin, picture.height), "white")
-    canvas.paste(picture, (margin, 0))
-    draw = ImageDraw.Draw(canvas)
-    cell = (generator.image_size + 2) * scale
-    for i, name in enumerate(class_names):
-        draw.text((4, 2 * scale + i * cell + cell // 2 - 6), name, fill="black")
-    return canvas
+    labels = class_names if generator.conditional else None
+    return draw_sample_grid(generator.to_unit(images).cpu(), k, labels, scale)

@@ -1,4 +1,4 @@
-"""`isda-viz audit`: exact search against float64 brute force, copy flagging, the index cache, one-line errors.
+"""`isda-viz audit`: neighbours and copy flagging end to end, the figure's pages, the index cache, one-line errors.
 
 Indexes are built from the first 2000 Fashion-MNIST training images and
 calibrated on the first 1000 test images, so the whole module runs in well
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import shutil
 import struct
 from pathlib import Path
@@ -20,24 +19,16 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from isda_viz import audit
-from isda_viz.audit import NeighbourIndex, calibrate, choose_index_params
+from isda_viz import audit, index
 from isda_viz.cli.main import main
 from isda_viz.data import DEBIAN_FASHION_MNIST, load_split
+from test_index import brute_force
 
 N_TRAIN, N_TEST = 2000, 1000
 LIMITS = ["--limit-train", str(N_TRAIN), "--limit-test", str(N_TEST)]
 
 pytestmark = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(),
                                 reason="needs Debian's dataset-fashion-mnist (tests never download)")
-
-
-def brute_force(base: np.ndarray, queries: np.ndarray, k: int):
-    """Independent reference: float64 squared L2 of every pair, sorted by (distance, row)."""
-    b, q = base.astype(np.float64), queries.astype(np.float64)
-    d2 = ((q[:, None, :] - b[None, :, :]) ** 2).sum(-1)
-    order = np.array([np.lexsort((np.arange(len(b)), row))[:k] for row in d2])
-    return np.take_along_axis(d2, order, 1), order
 
 
 def run_cli(args, expect_ok=True):
@@ -100,60 +91,6 @@ def classifier_run(tmp_path_factory):
     return out
 
 
-# ------------------------------------------------------------------------------------- exact search
-
-
-def test_flat_search_equals_float64_brute_force_on_pixels_and_features(splits):
-    train, test = splits
-    pixels = train.images.reshape(len(train), -1).numpy()
-    queries = test.images[:32].reshape(32, -1).numpy()
-    d2, rows = NeighbourIndex.flat(pixels).search(queries, 7)
-    ref_d2, ref_rows = brute_force(pixels / 255.0, queries / 255.0, 7)
-    np.testing.assert_allclose(d2, ref_d2, rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(rows, ref_rows)
-
-    rng = np.random.default_rng(1)
-    features = rng.normal(size=(3000, 64)).astype(np.float32)
-    features /= np.linalg.norm(features, axis=1, keepdims=True)
-    feature_queries = features[:20] + rng.normal(0, 0.3, size=(20, 64)).astype(np.float32)
-    d2, rows = NeighbourIndex.flat(features).search(feature_queries, 5)
-    ref_d2, ref_rows = brute_force(features, feature_queries, 5)
-    np.testing.assert_allclose(d2, ref_d2, rtol=1e-10, atol=1e-12)
-    np.testing.assert_array_equal(rows, ref_rows)
-
-
-def test_ivfpq_returns_exact_distances_and_high_recall(splits):
-    train, test = splits
-    pixels = train.images.reshape(len(train), -1).numpy()
-    queries = test.images[:64].reshape(64, -1).numpy()
-    params = choose_index_params("ivfpq", len(pixels), pixels.shape[1])
-    d2, rows = NeighbourIndex.train_ivfpq(pixels, params).search(queries, 5)
-    ref_d2, ref_rows = brute_force(pixels / 255.0, queries / 255.0, 5)
-    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(rows, ref_rows)])
-    assert recall >= 0.9
-    own = ((pixels[rows].astype(np.float64) - queries[:, None, :]) ** 2).sum(-1) / 255.0**2
-    np.testing.assert_allclose(d2, own, rtol=1e-12)  # whatever it found, distances are exact
-    assert np.all(d2 >= ref_d2 - 1e-12)              # and never better than the true neighbours
-
-
-def test_auto_picks_flat_for_small_sets_and_ivfpq_for_large():
-    assert choose_index_params("auto", 60_000, 784).kind == "flat"
-    big = choose_index_params("auto", 1_281_167, 2048)
-    assert big.kind == "ivfpq" and big.nlist >= 1024 and big.pca_dim == 128
-
-
-def test_calibration_flags_at_most_one_percent_and_no_tighter_threshold_exists():
-    rng = np.random.default_rng(0)
-    d = np.concatenate([rng.gamma(5, 1, 997), [0.0, 0.0, 0.5]])  # a few exact copies among them
-    cal = calibrate(d)
-    scores = d / np.median(d)
-    assert cal["median_distance"] == pytest.approx(np.median(d))
-    assert (scores < cal["threshold"]).sum() <= math.floor(0.01 * len(d))
-    # reference: the largest candidate threshold that still flags at most 1%
-    best = max(t for t in scores if (scores < t).sum() <= 0.01 * len(d))
-    assert cal["threshold"] == pytest.approx(best)
-
-
 # ------------------------------------------------------------------------------------- the audit
 
 
@@ -183,56 +120,77 @@ def test_planted_training_images_are_flagged_and_test_images_mostly_not(pixel_au
     assert q["copy_score"] == pytest.approx(q["neighbors"][0]["distance"] / cal["median_distance"])
     assert report["threshold"] == cal["threshold"]
 
-    png = Image.open(out / "audit.png")
-    assert png.mode == "RGB" and png.width > 6 * 84 and png.height > len(report["queries"]) * 84
-    assert np.asarray(png).std() > 10  # images were drawn, not a blank canvas
 
 
-def test_queries_of_any_size_and_mode_are_converted(splits, tmp_path):
-    train, _ = splits
-    rgb_big = Image.fromarray(train.images[7, 0].numpy()).resize((112, 112), Image.Resampling.NEAREST).convert("RGBA")
-    rgb_big.save(tmp_path / "big_rgba.png")
-    image = audit.read_query_image(tmp_path / "big_rgba.png", channels=1, size=28)
-    assert image.shape == (1, 28, 28) and image.dtype == torch.uint8
-    assert (image.float() - train.images[7].float()).abs().mean() < 8  # the same picture, resampled
-    rgb = audit.read_query_image(tmp_path / "big_rgba.png", channels=3, size=32)
-    assert rgb.shape == (3, 32, 32)
+# ------------------------------------------------------------------------------------- the figure's pages
 
 
-def test_from_report_audits_augmented_and_reconstructions(splits, pixel_audit, tmp_path):
-    index_dir, _, _ = pixel_audit
-    train, test = splits
-    run = tmp_path / "augment-run"
-    (run / "images").mkdir(parents=True)
-    save_gray(test.images[9100, 0].numpy(), run / "images" / "recon_0.png")
-    save_gray(train.images[42, 0].numpy(), run / "images" / "aug_0_0.png")   # a copy slipped in
-    save_gray(test.images[9101, 0].numpy(), run / "images" / "aug_0_1.png")
-    (run / "report.json").write_text(json.dumps({"images": [{
-        "source": "test:9100", "label": 3, "predicted": 3, "reconstruction": {"file": "images/recon_0.png"},
-        "augmented": [{"file": "images/aug_0_0.png"}, {"file": "images/aug_0_1.png"}]}]}))
-    run_cli(["--from", str(run), "--dataset", "fashion-mnist", "--index-dir", str(index_dir),
-             "--out", str(tmp_path / "out"), *LIMITS])
-    report = json.loads((tmp_path / "out" / "audit.json").read_text())
-    sources = [q["source"] for q in report["queries"]]
-    assert len(sources) == 3
-    assert "reconstruction" in sources[0] and "recon_0.png" in sources[0]
-    assert all("reconstruction" not in s for s in sources[1:])
-    assert report["queries"][1]["flagged"] and report["queries"][1]["neighbors"][0]["index"] == 42
-    assert report["index"]["status"] == "reused"
+def test_figure_is_pages_of_at_most_16_queries_within_2000_px_listed_in_audit_json(pixel_audit, queries, tmp_path):
+    _, out, result = pixel_audit
+    report = json.loads((out / "audit.json").read_text())
+    assert len(report["queries"]) == 42
+    assert [p["file"] for p in report["pages"]] == ["audit.png", "audit_page2.png", "audit_page3.png"]
+    assert [p["queries"] for p in report["pages"]] == [list(range(0, 16)), list(range(16, 32)), list(range(32, 42))]
+    for page in report["pages"]:
+        png = Image.open(out / page["file"])
+        assert png.mode == "RGB" and max(png.size) <= 2000
+        assert png.width >= 6 * 84 and png.height >= 4 * 84  # query + 5 neighbours per row, several rows
+        assert np.asarray(png).std() > 10  # images were drawn, not a blank canvas
+    assert sorted(f.name for f in out.glob("audit*.png")) == sorted(p["file"] for p in report["pages"])
+
+    # a later, shorter audit into the same folder leaves no page of the earlier one behind
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    run_cli(["--images", str(queries / "planted_exact.png"), "--dataset", "fashion-mnist",
+             "--index-dir", str(pixel_audit[0]), "--out", str(again), *LIMITS])
+    report = json.loads((again / "audit.json").read_text())
+    assert report["pages"] == [{"file": "audit.png", "queries": [0]}]
+    assert [f.name for f in again.glob("audit*.png")] == ["audit.png"]
 
 
-def test_feature_space_flags_planted_copy(queries, classifier_run, tmp_path):
-    result = run_cli(["--images", str(queries / "planted_exact.png"), "--images", str(queries / "planted_noisy.png"),
-                      "--images", str(queries / "test_9001.png"), "--dataset", "fashion-mnist", "--space", "feature",
-                      "--classifier", str(classifier_run), "--device", "cpu", "--out", str(tmp_path / "out"), *LIMITS])
-    report = json.loads((tmp_path / "out" / "audit.json").read_text())
-    assert report["space"] == "feature" and report["index"]["status"] == "built"
-    assert Path(report["index"]["dir"]).is_relative_to(classifier_run)  # default: inside the run
-    exact, noisy, _ = report["queries"]
-    assert exact["neighbors"][0]["index"] == 5 and exact["neighbors"][0]["distance"] < 1e-5 and exact["flagged"]
-    assert noisy["flagged"]
-    assert all(0 <= n["distance"] <= 2 for q in report["queries"] for n in q["neighbors"])  # cosine distances
-    assert "built" in result.output
+def _solid(colour, size: int) -> torch.Tensor:
+    """A uint8 `(3, size, size)` image of one colour."""
+    return torch.tensor(colour, dtype=torch.uint8)[:, None, None].expand(3, size, size).clone()
+
+
+def _square_sides(page: np.ndarray, colours: list) -> list[int]:
+    """Per colour: the side of the one filled square of it on the RGB page `(H, W, 3)`, or 0 when its pixels
+    are not exactly one filled square."""
+    from scipy import ndimage
+
+    key = (page[..., 0].astype(np.int64) << 16) | (page[..., 1].astype(np.int64) << 8) | page[..., 2]
+    wanted = np.array([(r << 16) | (g << 8) | b for r, g, b in colours])
+    order = np.argsort(wanted)
+    at = np.clip(np.searchsorted(wanted[order], key), 0, len(wanted) - 1)
+    labels = np.where(wanted[order][at] == key, order[at] + 1, 0)  # 1 + position in `colours`, 0 elsewhere
+    sides = []
+    for number, box in enumerate(ndimage.find_objects(labels, len(colours)), start=1):
+        filled = box is not None and np.all(labels[box] == number)
+        height, width = (box[0].stop - box[0].start, box[1].stop - box[1].start) if box else (0, 0)
+        sides.append(height if filled and height == width else 0)
+    return sides
+
+
+@pytest.mark.parametrize("n, k, size", [(16, 5, 28), (16, 20, 32), (3, 2, 28)])
+def test_audit_page_draws_every_query_and_neighbour_within_2000_px(n, k, size):
+    from isda_viz.figures import audit_page
+
+    # colours with green != blue, which no text (black, grey or red on white) produces
+    queries = [(70 + 7 * i, 20, 240) for i in range(n)]
+    neighbours = [[(10 + 12 * i, 100 + 7 * j, 0) for j in range(k)] for i in range(n)]
+    records = [{"source": f"/x/q{i}.png (augmented from test:{i})", "copy_score": 0.5 + i,
+                "flagged": i == 0, "neighbors": [{"distance": 0.1 * j, "label": j % 10} for j in range(k)]}
+               for i in range(n)]
+    page = audit_page([_solid(c, size) for c in queries], records,
+                      [[_solid(c, size) for c in row] for row in neighbours],
+                      [f"class {c}" for c in range(10)], ["heading"])
+    array = np.asarray(page)
+    assert page.mode == "RGB" and max(page.size) <= 2000
+    sides = set(_square_sides(array, queries + [c for row in neighbours for c in row]))
+    assert len(sides) == 1  # every query and every neighbour drawn once, as equal square tiles ...
+    side = sides.pop()
+    assert side >= size and side % size == 0  # ... enlarged by a whole factor
+    assert np.any(np.all(array == (200, 0, 0), axis=2))  # the flagged query is marked in red
 
 
 # ------------------------------------------------------------------------------------- the index cache
@@ -283,7 +241,7 @@ def test_index_is_rebuilt_when_the_classifier_changes_and_spaces_keep_their_own(
         queries, classifier_run, tmp_path, monkeypatch):
     from isda_viz.train import TrainConfig, fit
 
-    monkeypatch.setattr(audit, "AUDIT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(index, "AUDIT_CACHE", tmp_path / "cache")
     base = ["--images", str(queries / "planted_exact.png"), "--dataset", "fashion-mnist", "--device", "cpu",
             "--out", str(tmp_path / "out"), *LIMITS]
     run_cli([*base, "--space", "pixel"])
