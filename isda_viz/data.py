@@ -289,3 +289,32 @@ def iterate_batches(dataset, batch_size: int, shuffle: bool, generator: torch.Ge
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers)
     for images, labels in loader:
         yield images, labels
+
+
+def labeled_subset(labels: torch.Tensor, n_labeled: int, seed: int,
+                   num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a training set into `n_labeled` labeled images and the rest, class-balanced and seeded.
+
+    `labels (N,)` int class indices in [0, num_classes). Each class keeps n_labeled // num_classes
+    labels and the first n_labeled % num_classes classes one more, chosen uniformly within the
+    class by a generator seeded with `seed`: same seed, same split. Returns `(labeled_idx,
+    unlabeled_idx)`, sorted int64 indices into `labels` that together cover it exactly once.
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    if not num_classes <= n_labeled <= len(labels):
+        raise IsdaVizError(f"--labeled must be between {num_classes} (one per class) and the {len(labels)} training "
+                           f"images, got {n_labeled}")
+    generator = torch.Generator().manual_seed(seed)
+    base, extra = divmod(n_labeled, num_classes)
+    chosen = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        quota = base + (c < extra)
+        if len(members) < quota:
+            raise IsdaVizError(f"class {c} has {len(members)} training images, fewer than the {quota} labels "
+                               f"a balanced --labeled {n_labeled} needs")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:quota]])
+    labeled = torch.cat(chosen).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[labeled] = False
+    return labeled, mask.nonzero().squeeze(1)

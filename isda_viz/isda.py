@@ -20,10 +20,13 @@ buffered since (see `CovarianceEstimator`) instead of being rewritten every step
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import IsdaVizError
 from .estimator import CovarianceEstimator
 
 # Gather all present classes' covariances at once when that copy stays below this many bytes;
@@ -153,3 +156,181 @@ class ISDALoss(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.estimator = CovarianceEstimator.from_state_dict(state, device=self.estimator.device)
+
+
+# --- Semi-supervised ISDA (Eqs. 12-15), explicit semantic data augmentation (Eq. 5) and a Monte-Carlo
+# estimate of the expected cross-entropy that Eq. 7 and Eq. 15 bound (Eqs. 3-4 and 14). ---
+
+def _times_covariance(covariance, c: int, x: torch.Tensor) -> torch.Tensor:
+    """`x (M, A) @ Sigma_c`, differentiable in x; `covariance` as in `class_quadratic_forms`."""
+    if isinstance(covariance, CovarianceEstimator):
+        if covariance.defers_merges:
+            return covariance.multiply_covariance(c, x)
+        covariance = covariance.covariance
+    sigma = covariance[c].detach().to(x.dtype)
+    return x * sigma if sigma.dim() == 1 else x @ sigma
+
+
+def pairwise_quadratic_forms(weight: torch.Tensor, classes: torch.Tensor,
+                             covariance: torch.Tensor | CovarianceEstimator) -> torch.Tensor:
+    """`(K, C, C)` table: T[i, k, j] = (w_j - w_k)^T Sigma_c (w_j - w_k) for c = classes[i].
+
+    Every target k against every class j, under one class's covariance (Eq. 15 needs all
+    targets k with the covariance of the pseudo label). Written through the Gram matrix
+    G_c = W Sigma_c W^T `(C, C)`: T = diag(G)_k + diag(G)_j - 2 G_kj, one `(C, A) x (A, A)`
+    and one `(C, A) x (A, C)` product per class instead of the `(C, C, A)` differences.
+    `weight (C, A)`; `covariance (C, A, A)`, `(C, A)` diagonal, or a `CovarianceEstimator`
+    (treated as a constant). Differentiable in `weight`; the diagonal T[i, k, k] is exactly 0.
+    """
+    tables = []
+    for c in classes.tolist():
+        gram = _times_covariance(covariance, c, weight) @ weight.T           # (C, C)
+        sq = torch.diagonal(gram)
+        tables.append(sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * gram)
+    if not tables:
+        return weight.new_zeros(0, weight.shape[0], weight.shape[0])
+    return torch.stack(tables)
+
+
+def semi_supervised_augmented_logits(logits: torch.Tensor, weight: torch.Tensor, pseudo_labels: torch.Tensor,
+                                     covariance: torch.Tensor | CovarianceEstimator,
+                                     strength: float) -> torch.Tensor:
+    """`(N, C, C)`: out[n, k, j] = z_nj + (strength / 2) (w_j - w_k)^T Sigma_ỹ (w_j - w_k), ỹ = pseudo_labels[n].
+
+    Row k holds the augmented logits of Eq. 15's k-th term (the supervised Eq. 7 logits
+    with target k, but the covariance of the pseudo label). `logits (N, C)`, `weight (C, A)`,
+    `pseudo_labels (N,)` int, `covariance` as in `pairwise_quadratic_forms`, `strength` = lambda >= 0.
+    """
+    classes, row = torch.unique(pseudo_labels, return_inverse=True)
+    table = pairwise_quadratic_forms(weight, classes, covariance)            # (K, C, C)
+    return logits.unsqueeze(1) + (0.5 * strength) * table[row]
+
+
+def semi_supervised_isda_loss(logits: torch.Tensor, weight: torch.Tensor, probs: torch.Tensor,
+                              covariance: torch.Tensor | CovarianceEstimator, strength: float,
+                              pseudo_labels: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Eq. 15, the ISDA consistency term of an unlabeled sample: the upper bound
+
+        -sum_k p_k log softmax_k(z + (lambda / 2) v_k^T Sigma_ỹ v_k),   v_k[j] = w_j - w_k,
+
+    of Eq. 14, the expected -sum_k p_k log softmax_k(W ã + b) over ã ~ N(a, lambda Sigma_ỹ)
+    (Jensen's inequality, term by term as in Eq. 7). Up to the entropy of p, which does not
+    depend on the network, it bounds the expected KL(p || prediction on ã) of Eq. 13.
+
+    `logits (N, C)` = W a + b of the unlabeled features; `weight (C, A)` of the final
+    linear layer; `probs (N, C)` the prediction p the augmented features must agree with
+    (rows sum to 1; detached here: p is a constant target, Eq. 15 has no gradient through
+    it); `pseudo_labels (N,)` ỹ, default argmax p (Eq. 12). `covariance` holds Sigma_ỹ for
+    every class: it must be estimated from LABELED features only (the caller's job, e.g.
+    a `CovarianceEstimator` updated with the labeled part of each batch). `strength` =
+    lambda >= 0; at 0 this is the soft cross-entropy of p against softmax(z).
+    Returns `(N,)` for `reduction="none"`, else the mean. Memory O(N C^2).
+    """
+    probs = probs.detach()
+    if pseudo_labels is None:
+        pseudo_labels = probs.argmax(1)
+    augmented = semi_supervised_augmented_logits(logits, weight, pseudo_labels, covariance, strength)
+    log_probs = torch.diagonal(F.log_softmax(augmented, dim=2), dim1=1, dim2=2)   # (N, C): term k, class k
+    loss = -(probs.to(log_probs.dtype) * log_probs).sum(1)
+    return loss if reduction == "none" else loss.mean()
+
+
+def _covariance_factors(covariance: torch.Tensor | CovarianceEstimator, classes: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """Square roots L of Sigma_c (L L^T = Sigma_c) for c in `classes (K,)`: `(K, A, A)`, or `(K, A)` standard
+    deviations for a diagonal covariance. An eigendecomposition, not Cholesky: estimated covariances are
+    often singular (fewer samples than dimensions), and tiny negative eigenvalues from rounding count as 0."""
+    if isinstance(covariance, CovarianceEstimator):
+        covariance = covariance.covariance
+    sigma = covariance.detach()[classes].to(torch.float64)
+    if sigma.dim() == 2:
+        return sigma.clamp_min(0).sqrt().to(dtype)
+    values, vectors = torch.linalg.eigh(sigma)
+    return (vectors * values.clamp_min(0).sqrt().unsqueeze(1)).to(dtype)
+
+
+def _sample_offsets(factors: torch.Tensor, rows: torch.Tensor, samples: int, strength: float,
+                    generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """`(samples, N, A)` draws of eps ~ N(0, strength Sigma_c), c = classes[rows[n]], on `like`'s device and dtype.
+
+    Standard normals come from `generator` on its own device (CPU by default), so a seed fixes them
+    whatever device the features are on."""
+    n, a = len(rows), like.shape[1]
+    device = generator.device if generator is not None else like.device
+    u = torch.randn(samples, n, a, generator=generator, device=device, dtype=like.dtype).to(like.device)
+    if factors.dim() == 2:
+        return math.sqrt(strength) * u * factors[rows]
+    eps = torch.empty_like(u)
+    for i in range(len(factors)):  # class by class: no (N, A, A) gather of the factors
+        members = (rows == i).nonzero().squeeze(1)
+        eps[:, members] = u[:, members] @ factors[i].T
+    return math.sqrt(strength) * eps
+
+
+def explicit_sda_loss(features: torch.Tensor, fc: nn.Linear, targets: torch.Tensor,
+                      covariance: torch.Tensor | CovarianceEstimator, strength: float, samples: int,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Eq. 5, explicit semantic data augmentation: mean cross-entropy over `samples` = M augmented
+    features per image, ã_m ~ N(a, strength Sigma_y) drawn afresh each call.
+
+    The naive method ISDA replaces: an M-sample Monte-Carlo estimate of the expected
+    cross-entropy that Eq. 7 bounds (M -> infinity gives the expectation, not the bound).
+    `features (N, A)` (gradients flow through them and through `fc`), `fc` the final
+    `nn.Linear(A, C)`, `targets (N,)`, `covariance (C, A, A)`, `(C, A)` diagonal or a
+    `CovarianceEstimator` (a constant), `strength` = lambda >= 0, `samples` >= 1.
+    Memory: an `(M, N, A)` tensor.
+    """
+    if samples < 1:
+        raise IsdaVizError(f"explicit augmentation needs at least 1 sample per image, got {samples}")
+    classes, rows = torch.unique(targets, return_inverse=True)
+    factors = _covariance_factors(covariance, classes, features.dtype).to(features.device)
+    augmented = features.unsqueeze(0) + _sample_offsets(factors, rows, samples, strength, generator, features)
+    logits = fc(augmented)                                                          # (M, N, C)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.repeat(samples))
+
+
+@torch.no_grad()
+def expected_cross_entropy_mc(features: torch.Tensor, fc: nn.Linear, targets: torch.Tensor,
+                              covariance: torch.Tensor | CovarianceEstimator, strength: float,
+                              samples: int = 1000, generator: torch.Generator | None = None,
+                              classes: torch.Tensor | None = None,
+                              max_elements: int = 2**23) -> tuple[float, float]:
+    """Monte-Carlo estimate of the expected cross-entropy that the ISDA losses bound, and its standard error.
+
+    Supervised (Eqs. 3-4, bounded by Eq. 7): `targets (N,)` int labels, mean over images of
+    E[CE(W ã + b, y)] with ã ~ N(a, strength Sigma_y). Semi-supervised (Eq. 14, bounded
+    by Eq. 15): `targets (N, C)` probabilities p, E[-sum_k p_k log softmax_k(W ã + b)] with
+    ã ~ N(a, strength Sigma_ỹ), ỹ = `classes (N,)` (default argmax p, Eq. 12).
+    `features (N, A)`, `fc` the final `nn.Linear(A, C)`, `covariance` as in `explicit_sda_loss`,
+    `samples` >= 2 draws per image, taken in chunks of at most `max_elements` augmented
+    feature values so memory stays bounded. Returns `(mean, stderr)` in nats; stderr is the
+    standard error of the mean over the draws (the images are fixed), from per-image
+    sample variances: sqrt(sum_i var_i / samples) / N.
+    """
+    if samples < 2:
+        raise IsdaVizError(f"a Monte-Carlo estimate with a standard error needs at least 2 samples, got {samples}")
+    soft = targets.dim() == 2
+    if classes is None:
+        classes = targets.argmax(1) if soft else targets
+    present, rows = torch.unique(classes, return_inverse=True)
+    factors = _covariance_factors(covariance, present, features.dtype).to(features.device)
+    n, a = features.shape
+    chunk = max(1, min(samples, max_elements // max(1, n * a)))
+    total = torch.zeros(n, dtype=torch.float64, device=features.device)
+    total_sq = torch.zeros_like(total)
+    done = 0
+    while done < samples:
+        m = min(chunk, samples - done)
+        log_probs = F.log_softmax(fc(features.unsqueeze(0) + _sample_offsets(factors, rows, m, strength,
+                                                                             generator, features)), dim=2)
+        if soft:
+            ce = -(log_probs * targets.to(log_probs.dtype).unsqueeze(0)).sum(2)            # (m, N)
+        else:
+            ce = -log_probs.gather(2, targets.view(1, n, 1).expand(m, n, 1)).squeeze(2)
+        ce = ce.to(torch.float64)
+        total += ce.sum(0)
+        total_sq += (ce * ce).sum(0)
+        done += m
+    mean = total / samples
+    variance = ((total_sq - samples * mean * mean) / (samples - 1)).clamp_min(0)
+    return mean.mean().item(), math.sqrt(variance.sum().item() / samples) / n
