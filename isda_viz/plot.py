@@ -97,7 +97,7 @@ def tsne_2d(features: np.ndarray, seed: int) -> np.ndarray:
     try:
         from sklearn.manifold import TSNE
     except ImportError:
-        raise IsdaVizError("--embedding tsne needs scikit-learn (pip install 'isda-viz[tsne]'); "
+        raise IsdaVizError("--embedding tsne needs scikit-learn (pip install scikit-learn); "
                            "or use --embedding pca") from None
     perplexity = min(30.0, (len(features) - 1) / 3)
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
