@@ -1,0 +1,297 @@
+"""Classifiers trained elsewhere: checkpoints of the public ISDA CIFAR code and torchvision weights.
+
+Both readers return a module with isda-viz's model shape: `features(x) (N, A)`,
+`fc: nn.Linear(A, C)`, `feature_dim = A`, and `forward(x)` = the logits `(N, C)`,
+in eval mode on the CPU. Files are read with `safe_load.load_torch_file`, so no
+code they carry runs; state dicts are loaded strictly, after dropping the
+`module.` prefix `nn.DataParallel` / DDP add to every key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import IsdaVizError
+from .public_models import (CIFAR10_CLASSES, CIFAR100_CLASSES, PUBLIC_CIFAR_MEAN, PUBLIC_CIFAR_STD,
+                            PUBLIC_INPUT_SIZE, PublicModel, build_public_network, parse_public_arch)
+from .safe_load import PickledObject, load_torch_file
+
+PUBLIC_CHECKPOINT_KEYS = ("state_dict", "fc")
+"""Keys that mark a checkpoint of the public ISDA CIFAR `train.py` (it also has
+`isda_criterion`, `epoch`, `best_acc`, `optimizer`, `val_acc`)."""
+
+
+def _is_tensor_mapping(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def is_public_isda_checkpoint(obj) -> bool:
+    """True for the dict the public CIFAR `train.py` saves: `state_dict` and `fc` both state dicts."""
+    return isinstance(obj, Mapping) and all(_is_tensor_mapping(obj.get(k)) for k in PUBLIC_CHECKPOINT_KEYS)
+
+
+def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> OrderedDict:
+    """The state dict with the `module.` that `nn.DataParallel`/DDP put before every key removed."""
+    if all(k.startswith("module.") for k in state):
+        return OrderedDict((k[len("module."):], v) for k, v in state.items())
+    return OrderedDict(state)
+
+
+def _examples(keys: list[str]) -> str:
+    return ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "")
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, hint: str = "") -> None:
+    """`module.load_state_dict(state, strict=True)` with a one-line error listing what does not fit.
+
+    `what` names the file and part ("model.pth: state_dict"); `hint` ends the message
+    (e.g. which architecture the keys look like).
+    """
+    expected = module.state_dict()
+    # Checkpoints from torch < 0.4.1 have no BatchNorm `num_batches_tracked`; BatchNorm fills it in.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+              if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = [f"{len(missing)} missing ({_examples(missing)})" if missing else "",
+                f"{len(unexpected)} unexpected ({_examples(unexpected)})" if unexpected else "",
+                f"{len(shapes)} of another shape ({_examples(shapes)})" if shapes else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise IsdaVizError(f"{what} does not fit: {'; '.join(problems)}{'; ' + hint if hint else ''}")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise IsdaVizError(f"{what} does not load: {str(e).strip().splitlines()[0][:160]}") from None
+
+
+# ---------------------------------------------------------------- public ISDA CIFAR code
+
+def guess_public_arch(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The arch name (`resnet110`, `wrn28_10`, ...) a public feature state dict was saved from, if clear."""
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))}
+    if blocks and "conv1.weight" in state:
+        return f"resnet{6 * (max(blocks) + 1) + 2}"
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"block1\.layer\.(\d+)\.", k))}
+    width = state.get("block1.layer.0.conv1.weight")
+    if blocks and width is not None and width.shape[0] % 16 == 0:
+        return f"wrn{6 * (max(blocks) + 1) + 4}_{width.shape[0] // 16}"
+    return None
+
+
+def public_dataset(num_classes: int) -> tuple[str | None, list[str]]:
+    """The public code trains on CIFAR-10 or CIFAR-100 only: `(dataset, class names)` from the class count."""
+    if num_classes == 10:
+        return "cifar10", list(CIFAR10_CLASSES)
+    if num_classes == 100:
+        return "cifar100", list(CIFAR100_CLASSES)
+    return None, [f"class {i}" for i in range(num_classes)]
+
+
+@dataclass
+class PublicCheckpoint:
+    """A checkpoint of the public ISDA CIFAR code, read into isda-viz's shapes.
+
+    `model` is in eval mode on the CPU and takes `(N, 3, 32, 32)` inputs in [0, 1]
+    normalised with `mean`/`std`. The class statistics are the checkpoint's
+    `isda_criterion.estimator` as float64 (None when the file has none):
+    `class_covariance (C, A, A)` (`CoVariance`, population covariance),
+    `class_mean (C, A)` (`Ave`), `class_count (C,)` (`Amount`: features seen,
+    summed over all epochs, so epochs × training images per class).
+    `best_acc` is top-1 accuracy in percent; `epoch` the epochs trained.
+    """
+
+    path: Path
+    arch: str
+    model: PublicModel
+    num_classes: int
+    dataset: str | None
+    class_names: list[str]
+    mean: list[float] = field(default_factory=lambda: list(PUBLIC_CIFAR_MEAN))
+    std: list[float] = field(default_factory=lambda: list(PUBLIC_CIFAR_STD))
+    image_size: int = PUBLIC_INPUT_SIZE
+    channels: int = 3
+    class_covariance: torch.Tensor | None = None
+    class_mean: torch.Tensor | None = None
+    class_count: torch.Tensor | None = None
+    epoch: int | None = None
+    best_acc: float | None = None
+
+    def estimator_state(self) -> dict | None:
+        """The statistics as `CovarianceEstimator.state_dict()` (full covariance; `m2 = Σ · n`), or None."""
+        if self.class_covariance is None:
+            return None
+        return {"num_features": self.model.feature_dim, "num_classes": self.num_classes, "diagonal": False,
+                "m2": self.class_covariance * self.class_count[:, None, None],
+                "mean64": self.class_mean.clone(), "count": self.class_count.clone()}
+
+
+def _public_statistics(criterion, num_classes: int, feature_dim: int, path: Path):
+    """`(covariance, mean, count)` float64 from the pickled `ISDALoss`, checked against the model's shapes."""
+    estimator = getattr(criterion, "estimator", None) if isinstance(criterion, PickledObject) else None
+    if not isinstance(estimator, PickledObject):
+        return None, None, None
+    c, a = num_classes, feature_dim
+    parts = []
+    for name, shape in (("CoVariance", (c, a, a)), ("Ave", (c, a)), ("Amount", (c,))):
+        value = getattr(estimator, name, None)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise IsdaVizError(f"{path}: isda_criterion.estimator.{name} should be a tensor of shape {shape} "
+                               f"for this model, found {got}")
+        parts.append(value.to(torch.float64))
+    return tuple(parts)
+
+
+def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None) -> PublicCheckpoint:
+    """Read `checkpoint.pth.tar` / `model_best.pth.tar` of the public ISDA CIFAR `train.py`.
+
+    `arch`: `resnet32`, `resnet110`, `wrn28_10` (or another `parse_public_arch` name).
+    `num_classes` defaults to the row count of the file's `fc` weight; a different
+    value is an error. The feature network and `Full_layer` load strictly; any
+    mismatch, a truncated file or a global outside the allow-list is a one-line
+    `IsdaVizError`.
+    """
+    path = Path(path)
+    parse_public_arch(arch)
+    ckpt = load_torch_file(path, "public ISDA checkpoint")
+    if not is_public_isda_checkpoint(ckpt):
+        held = ", ".join(sorted(map(str, ckpt))[:6]) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise IsdaVizError(f"{path} is not a checkpoint of the public ISDA CIFAR code (it needs 'state_dict' and "
+                           f"'fc' state dicts; found {held}); for torchvision weights use torchvision:NAME")
+    features_state = strip_module_prefix(ckpt["state_dict"])
+    fc_state = strip_module_prefix(ckpt["fc"])
+    fc_weight = fc_state.get("fc.weight")
+    if fc_weight is None or fc_weight.dim() != 2:
+        raise IsdaVizError(f"{path}: 'fc' has no 2-d fc.weight (keys: {_examples(list(fc_state))})")
+    file_classes = fc_weight.shape[0]
+    if num_classes is not None and num_classes != file_classes:
+        raise IsdaVizError(f"{path} classifies {file_classes} classes, not {num_classes}")
+    guess = guess_public_arch(features_state)
+    hint = f"the file looks like {guess}" if guess and guess != arch else ""
+    net, full_layer = build_public_network(arch, file_classes)
+    load_strict(net, features_state, f"{path}: state_dict for {arch}", hint)
+    load_strict(full_layer, fc_state, f"{path}: fc for {arch}", hint)
+    model = PublicModel(net, full_layer).eval().requires_grad_(False)
+    covariance, mean, count = _public_statistics(ckpt.get("isda_criterion"), file_classes, model.feature_dim, path)
+    dataset, class_names = public_dataset(file_classes)
+    epoch, best_acc = ckpt.get("epoch"), ckpt.get("best_acc")
+    return PublicCheckpoint(
+        path=path, arch=arch, model=model, num_classes=file_classes, dataset=dataset, class_names=class_names,
+        class_covariance=covariance, class_mean=mean, class_count=count,
+        epoch=int(epoch) if isinstance(epoch, (int, float)) else None,
+        best_acc=float(best_acc) if isinstance(best_acc, (int, float, torch.Tensor)) else None)
+
+
+# ---------------------------------------------------------------- torchvision classifiers
+
+def _torchvision_builder(name: str):
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        close = [n for n in names if n.startswith(name[:4])][:6] or names[:6]
+        raise IsdaVizError(f"torchvision has no classification model '{name}' (e.g. {', '.join(close)})")
+    return torchvision.models.get_model_builder(name)
+
+
+def _probe(builder) -> nn.Module:
+    """The network with default settings, for its layer names; on the meta device (no memory, no init) if it can."""
+    try:
+        with torch.device("meta"):
+            return builder(weights=None)
+    except (NotImplementedError, RuntimeError):  # a builder that computes its widths from tensor values
+        return builder(weights=None)
+
+
+def _last_linear(net: nn.Module, name: str) -> str:
+    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise IsdaVizError(f"torchvision {name} has no final nn.Linear layer to take features from")
+    return linears[-1]
+
+
+def torchvision_preprocessing(name: str) -> tuple[list[float], list[float], int]:
+    """`(mean, std, input size)` of the default weights' eval transform (ImageNet's), without downloading."""
+    import torchvision
+
+    try:
+        transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        return list(transform.mean), list(transform.std), int(transform.crop_size[0])
+    except (ValueError, AttributeError, KeyError):
+        return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 224
+
+
+class TorchvisionClassifier(nn.Module):
+    """A torchvision network with isda-viz's model shape.
+
+    `features(x) (N, A)` is the input of the final linear layer `fc`, captured by a
+    forward hook while the network runs its own forward; `forward(x)` is the
+    network's own output `(N, C)`. `mean`, `std`, `input_size` are the default
+    weights' eval preprocessing (ImageNet normalisation, 224 for most).
+    """
+
+    def __init__(self, net: nn.Module, name: str):
+        super().__init__()
+        self.net = net
+        self.name = name
+        self.fc_name = _last_linear(net, name)
+        self.feature_dim = self.fc.in_features
+        self.num_classes = self.fc.out_features
+        self.mean, self.std, self.input_size = torchvision_preprocessing(name)
+
+    @property
+    def fc(self) -> nn.Linear:
+        return self.net.get_submodule(self.fc_name)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        captured = []
+        handle = self.fc.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+        try:
+            self.net(x)
+        finally:
+            handle.remove()
+        if not captured:
+            raise IsdaVizError(f"torchvision {self.name}: its final linear layer {self.fc_name} was not called")
+        return captured[-1].flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def load_torchvision_classifier(path, name: str, num_classes: int | None = None) -> TorchvisionClassifier:
+    """`torchvision.models.<name>(weights=None, num_classes=C)` with the weights in `path`, in eval mode.
+
+    `path`: a plain state dict, or a dict holding one under `state_dict` or
+    `model`; `module.` prefixes are dropped. `C` is the row count of the final
+    linear layer's weight in the file; a `num_classes` that differs is an error.
+    """
+    path = Path(path)
+    builder = _torchvision_builder(name)
+    obj = load_torch_file(path, f"torchvision {name} weights")
+    state = obj if _is_tensor_mapping(obj) else next(
+        (obj[k] for k in ("state_dict", "model") if isinstance(obj, Mapping) and _is_tensor_mapping(obj.get(k))),
+        None)
+    if state is None:
+        held = ", ".join(sorted(map(str, obj))[:6]) if isinstance(obj, Mapping) else type(obj).__name__
+        raise IsdaVizError(f"{path} holds no state dict (a dict of tensors, or one under 'state_dict' or 'model'); "
+                           f"found {held}")
+    state = strip_module_prefix(state)
+    fc_name = _last_linear(_probe(builder), name)
+    fc_weight = state.get(f"{fc_name}.weight")
+    if fc_weight is None or fc_weight.dim() != 2:
+        raise IsdaVizError(f"{path} has no {fc_name}.weight, the final layer of torchvision {name}; "
+                           f"is it a {name}? (keys: {_examples(list(state))})")
+    if num_classes is not None and num_classes != fc_weight.shape[0]:
+        raise IsdaVizError(f"{path} classifies {fc_weight.shape[0]} classes, not {num_classes}")
+    net = builder(weights=None, num_classes=fc_weight.shape[0])
+    load_strict(net, state, f"{path}: torchvision {name} weights")
+    return TorchvisionClassifier(net, name).eval().requires_grad_(False)
