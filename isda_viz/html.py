@@ -1,0 +1,681 @@
+"""Self-contained HTML pages for the outputs of `augment`, `grid`, `audit` and `demo`.
+
+Where each page goes (`write_html` decides from what the folder or file holds):
+
+    augment OUT_DIR  (report.json)                      → OUT_DIR/index.html
+    grid FIG.png     (FIG.json, FIG_files/)              → FIG.html beside FIG.png (two grids may share a folder)
+    audit OUT        (audit.json)                        → OUT/index.html
+    demo DIR         (summary.json, figure.json, audit/) → DIR/index.html, images joined to their audit neighbours
+
+A page opens from the file system in any browser with no server and no network:
+images are referenced by relative paths (or, with `embed=True`, inlined as
+`data:` URIs so the page can be mailed alone); the CSS and the few lines of
+JavaScript (sorting a table by a column) are inline. Per input image it shows
+the original, the reconstruction and each augmented image at a readable size
+(small images enlarged with visible pixels), each with its numbers; the audit's
+nearest training images when an audit is joined; a summary table at the top and
+a table of every output image sortable by any column (click a header, or open
+the page as `index.html#sort=KEY`, `#sort=-KEY` for descending, KEY being the
+report's JSON key, e.g. `reached_shift_error` or `copy_score`).
+
+Files a report names but that are gone render as a visible "missing: NAME"
+placeholder; every text from a report (file and class names) is escaped.
+`html_fragment(path)` gives the same view as one `<div>` with images inlined,
+for Jupyter (`HtmlView(path)` has `_repr_html_`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from . import __version__
+from .errors import IsdaVizError
+from .runs import write_bytes_atomic
+
+REPORT, AUDIT, SUMMARY = "report.json", "audit.json", "summary.json"
+PAGE = "index.html"
+DEMO_FIGURE, DEMO_AUDIT = "figure.json", Path("audit") / AUDIT  # where `isda-viz demo` writes them
+TILE_PX, THUMB_PX = 128, 56          # shown sizes: images are enlarged by whole factors up to these
+MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+        ".webp": "image/webp", ".bmp": "image/bmp"}
+
+# Human names of the summary figures (keys of report.json "summary", summary.json and audit.json);
+# keys not listed are shown under their own name, so new figures still appear.
+SUMMARY_LABELS = {
+    "images": "input images",
+    "classifier_test_accuracy": "classifier test accuracy",
+    "judge_test_accuracy": "judge test accuracy",
+    "gan_class_agreement": "GAN class agreement",
+    "step1_median_feature_error": "Step I median feature error",
+    "step1_median_psnr": "Step I median PSNR (dB)",
+    "reconstruction_true_label_rate": "reconstructions classified as the true label",
+    "step2_median_reached_shift_error": "Step II median reached-shift error",
+    "step2_median_negative_target_floor": "… its floor (the part of ã no image reaches)",
+    "augmented_label_kept_rate": "augmented images keeping their label (classifier)",
+    "augmented_judge_label_kept_rate": "augmented images keeping their label (judge)",
+    "median_pixel_distance_to_reconstruction": "median RMS pixel distance, augmented vs reconstruction",
+    "audit_flagged_copies": "audit: likely copies flagged",
+    "threshold": "copy-score threshold (flags ≤ 1% of held-out test images)",
+    "median_test_distance": "median nearest-neighbour distance of held-out test images",
+    "flagged": "queries flagged as likely copies",
+}
+DEMO_KEYS = ("classifier_test_accuracy", "judge_test_accuracy", "gan_class_agreement", "step1_median_feature_error",
+             "reconstruction_true_label_rate", "step2_median_reached_shift_error",
+             "step2_median_negative_target_floor", "augmented_judge_label_kept_rate",
+             "median_pixel_distance_to_reconstruction")
+DECIMALS = {"psnr": 1, "step1_median_psnr": 1}   # everything else: 3 decimals
+
+# The per-image table: (JSON key, header, is a number).
+COLUMNS = [("image", "#", True), ("source", "source", False), ("label", "class", False), ("kind", "image", False),
+           ("feature_error", "feature error", True), ("psnr", "PSNR dB", True),
+           ("reached_shift_error", "reached-shift error", True), ("negative_target_floor", "its floor", True),
+           ("predicted", "classifier", False), ("judge_predicted", "judge", False),
+           ("pixel_distance", "pixel distance", True)]
+AUDIT_COLUMNS = [("copy_score", "copy score", True), ("nearest_distance", "nearest distance", True),
+                 ("nearest_label", "nearest class", False), ("flagged", "likely copy", False)]
+
+# audit.json `source` of a query from --from: "PATH (augmented from ORIGIN)" / "PATH (reconstruction of ORIGIN)"
+_QUERY_SOURCE = re.compile(r"^(?P<path>.*?) \((?:reconstruction of|augmented from) (?P<origin>.*)\)$", re.S)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def write_html(path, embed: bool = False, audit=None) -> Path:
+    """Write the page of an output folder (or its JSON file, or a grid's FIG.png); returns the page's path.
+
+    `path`: an augment OUT_DIR or its report.json; a grid's FIG.png or FIG.json; an audit folder or its
+    audit.json; a demo folder or its summary.json. `embed`: images inlined as data: URIs (the page alone
+    is complete) instead of referenced relatively. `audit`: an audit folder (or audit.json) whose
+    queries are joined to a report's images (the demo's own audit is joined without it).
+    """
+    page = _locate(path, audit)
+    text = _document(page, embed)
+    write_bytes_atomic(text.encode("utf-8"), page.out)
+    return page.out
+
+
+def html_fragment(path, embed: bool = True, audit=None) -> str:
+    """The same view as `write_html` as one `<div>` (scoped CSS, images inlined by default), for notebooks."""
+    page = _locate(path, audit)
+    return f'<div class="isda-viz">{_style()}{_body(page, embed)}{_script(hash_sort=False)}</div>'
+
+
+class HtmlView:
+    """Displays an output folder inline in Jupyter: `HtmlView("out/shirt")` as a cell's last line."""
+
+    def __init__(self, path, audit=None):
+        self.path, self.audit = Path(path), audit
+
+    def _repr_html_(self) -> str:
+        return html_fragment(self.path, embed=True, audit=self.audit)
+
+    def __repr__(self) -> str:
+        return f"HtmlView({str(self.path)!r})"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a page shows: found from the path given
+
+
+@dataclass
+class _Page:
+    kind: str                   # "augment", "grid", "audit" or "demo"
+    out: Path                   # the .html file to write
+    report: dict | None         # report.json / FIG.json
+    report_dir: Path | None     # what the report's file names are relative to
+    audit: dict | None
+    audit_dir: Path | None
+    summary: dict | None        # the demo's summary.json
+    title: str
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise IsdaVizError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IsdaVizError(f"{path} is not valid JSON ({type(e).__name__}); is it {what}?") from None
+    if not isinstance(data, dict):
+        raise IsdaVizError(f"{path} is not {what}")
+    return data
+
+
+def _read_report(path: Path) -> dict:
+    report = _read_json(path, "a report of augment or grid")
+    images = report.get("images")
+    if not isinstance(images, list) or not all(isinstance(e, dict) for e in images):
+        raise IsdaVizError(f"{path} is not a report of augment or grid (no list of images)")
+    return report
+
+
+def _read_audit(path: Path) -> dict:
+    audit = _read_json(path, "an audit.json")
+    queries = audit.get("queries")
+    if not isinstance(queries, list) or not all(isinstance(q, dict) for q in queries):
+        raise IsdaVizError(f"{path} is not an audit.json of isda-viz audit (no list of queries)")
+    return audit
+
+
+def _audit_file(audit) -> Path:
+    audit = Path(audit)
+    return audit / AUDIT if audit.is_dir() else audit
+
+
+def _locate(path, audit=None) -> _Page:
+    """Which page `path` asks for, with its JSON read."""
+    path = Path(path)
+    if not path.exists():
+        raise IsdaVizError(f"no such folder or file: {path}")
+    if path.is_file() and path.suffix.lower() == ".png":           # a grid's FIG.png
+        path = path.with_suffix(".json")
+        if not path.is_file():
+            raise IsdaVizError(f"no {path.name} beside the figure; write_html takes a grid's FIG.png or FIG.json")
+    if path.is_dir():
+        for name in (SUMMARY, AUDIT, REPORT):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise IsdaVizError(f"{path} holds no {SUMMARY}, {AUDIT} or {REPORT}; give an output folder of "
+                               "augment, audit or demo, or a grid's FIG.png")
+    folder = path.parent
+    extra = _read_audit(_audit_file(audit)) if audit is not None else None
+    extra_dir = _audit_file(audit).parent if audit is not None else None
+    if path.name == SUMMARY:
+        summary = _read_json(path, "a demo summary.json")
+        figure = folder / DEMO_FIGURE
+        report = _read_report(figure) if figure.is_file() else None
+        audit_path = folder / DEMO_AUDIT
+        if extra is None and audit_path.is_file():
+            extra, extra_dir = _read_audit(audit_path), audit_path.parent
+        return _Page("demo", folder / PAGE, report, folder, extra, extra_dir, summary, "isda-viz demo")
+    if path.name == AUDIT:
+        return _Page("audit", folder / PAGE, None, None, _read_audit(path), folder, None,
+                     f"isda-viz audit: {folder.name}")
+    if path.suffix.lower() != ".json":
+        raise IsdaVizError(f"{path} is not a report; give an output folder or its JSON file")
+    report = _read_report(path)
+    if path.name == REPORT:
+        return _Page("augment", folder / PAGE, report, folder, extra, extra_dir, None,
+                     f"isda-viz augment: {folder.name}")
+    return _Page("grid", path.with_suffix(".html"), report, folder, extra, extra_dir, None,
+                 f"isda-viz grid: {path.stem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt(key: str, value) -> str:
+    """A number as shown: 3 decimals (PSNR 1), integers as they are, absent values as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{DECIMALS.get(key, 3)}f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _data_value(value) -> str:
+    """The exact value kept in data-value (what the tests and the sort read): JSON's own text of it."""
+    return "" if value is None else json.dumps(value)
+
+
+class _Names:
+    """Class index → name: the report's or audit's class list, else the names the report itself mentions."""
+
+    def __init__(self, report: dict | None, audit: dict | None):
+        names = (report or {}).get("class_names") or (audit or {}).get("class_names") or []
+        self.names = {i: str(n) for i, n in enumerate(names)}
+        for entry in (report or {}).get("images", []):
+            if isinstance(entry.get("label"), int) and entry.get("label_name") is not None:
+                self.names.setdefault(entry["label"], str(entry["label_name"]))
+
+    def __call__(self, label) -> str:
+        if label is None:
+            return "n/a"
+        return self.names.get(label, f"class {label}")
+
+
+@dataclass
+class _Ctx:
+    """How images are written into this page."""
+
+    html_dir: Path
+    embed: bool
+
+    def image(self, path: Path | None, name: str, px: int, alt: str = "") -> str:
+        """An `<img>` of the file at `path`, enlarged by a whole factor up to about `px`, or a visible
+        'missing: NAME' placeholder when the file is not there (`path` None: never saved)."""
+        if path is None or not path.is_file():
+            text = f"missing: {name}" if path is not None else f"not saved: {name}"
+            shown = text if px >= TILE_PX else text.split(":")[0]      # thumbnails: the word, the name on hover
+            return (f'<div class="missing" data-missing="{_esc(name)}" title="{_esc(text)}" '
+                    f'style="width:{px}px;height:{px}px">{_esc(shown)}</div>')
+        width, height = _image_size(path)
+        scale = max(1, px // max(width, height, 1))
+        shown_w, shown_h = width * scale, height * scale
+        if max(width, height) > 2 * px:             # large images are shown at 2 px on their long side, smoothly
+            shrink = 2 * px / max(width, height)
+            shown_w, shown_h = round(width * shrink), round(height * shrink)
+        if self.embed:
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            src = f"data:{MIME.get(path.suffix.lower(), 'application/octet-stream')};base64,{data}"
+        else:
+            src = quote(Path(os.path.relpath(path, self.html_dir)).as_posix())
+        pixelated = ' class="px"' if scale > 1 else ""
+        return (f'<img src="{_esc(src)}" alt="{_esc(alt or name)}" data-file="{_esc(name)}" width="{shown_w}" '
+                f'height="{shown_h}"{pixelated}>')
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header; (TILE_PX, TILE_PX) where PIL cannot read it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError):
+        return TILE_PX, TILE_PX
+
+
+def _number(key: str, label: str, value) -> str:
+    return (f'<div class="num" data-key="{_esc(key)}" data-value="{_esc(_data_value(value))}">{_esc(label)} '
+            f'<b>{_esc(_fmt(key, value))}</b></div>')
+
+
+def _prediction(key: str, label: str, value, true_label, names: _Names) -> str:
+    if value is None:
+        return ""
+    wrong = " wrong" if true_label is not None and value != true_label else ""
+    return (f'<div class="num{wrong}" data-key="{_esc(key)}" data-value="{_esc(_data_value(value))}">'
+            f'{_esc(label)} <b>{_esc(names(value))}</b></div>')
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit queries: their images and their neighbours
+
+
+def _query_path(source: str, audit_dir: Path) -> Path:
+    """The image file an audit query came from (as recorded; a relative path is tried against the working
+    folder, then as a folder beside the audit's, the layout of the demo)."""
+    match = _QUERY_SOURCE.match(source)
+    path = Path(match.group("path") if match else source)
+    if path.is_absolute() or path.exists():
+        return path
+    sibling = audit_dir.parent / path.parent.name / path.name
+    return sibling if sibling.exists() else path
+
+
+def _file_key(path: Path) -> tuple[str, str]:
+    """How a report's file and an audit query are matched: folder and file name (folders may have moved)."""
+    return path.parent.name, path.name
+
+
+class _Queries:
+    """An audit's queries, found by the image file they were made from."""
+
+    def __init__(self, audit: dict | None, audit_dir: Path | None):
+        self.audit, self.audit_dir = audit or {}, audit_dir
+        self.by_file: dict = {}
+        for q in self.audit.get("queries", []):
+            path = _query_path(str(q.get("source", "")), audit_dir)
+            self.by_file.setdefault(_file_key(path), q)
+
+    def __bool__(self) -> bool:
+        return bool(self.audit)
+
+    def of(self, path: Path) -> dict | None:
+        return self.by_file.get(_file_key(path))
+
+
+def _neighbours(query: dict | None, queries: _Queries, names: _Names, ctx: _Ctx) -> str:
+    """The copy score of one query and its k nearest training images (thumbnails where audit.json names
+    their files; otherwise training index, class and distance)."""
+    if query is None:
+        return '<div class="nbrs none">not audited</div>' if queries else ""
+    items = []
+    for n in query.get("neighbors", []):
+        index, distance, label = n.get("index"), n.get("distance"), n.get("label")
+        thumb = ""
+        if n.get("file"):
+            thumb = ctx.image(queries.audit_dir / n["file"], str(n["file"]), THUMB_PX, f"training image {index}")
+        items.append(f'<li data-key="neighbor" data-index="{_esc(_data_value(index))}" '
+                     f'data-distance="{_esc(_data_value(distance))}" data-label="{_esc(_data_value(label))}">'
+                     f'{thumb}<span>d <b>{_esc(_fmt("distance", distance))}</b> {_esc(names(label))} '
+                     f'<i title="index in the training set">#{_esc(index)}</i></span></li>')
+    flag = '<div class="flag">likely copy</div>' if query.get("flagged") else ""
+    return (f'<div class="nbrs">{flag}{_number("copy_score", "copy score", query.get("copy_score"))}'
+            f'<ol>{"".join(items)}</ol></div>')
+
+
+# ---------------------------------------------------------------------------------------------
+# The page body
+
+
+def _original_file(entry: dict) -> str | None:
+    """The original's file: the report's `original.file` where present, else the name augment gives it
+    beside the reconstruction (`NNN_original.png`)."""
+    original = entry.get("original")
+    if isinstance(original, dict) and original.get("file"):
+        return original["file"]
+    recon = (entry.get("reconstruction") or {}).get("file")
+    if recon and "_reconstruction." in recon:
+        return recon.replace("_reconstruction.", "_original.")
+    return None
+
+
+def _tile(heading: str, image_html: str, numbers: str, extra: str = "", flagged: bool = False,
+          anchor: str | None = None) -> str:
+    cls = "tile flagged" if flagged else "tile"
+    anchor = f' id="{anchor}"' if anchor else ""
+    return (f'<figure class="{cls}"{anchor}><figcaption>{_esc(heading)}</figcaption>{image_html}{numbers}{extra}'
+            '</figure>')
+
+
+def _card(i: int, entry: dict, page: _Page, ctx: _Ctx, names: _Names, queries: _Queries) -> tuple[str, list]:
+    """One input image: its tiles, and its rows of the per-image table."""
+    base = page.report_dir
+    label = entry.get("label")
+    source = str(entry.get("source", ""))
+    tiles, rows = [], []
+    original = _original_file(entry)
+    tiles.append(_tile("original", ctx.image(base / original if original else None, original or "original", TILE_PX),
+                       _prediction("predicted", "classifier", entry.get("predicted"), label, names)))
+
+    def row(kind, path, name, values, query):
+        r = {"image": i, "source": source, "label": names(label), "kind": kind,
+             "thumb": ctx.image(path, name, THUMB_PX), **values}
+        if queries:
+            nearest = (query or {}).get("neighbors") or [{}]
+            r.update(copy_score=(query or {}).get("copy_score"), nearest_distance=nearest[0].get("distance"),
+                     nearest_label=names(nearest[0].get("label")) if nearest[0] else "",
+                     flagged=("yes" if query.get("flagged") else "no") if query else "")
+        rows.append(r)
+
+    recon = entry.get("reconstruction") or {}
+    if recon:
+        name = str(recon.get("file", "reconstruction"))
+        path = base / recon["file"] if recon.get("file") else None
+        query = queries.of(path) if path is not None else None
+        numbers = (_number("feature_error", "feature error", recon.get("feature_error"))
+                   + _number("psnr", "PSNR dB", recon.get("psnr"))
+                   + _prediction("predicted", "classifier", recon.get("predicted"), label, names)
+                   + _prediction("judge_predicted", "judge", recon.get("judge_predicted"), label, names))
+        tiles.append(_tile("reconstruction", ctx.image(path, name, TILE_PX), numbers,
+                           _neighbours(query, queries, names, ctx), bool(query and query.get("flagged"))))
+        row("reconstruction", path, name, {"feature_error": recon.get("feature_error"), "psnr": recon.get("psnr"),
+                                           "predicted": names(recon.get("predicted")),
+                                           "judge_predicted": names(recon.get("judge_predicted"))
+                                           if recon.get("judge_predicted") is not None else ""}, query)
+    for j, aug in enumerate(entry.get("augmented") or []):
+        name = str(aug.get("file", f"augmented {j + 1}"))
+        path = base / aug["file"] if aug.get("file") else None
+        query = queries.of(path) if path is not None else None
+        numbers = (_number("reached_shift_error", "reached-shift error", aug.get("reached_shift_error"))
+                   + _number("negative_target_floor", "its floor", aug.get("negative_target_floor"))
+                   + _prediction("predicted", "classifier", aug.get("predicted"), label, names)
+                   + _prediction("judge_predicted", "judge", aug.get("judge_predicted"), label, names)
+                   + _number("pixel_distance", "pixel distance", aug.get("pixel_distance")))
+        tiles.append(_tile(f"augmented {j + 1}", ctx.image(path, name, TILE_PX), numbers,
+                           _neighbours(query, queries, names, ctx), bool(query and query.get("flagged"))))
+        row(f"augmented {j + 1}", path, name,
+            {k: aug.get(k) for k in ("reached_shift_error", "negative_target_floor", "pixel_distance")}
+            | {"predicted": names(aug.get("predicted")),
+               "judge_predicted": names(aug.get("judge_predicted")) if aug.get("judge_predicted") is not None else ""},
+            query)
+    for j, sample in enumerate(entry.get("samples") or []):
+        name = str(sample.get("file", f"random {j + 1}")) if isinstance(sample, dict) else str(sample)
+        path = base / name if name else None
+        tiles.append(_tile(f"random {j + 1}", ctx.image(path, name, TILE_PX), '<div class="num">same class</div>'))
+    heading = f'#{i} · {names(label)} · {source}'
+    card = (f'<section class="card" id="image-{i}" data-image="{i}"><h3>{_esc(heading)}</h3>'
+            f'<div class="tiles">{"".join(tiles)}</div></section>')
+    return card, rows
+
+
+def _audit_tile(i: int, query: dict, page: _Page, ctx: _Ctx, names: _Names, queries: _Queries) -> tuple[str, dict]:
+    """One query of an audit-only page: its tile (image, file name, neighbours) and its table row."""
+    source = str(query.get("source", ""))
+    path = _query_path(source, page.audit_dir)
+    nearest = (query.get("neighbors") or [{}])[0]
+    role = str(query.get("role", "query"))
+    tile = _tile(f"#{i} {role}", ctx.image(path, path.name, TILE_PX),
+                 f'<div class="file" title="{_esc(source)}">{_esc(path.name)}</div>',
+                 _neighbours(query, queries, names, ctx), bool(query.get("flagged")), f"image-{i}")
+    row = {"image": i, "source": source, "kind": role, "thumb": ctx.image(path, path.name, THUMB_PX),
+           "copy_score": query.get("copy_score"), "nearest_distance": nearest.get("distance"),
+           "nearest_label": names(nearest.get("label")) if nearest else "",
+           "flagged": "yes" if query.get("flagged") else "no"}
+    return tile, row
+
+
+def _summary_table(page: _Page) -> str:
+    """The figures at the top: the demo's, the report's summary, and the audit's."""
+    rows = []
+    if page.summary is not None:
+        s = page.summary
+        rows += [(k, s.get(k)) for k in DEMO_KEYS]
+        if s.get("audit_queries") is not None:
+            rows.append(("audit_flagged_copies", f"{s.get('audit_flagged_copies')} of {s.get('audit_queries')}"))
+    elif page.report is not None:
+        rows += [(k, v) for k, v in (page.report.get("summary") or {}).items()]
+    if page.audit is not None and page.summary is None:
+        a = page.audit
+        rows += [("flagged", f"{a.get('flagged')} of {len(a.get('queries', []))}"), ("threshold", a.get("threshold")),
+                 ("median_test_distance", a.get("median_test_distance"))]
+    body = "".join(f'<tr data-key="{_esc(k)}" data-value="{_esc(_data_value(v))}"><th>{_esc(SUMMARY_LABELS.get(k, k))}'
+                   f'</th><td>{_esc(_fmt(k, v))}</td></tr>' for k, v in rows)
+    return f'<table class="summary">{body}</table>' if rows else ""
+
+
+def _settings_line(page: _Page) -> str:
+    """What made it: the report's settings, the audit's space and index, the demo's timings."""
+    parts = []
+    settings = (page.report or {}).get("settings") or {}
+    if settings:
+        parts.append(f"strength λ = {settings.get('strength')}, {settings.get('num_augmented')} augmented per image, "
+                     f"seed {settings.get('seed')}")
+    if page.audit is not None:
+        a = page.audit
+        parts.append(f"audit: {a.get('k')} nearest of {(a.get('index') or {}).get('train_size')} {a.get('dataset')} "
+                     f"training images, {a.get('distance')}, {(a.get('index') or {}).get('kind')} index")
+    if page.summary is not None:
+        seconds = page.summary.get("seconds") or {}
+        if seconds:
+            parts.append("seconds: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
+        if page.summary.get("quick"):
+            parts.append("quick (CI-sized) run")
+    return "".join(f"<p class=\"meta\">{_esc(p)}</p>" for p in parts)
+
+
+def _files_line(page: _Page, embed: bool) -> str:
+    """Links to the PNG figures beside the page (not when embedding: the page travels alone)."""
+    if embed:
+        return ""
+    candidates = []
+    if page.kind == "grid":
+        candidates.append(page.out.with_suffix(".png"))
+    elif page.kind == "augment":
+        candidates.append(page.report_dir / "grid.png")
+    elif page.kind == "demo":
+        candidates.append(page.out.parent / Path(DEMO_FIGURE).with_suffix(".png"))
+    if page.audit_dir is not None:
+        candidates.append(page.audit_dir / "audit.png")
+    links = [f'<a href="{_esc(quote(Path(os.path.relpath(p, page.out.parent)).as_posix()))}">{_esc(p.name)}</a>'
+             for p in candidates if p.is_file()]
+    return f'<p class="meta">figures: {" · ".join(links)}</p>' if links else ""
+
+
+def _data_table(rows: list[dict], columns: list) -> str:
+    """Every output image, one row each; sortable by clicking a header (numbers as numbers)."""
+    head = "".join(f'<th data-key="{_esc(k)}" data-type="{"number" if num else "text"}" title="sort by {_esc(h)}">'
+                   f'{_esc(h)}</th>' for k, h, num in columns)
+    body = []
+    for r in rows:
+        cells = []
+        for k, _, num in columns:
+            v = r.get(k)
+            if k == "kind":
+                cells.append(f'<td><a href="#image-{r["image"]}">{r["thumb"]}<span>{_esc(v)}</span></a></td>')
+            elif num:
+                value, shown = (_data_value(v), _fmt(k, v)) if _finite(v) else ("", "")
+                cells.append(f'<td class="n" data-value="{_esc(value)}">{_esc(shown)}</td>')
+            else:
+                cells.append(f"<td>{_esc('' if v is None else v)}</td>")
+        flagged = ' class="flagged"' if r.get("flagged") == "yes" else ""
+        body.append(f'<tr{flagged} data-image="{r["image"]}">{"".join(cells)}</tr>')
+    return (f'<table class="data sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            '<p class="meta">Click a column header to sort (again for descending).</p>')
+
+
+def _body(page: _Page, embed: bool) -> str:
+    ctx = _Ctx(page.out.parent, embed)
+    names = _Names(page.report, page.audit)
+    queries = _Queries(page.audit, page.audit_dir)
+    cards, rows = [], []
+    if page.report is not None:
+        for i, entry in enumerate(page.report["images"]):
+            card, entry_rows = _card(i, entry, page, ctx, names, queries)
+            cards.append(card)
+            rows += entry_rows
+        columns = COLUMNS + (AUDIT_COLUMNS if queries else [])
+    elif page.audit is not None:
+        tiles = []
+        for i, query in enumerate(page.audit.get("queries", [])):
+            tile, row = _audit_tile(i, query, page, ctx, names, queries)
+            tiles.append(tile)
+            rows.append(row)
+        cards.append(f'<section class="card queries"><div class="tiles">{"".join(tiles)}</div></section>')
+        columns = [COLUMNS[0], COLUMNS[1], ("kind", "query", False)] + AUDIT_COLUMNS
+    else:
+        columns = []
+    per = "Per input image" if page.report is not None else "Per query"
+    nav = f'<p class="meta"><a href="#cards">{per}</a> · <a href="#table">Every image, sortable</a></p>'
+    parts = [f"<h1>{_esc(page.title)}</h1>", _settings_line(page), _files_line(page, embed), nav if rows else "",
+             _summary_table(page)]
+    if cards:
+        parts += [f'<h2 id="cards">{per}</h2>', *cards]
+    if rows:
+        parts += ['<h2 id="table">Every image</h2>', _data_table(rows, columns)]
+    parts.append(f'<p class="meta">isda-viz {_esc(__version__)}</p>')
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The document: inline CSS and script
+
+
+_CSS = """
+.isda-viz{font:14px/1.4 system-ui,"DejaVu Sans",Arial,sans-serif;color:#1d1d1f;max-width:1500px;margin:0 auto;
+  padding:8px 16px}
+.isda-viz h1{font-size:22px;margin:8px 0}.isda-viz h2{font-size:17px;margin:22px 0 8px}
+.isda-viz h3{font-size:14px;margin:0 0 8px;font-weight:600;word-break:break-all}
+.isda-viz .meta{color:#555;margin:2px 0;font-size:13px}
+.isda-viz table{border-collapse:collapse}
+.isda-viz table.summary th{text-align:left;font-weight:normal;padding:2px 16px 2px 0}
+.isda-viz table.summary td{font-weight:600;font-variant-numeric:tabular-nums}
+.isda-viz table.data{font-size:12px}
+.isda-viz table.data th{background:#f1f1f4;cursor:pointer;padding:4px 8px;position:sticky;top:0;user-select:none}
+.isda-viz table.data th[aria-sort=ascending]::after{content:" \\25B2"}
+.isda-viz table.data th[aria-sort=descending]::after{content:" \\25BC"}
+.isda-viz table.data td{border-top:1px solid #e4e4e8;padding:2px 8px;vertical-align:middle}
+.isda-viz table.data td.n{text-align:right;font-variant-numeric:tabular-nums}
+.isda-viz table.data td a{display:flex;align-items:center;gap:6px;color:inherit}
+.isda-viz table.data tr.flagged td{background:#fde8e8}
+.isda-viz .card{border:1px solid #d9d9de;border-radius:6px;padding:10px;margin:12px 0}
+.isda-viz .tiles{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
+.isda-viz .tile{margin:0;width:150px;font-size:12px}
+.isda-viz .tile.flagged img{outline:3px solid #c0392b}
+.isda-viz figcaption{font-weight:600;margin-bottom:3px}
+.isda-viz img{display:block;background:#eee}
+.isda-viz img.px{image-rendering:pixelated;image-rendering:crisp-edges}
+.isda-viz .num b{font-variant-numeric:tabular-nums}
+.isda-viz .num.wrong b{color:#c0392b}
+.isda-viz .missing{display:flex;align-items:center;justify-content:center;text-align:center;box-sizing:border-box;
+  border:2px dashed #c0392b;color:#c0392b;font-size:11px;word-break:break-all;padding:4px;background:#fff7f7}
+.isda-viz .nbrs{font-size:11px;margin-top:6px;border-top:1px solid #e4e4e8;padding-top:4px;color:#333}
+.isda-viz .nbrs ol{margin:2px 0 0;padding-left:18px}.isda-viz .nbrs li{margin:1px 0}
+.isda-viz .nbrs li img,.isda-viz .nbrs li .missing{margin:2px 0}
+.isda-viz .nbrs i{color:#777;font-style:normal}
+.isda-viz .file{word-break:break-all;color:#555}
+.isda-viz .flag{color:#fff;background:#c0392b;border-radius:3px;padding:0 5px;display:inline-block;font-weight:600}
+"""
+
+# Sorting: click a header (again: descending); `#sort=KEY` / `#sort=-KEY` in the page's address sorts on load.
+# Rows without a value stay last either way. After loading, each image's naturalWidth is written to its
+# data-natural-width (0: it did not load), so a headless browser's dumped DOM says what rendered.
+_JS = """
+(function(){
+function val(td){var v=td.getAttribute('data-value');return v===null?td.textContent.trim():v;}
+function sortBy(table,key,desc){
+ var ths=table.tHead.rows[0].cells,col=-1,i;
+ for(i=0;i<ths.length;i++){ths[i].removeAttribute('aria-sort');if(ths[i].getAttribute('data-key')===key)col=i;}
+ if(col<0)return false;
+ var num=ths[col].getAttribute('data-type')==='number',body=table.tBodies[0];
+ var rows=Array.prototype.slice.call(body.rows);
+ rows.forEach(function(r,i){if(r.dataset.order===undefined)r.dataset.order=i;});
+ rows.sort(function(a,b){
+  var x=val(a.cells[col]),y=val(b.cells[col]);
+  if(num){x=x===''?NaN:parseFloat(x);y=y===''?NaN:parseFloat(y);}
+  var bx=num?isNaN(x):x==='',by=num?isNaN(y):y==='';
+  if(bx||by)return bx&&by?a.dataset.order-b.dataset.order:(bx?1:-1);
+  var c=num?x-y:x.localeCompare(y);
+  if(desc)c=-c;
+  return c||a.dataset.order-b.dataset.order;});
+ rows.forEach(function(r){body.appendChild(r);});
+ ths[col].setAttribute('aria-sort',desc?'descending':'ascending');
+ return true;}
+function init(root){
+ if(root.getAttribute('data-ready'))return;root.setAttribute('data-ready','1');
+ root.querySelectorAll('table.sortable').forEach(function(table){
+  table.querySelectorAll('thead th').forEach(function(th){th.addEventListener('click',function(){
+   sortBy(table,th.getAttribute('data-key'),th.getAttribute('aria-sort')==='ascending');});});});}
+function hashSort(root){
+ var m=/sort=(-?)([^&]+)/.exec(location.hash);if(!m)return;
+ root.querySelectorAll('table.sortable').forEach(function(t){
+  if(sortBy(t,decodeURIComponent(m[2]),m[1]==='-'))root.setAttribute('data-sorted',decodeURIComponent(m[2]));});}
+function loaded(root){
+ root.querySelectorAll('img').forEach(function(img){img.setAttribute('data-natural-width',img.naturalWidth);});
+ root.setAttribute('data-images-checked',root.querySelectorAll('img').length);}
+var roots=document.querySelectorAll('.isda-viz');
+roots.forEach(function(r){init(r);if(HASH)hashSort(r);});
+function done(){roots.forEach(loaded);}
+if(document.readyState==='complete')done();else window.addEventListener('load',done);
+})();
+"""
+
+
+def _style() -> str:
+    return f"<style>{_CSS}</style>"
+
+
+def _script(hash_sort: bool) -> str:
+    return "<script>" + _JS.replace("HASH", "true" if hash_sort else "false") + "</script>"
+
+
+def _document(page: _Page, embed: bool) -> str:
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_esc(page.title)}</title>{_style()}</head>\n"
+            f'<body><div class="isda-viz">{_body(page, embed)}</div>{_script(hash_sort=True)}</body></html>\n')
