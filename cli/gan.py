@@ -1,4 +1,4 @@
-"""`isda-viz train-gan`: train the class-conditional WGAN-GP the inverter uses; and the `--generator` option."""
+"""`isda-viz train-gan`: train the class-conditional WGAN-GP the inverter uses."""
 
 from __future__ import annotations
 
@@ -7,18 +7,9 @@ import click
 from isda_viz.data import DATASET_NAMES
 from isda_viz.generators.wgan import GanConfig, train_gan
 
-from .common import device_option, seed_option, user_errors
+from .common import device_option, seed_option
 
 _DEFAULT = GanConfig(out="")
-
-# For commands that drive a generator: pass the string to isda_viz.generators.load_generator(spec, device).
-generator_option = click.option(
-    "--generator", "generator", required=True, metavar="GAN_DIR|PATH|biggan-deep-128|256|512",
-    help="A GAN_DIR written by train-gan, a BigGAN folder (config.json + pytorch_model.bin), or a BigGAN name "
-         "(downloaded where online).")
-truncation_option = click.option("--truncation", type=click.FloatRange(0, 1, min_open=True), default=0.5,
-                                 show_default=True, help="BigGAN truncation (ignored by WGAN generators).")
-
 
 @click.command("train-gan")
 @click.option("--dataset", type=click.Choice(DATASET_NAMES), default="fashion-mnist", show_default=True)
@@ -44,7 +35,6 @@ truncation_option = click.option("--truncation", type=click.FloatRange(0, 1, min
 @device_option
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="GAN_DIR to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved iteration.")
-@user_errors
 def train_gan_command(resume, unconditional, beta1, **options):
     """Train a class-conditional WGAN-GP; writes generator.pt, samples.png, metrics.jsonl into --out."""
     record = train_gan(GanConfig(conditional=not unconditional, beta1=float(beta1), **options), resume=resume,

@@ -35,9 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from isda_viz import __version__
+from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
-from isda_viz.runs import (append_jsonl, load_checkpoint, pick_device, read_jsonl, save_atomic, save_image_atomic,
-                           write_json_atomic)
+from isda_viz.runs import append_jsonl, load_checkpoint, read_jsonl, save_atomic, save_image_atomic, write_json_atomic
 
 from .base import Generator
 
@@ -349,7 +349,7 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     from tqdm import tqdm
 
     from isda_viz.data import dataset_spec, load_split
-    from isda_viz.runs import load_classifier
+    from isda_viz.classifier import load_classifier
 
     if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.n_critic < 1:
         raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")

@@ -51,8 +51,10 @@ from tqdm import tqdm
 
 from . import __version__
 from .data import CACHE_ROOT, FolderImages, dataset_spec, iterate_batches, load_image_file, load_split
+from .classifier import load_classifier
+from .devices import pick_device
 from .errors import IsdaVizError
-from .runs import CHECKPOINT, load_classifier, pick_device, resolve_run_dir, save_image_atomic, write_json_atomic
+from .runs import CHECKPOINT, resolve_run_dir, save_image_atomic, write_json_atomic
 
 SPACES = ("pixel", "feature")
 INDEX_KINDS = ("flat", "ivfpq", "auto")

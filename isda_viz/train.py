@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from . import __version__
 from .data import augment_batch, dataset_spec, iterate_batches, load_split, normalize
+from .devices import pick_device
 from .errors import IsdaVizError
 from .isda import ISDALoss
 from .models import build_model
-from .runs import CHECKPOINT, append_jsonl, load_checkpoint, pick_device, read_jsonl, save_atomic, write_json_atomic
+from .runs import CHECKPOINT, append_jsonl, load_checkpoint, read_jsonl, save_atomic, write_json_atomic
 
 
 @dataclass
