@@ -26,18 +26,20 @@ generator). Last, images per minute of the full default pipeline for 16 images x
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
 import torch
 
 from isda_viz.adapter import GeneratorAdapter
+from isda_viz.classifier import class_statistics, load_classifier
 from isda_viz.generators import load_generator
-from isda_viz.inversion import InversionOptions, invert_features, normalize_latent, sample_augmented_features
+from isda_viz.inversion import (InversionOptions, invert_features, negative_target_floor, normalize_latent,
+                                sample_augmented_features)
 from isda_viz.pretrained import default_classifier, default_generator
-from isda_viz.runs import load_classifier
-from isda_viz.visualize import (class_statistics, negative_target_floor, summarize, test_images_per_class,
-                                visualize_augmentations)
+from isda_viz.report import summarize
+from isda_viz.visualize import Models, VisualizeOptions, invert_and_augment, test_images_per_class
 
 
 def first_reaching(history, error):
@@ -101,7 +103,7 @@ def main():
     with torch.no_grad():
         target = featurize(x)
     y = labels if generator.conditional else None
-    z0 = torch.randn(len(images), generator.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    z0 = generator.sample_latent(len(images), torch.Generator().manual_seed(args.seed))
 
     def step1(iterations, lr, opts, desc):
         return timed(lambda: invert_features(lambda z_hat: adapter(z_hat, y), featurize, target, z0, iterations, lr,
@@ -168,11 +170,13 @@ def main():
           f"   ({(wanted < 0).float().mean().item():.1%} of target dimensions are negative)")
 
     started = time.time()
-    result = visualize_augmentations(classifier, generator, images, labels, 0.5, k, InversionOptions(), args.seed)
+    result = invert_and_augment(Models(classifier, generator), images, labels, [""] * len(images),
+                                VisualizeOptions(strength=0.5, num_augmented=k, seed=args.seed))
     minutes = (time.time() - started) / 60
     print(f"\nfull default pipeline, {len(images)} images x {k} augmentations: {minutes * 60:.1f} s, "
           f"{len(images) / minutes:.1f} images/min ({len(images) * k / minutes:.1f} augmented images/min)")
-    print({key: (round(v, 4) if isinstance(v, float) else v) for key, v in summarize(result.records).items()})
+    summary = dataclasses.asdict(summarize(result.entries))
+    print({key: (round(v, 4) if isinstance(v, float) else v) for key, v in summary.items()})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import click
 from isda_viz.audit import AuditConfig, run_audit
 from isda_viz.data import DATASET_NAMES
 
-from .common import device_option, user_errors
+from .common import device_option
 
 
 @click.command("audit")
@@ -33,7 +33,6 @@ from .common import device_option, user_errors
               help="Index only the first N training images (tests).")
 @click.option("--limit-test", type=click.IntRange(min=1), default=None, hidden=True,
               help="Calibrate on the first N test images (tests).")
-@user_errors
 def audit_command(images, **options):
     """Find each query image's k nearest training images; flag likely copies (audit.json, audit.png)."""
     result = run_audit(AuditConfig(images=list(images), **options), log=click.echo)

@@ -7,21 +7,21 @@ import functools
 import click
 
 from isda_viz.inversion import InversionOptions
-from isda_viz.pretrained import default_classifier, default_generator, default_judge
-from isda_viz.runs import load_classifier, pick_device
-from isda_viz.visualize import augment_images, make_grid
+from isda_viz.visualize import VisualizeOptions, augment_images, make_grid
 
-from .common import device_option, seed_option, user_errors
+from .common import device_option, seed_option, truncation_option
 
 
-def inversion_options(fn):
-    """The options `augment` and `grid` share: models, strength, search effort."""
+def visualize_options(fn):
+    """The options `augment` and `grid` share (models, strength, search effort), gathered into one
+    `VisualizeOptions` passed to the command as `options`."""
     options = [
         click.option("--classifier", default=None,
                      help="Classifier RUN_DIR from `isda-viz train` (default: the shipped Fashion-MNIST ISDA ResNet-32)."),
         click.option("--generator", default=None,
                      help="GAN_DIR from `isda-viz train-gan`, biggan-deep-128|256|512, or a local BigGAN folder "
                           "(default: the shipped Fashion-MNIST WGAN-GP)."),
+        truncation_option,
         click.option("--judge", default=None,
                      help="A second classifier RUN_DIR (other seed) whose predictions are reported too "
                           "(default with the shipped classifier: the shipped CE judge)."),
@@ -38,6 +38,9 @@ def inversion_options(fn):
         click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
                      help="Step size on z for both steps (default for adam: 0.2 in Step I, 0.05 in Step II)."),
         click.option("--tolerance", type=float, default=0.0, help="Stop a stage once every feature error is below this."),
+        click.option("--data-root", type=click.Path(), default=None,
+                     help="Folder of the classifier's dataset, as given to `train` (default: the one it was "
+                          "trained from); read for test images and, for CE runs, class statistics."),
         seed_option,
         device_option,
     ]
@@ -45,26 +48,14 @@ def inversion_options(fn):
         fn = option(fn)
 
     @functools.wraps(fn)
-    def wrapper(classifier, generator, judge, restarts, iterations, optimizer, lr, tolerance, device, **kwargs):
-        from isda_viz.generators import load_generator
-
-        if optimizer == "sgd" and lr is None:
-            # Adam's steps are scale-free; gradient descent's depend on the loss scale, so no default fits.
-            raise click.UsageError("--optimizer sgd needs --lr (gradient descent has no default step size here)")
-        dev = pick_device(device)
-        opts = InversionOptions(restarts=restarts, optimizer=optimizer, tolerance=tolerance)
-        if iterations:
-            opts.reconstruct_iterations, opts.augment_iterations = iterations, iterations * 3 // 2
-        if lr is not None:
-            opts.reconstruct_lr = opts.augment_lr = lr
-        if classifier is None and judge is None:
-            judge = default_judge()
-        models = {
-            "classifier": load_classifier(classifier or default_classifier(), dev),
-            "generator": load_generator(generator or default_generator(), dev),
-            "judge": load_classifier(judge, dev) if judge else None,
-        }
-        return fn(opts=opts, **models, **kwargs)
+    def wrapper(restarts, iterations, optimizer, lr, tolerance, data_root, classifier, generator, truncation, judge,
+                num_augmented, strength, seed, device, **kwargs):
+        inversion = InversionOptions.make(iterations=iterations, lr=lr, optimizer=optimizer, restarts=restarts,
+                                          tolerance=tolerance)
+        return fn(options=VisualizeOptions(classifier=classifier, generator=generator, truncation=truncation,
+                                           judge=judge, device=device, strength=strength,
+                                           num_augmented=num_augmented, inversion=inversion, seed=seed,
+                                           data_root=data_root), **kwargs)
 
     return wrapper
 
@@ -74,12 +65,11 @@ def inversion_options(fn):
               help="An image file (PNG/JPEG, any size or mode); repeat for several.")
 @click.option("--label", default=None, help="Class name or index of the images (default: the classifier's prediction).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
-@inversion_options
-@user_errors
-def augment_command(images, label, out, opts, classifier, generator, judge, num_augmented, strength, seed):
+@visualize_options
+def augment_command(images, label, out, options):
     """Invert image files through the generator and show K ISDA-augmented versions of each."""
-    folder = augment_images(list(images), classifier, generator, out, label, num_augmented, strength, opts, seed, judge)
-    click.echo(f"wrote {folder}/grid.png, {folder}/report.json and one PNG per image")
+    augment_images(list(images), out=out, label=label, options=options)
+    click.echo(f"wrote {out}/grid.png, {out}/report.json and one PNG per image")
 
 
 @click.command("grid")
@@ -87,18 +77,14 @@ def augment_command(images, label, out, opts, classifier, generator, judge, num_
 @click.option("--classes", default=None, help="Comma-separated class names or indices (default: all).")
 @click.option("--samples", type=click.IntRange(0, 16), default=2, show_default=True,
               help="Random same-class generator samples per row (class-conditional generators).")
-@click.option("--data-root", type=click.Path(), default=None, help="Dataset folder, as given to `train`.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Figure file FIG.png.")
-@inversion_options
-@user_errors
-def grid_command(per_class, classes, samples, data_root, out, opts, classifier, generator, judge, num_augmented,
-                 strength, seed):
+@visualize_options
+def grid_command(per_class, classes, samples, out, options):
     """The paper's figure for test images: original | reconstruction | K augmented | random same-class samples."""
     chosen = [c.strip() for c in classes.split(",")] if classes else None
-    report = make_grid(classifier, generator, out, per_class, chosen, num_augmented, strength, samples, opts, seed,
-                       judge, data_root)
-    s = report["summary"]
+    report = make_grid(out=out, per_class=per_class, classes=chosen, num_samples=samples, options=options)
+    s = report.summary
     click.echo(f"wrote {out} and its report {out[:-4]}.json: step I median feature error "
-               f"{s['step1_median_feature_error']:.3f}, step II median reached-shift error "
-               f"{s['step2_median_reached_shift_error']:.3f} (no image can go below "
-               f"{s['step2_median_negative_target_floor']:.3f}: the targets' negative part)")
+               f"{s.step1_median_feature_error:.3f}, step II median reached-shift error "
+               f"{s.step2_median_reached_shift_error:.3f} (no image can go below "
+               f"{s.step2_median_negative_target_floor:.3f}: the targets' negative part)")

@@ -6,7 +6,7 @@ import click
 
 from isda_viz.demo import check_out_dir, run_demo, summary_table
 
-from .common import device_option, user_errors
+from .common import device_option
 
 
 @click.command("demo")
@@ -16,7 +16,6 @@ from .common import device_option, user_errors
 @click.option("--from-scratch", is_flag=True,
               help="Train the ISDA classifier, the CE judge and the WGAN-GP first instead of using the shipped weights.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@user_errors
 def demo_command(out, device, quick, from_scratch, seed):
     """Figure grid + FAISS audit on Fashion-MNIST; a stage whose output exists in --out is reused."""
     check_out_dir(out)

@@ -7,7 +7,7 @@ import click
 from isda_viz.data import DATASET_NAMES
 from isda_viz.generators import GanConfig, train_gan
 
-from .common import device_option, seed_option, user_errors
+from .common import device_option, seed_option
 
 _DEFAULT = GanConfig(out="")
 
@@ -36,7 +36,6 @@ _DEFAULT = GanConfig(out="")
 @device_option
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="GAN_DIR to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved iteration.")
-@user_errors
 def train_gan_command(resume, unconditional, beta1, **options):
     """Train a class-conditional WGAN-GP; writes generator.pt, samples.png, metrics.jsonl into --out."""
     record = train_gan(GanConfig(conditional=not unconditional, beta1=float(beta1), **options), resume=resume,

@@ -1,10 +1,11 @@
-"""The `isda-viz` command group."""
+"""The `isda-viz` command group, and the one place library errors become one-line CLI errors."""
 
 from __future__ import annotations
 
 import click
 
 from isda_viz import __version__
+from isda_viz.errors import IsdaVizError
 
 from .audit import audit_command
 from .augment import augment_command, grid_command
@@ -14,7 +15,17 @@ from .plot import plot_command
 from .train import train_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class IsdaVizGroup(click.Group):
+    """A command group whose commands' `IsdaVizError`s end as `Error: <message>` on stderr, exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except IsdaVizError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=IsdaVizGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="isda-viz")
 def main():
     """Implicit semantic data augmentation (ISDA): train with it, and see what it augments."""

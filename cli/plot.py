@@ -6,7 +6,7 @@ import click
 
 from isda_viz.plot import EMBEDDINGS, plot_runs
 
-from .common import device_option, seed_option, user_errors
+from .common import device_option, seed_option
 
 
 @click.command("plot")
@@ -21,7 +21,6 @@ from .common import device_option, seed_option, user_errors
               help="Dataset folder for the embedding (default: the one each run was trained from).")
 @seed_option
 @device_option
-@user_errors
 def plot_command(**options):
     """Plot test accuracy and loss per epoch of RUN_DIRS on shared axes (and more when the runs logged it)."""
     paths = plot_runs(**options)

@@ -8,7 +8,7 @@ from isda_viz.data import DATASET_NAMES
 from isda_viz.models import ARCH_NAMES
 from isda_viz.train import TrainConfig, fit
 
-from .common import device_option, seed_option, user_errors
+from .common import device_option, seed_option
 
 
 @click.command("train")
@@ -32,7 +32,6 @@ from .common import device_option, seed_option, user_errors
 @click.option("--limit-train", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
 @click.option("--limit-test", type=click.IntRange(min=1), default=None, help="Use only the first N test images.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader workers (image folders only).")
-@user_errors
 def train_command(resume, **options):
     """Train a classifier with the ISDA loss; writes checkpoint.pt, metrics.jsonl, config.json."""
     result = fit(TrainConfig(**options), resume=resume, log=click.echo)

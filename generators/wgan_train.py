@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from isda_viz import __version__
 from isda_viz.errors import IsdaVizError
-from isda_viz.runs import (append_jsonl, open_run_dir, pick_device, read_jsonl, save_atomic, save_image_atomic,
+from isda_viz.devices import pick_device
+from isda_viz.runs import (append_jsonl, open_run_dir, read_jsonl, save_atomic, save_image_atomic,
                            truncate_metrics, write_json_atomic)
 from isda_viz.schedules import learning_rate
 
@@ -140,7 +141,7 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     from tqdm import tqdm
 
     from isda_viz.data import dataset_spec, load_split
-    from isda_viz.runs import load_classifier
+    from isda_viz.classifier import load_classifier
 
     if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.n_critic < 1:
         raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")

@@ -42,7 +42,7 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 def to_classifier_input(images: torch.Tensor, output_range: tuple[float, float], classifier) -> torch.Tensor:
     """Generator images `(N, C, H, W)` with values in `output_range` → the classifier's normalised input.
 
-    `classifier` is an `isda_viz.runs.Classifier` (anything with `channels`,
+    `classifier` is an `isda_viz.classifier.Classifier` (anything with `channels`,
     `image_size` and `preprocess`). Values are clamped to [0, 1] like a saved image would be.
     """
     return classifier.preprocess(to_classifier_pixels(images, output_range, classifier))
@@ -64,11 +64,11 @@ def check_compatible(generator, classifier) -> None:
     if generator.conditional and generator.num_classes != classifier.num_classes:
         raise IsdaVizError(
             f"generator {generator.name} has {generator.num_classes} classes, the classifier in "
-            f"{classifier.run_dir} has {classifier.num_classes}; use a generator trained on the classifier's dataset")
+            f"{classifier.source} has {classifier.num_classes}; use a generator trained on the classifier's dataset")
     g, c = generator.channels, classifier.channels
     if not (g == c or g == 1 or (g == 3 and c == 1)):
         raise IsdaVizError(f"cannot map {g}-channel generator images to the {c}-channel classifier in "
-                           f"{classifier.run_dir} (only RGB→grayscale and grayscale→any)")
+                           f"{classifier.source} (only RGB→grayscale and grayscale→any)")
 
 
 class GeneratorAdapter(nn.Module):

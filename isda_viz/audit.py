@@ -32,7 +32,9 @@ from .errors import IsdaVizError
 from .figures import audit_page
 from .index import (CHUNK, SPACES, Embedder, copy_score, default_index_dir, prepare_index,
                     training_images)
-from .runs import load_classifier, pick_device, save_image_atomic, write_json_atomic
+from .classifier import load_classifier
+from .devices import pick_device
+from .runs import save_image_atomic, write_json_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 QUERIES_PER_PAGE = 16        # queries drawn on one page of the figure

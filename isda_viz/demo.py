@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import IsdaVizError
 from .inversion import InversionOptions
+from .report import Report, read_report
 from .runs import CHECKPOINT, load_checkpoint, read_jsonl, write_json_atomic
 
 
@@ -58,6 +59,9 @@ def _gan_finished(gan_dir: Path, iterations: int) -> bool:
 def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: bool = False,
              seed: int = 0, log=print, progress: bool = True) -> dict:
     """Run every stage into `out`; returns the summary (also written as `out/summary.json`)."""
+    from .devices import pick_device
+
+    pick_device(device)  # a device that is not there fails before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = DemoPlan.make(quick)
@@ -121,24 +125,19 @@ def _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
     return runs
 
 
-def _grid_stage(out, plan, models, device, seed, log, progress, seconds) -> dict:
-    from .generators import load_generator
-
-    from .runs import load_classifier, pick_device
-    from .visualize import make_grid
+def _grid_stage(out, plan, models, device, seed, log, progress, seconds) -> Report:
+    from .visualize import VisualizeOptions, make_grid
 
     figure = out / "figure.png"
     if figure.exists() and figure.with_suffix(".json").exists():
         _status(log, "grid", f"reusing the finished figure {figure}")
-        return json.loads(figure.with_suffix(".json").read_text())
-    dev = pick_device(device)
-    classifier = load_classifier(models["classifier"], dev)
-    judge = load_classifier(models["judge"], dev) if models.get("judge") else None
-    generator = load_generator(str(models["generator"]), dev)
+        return read_report(figure.with_suffix(".json"))
+    options = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),
+                               judge=str(models["judge"]) if models.get("judge") else None, device=device,
+                               strength=0.5, num_augmented=plan.num_augmented, inversion=plan.inversion, seed=seed,
+                               progress=progress)
     _status(log, "grid", f"inverting one test image per class, {plan.num_augmented} augmentations each")
-    return _timed(seconds, "grid", lambda: make_grid(
-        classifier, generator, figure, per_class=1, num_augmented=plan.num_augmented, strength=0.5,
-        opts=plan.inversion, seed=seed, judge=judge, progress=progress))
+    return _timed(seconds, "grid", lambda: make_grid(out=figure, per_class=1, options=options))
 
 
 def _audit_stage(out, plan, device, log, progress, seconds) -> dict:
@@ -164,20 +163,20 @@ def _metrics_of(run_dir) -> dict:
     return history[-1]
 
 
-def _summary(models, report, audit, seconds, quick, from_scratch) -> dict:
-    s = report["summary"]
+def _summary(models, report: Report, audit, seconds, quick, from_scratch) -> dict:
+    s = report.summary
     gan = _metrics_of(models["generator"])
     return {
         "quick": quick, "from_scratch": from_scratch,
         "classifier_test_accuracy": _metrics_of(models["classifier"]).get("test_accuracy"),
         "judge_test_accuracy": _metrics_of(models["judge"]).get("test_accuracy") if models.get("judge") else None,
         "gan_class_agreement": gan.get("agreement"),
-        "step1_median_feature_error": s["step1_median_feature_error"],
-        "reconstruction_true_label_rate": s["reconstruction_true_label_rate"],
-        "step2_median_reached_shift_error": s["step2_median_reached_shift_error"],
-        "step2_median_negative_target_floor": s.get("step2_median_negative_target_floor"),
-        "augmented_judge_label_kept_rate": s["augmented_judge_label_kept_rate"],
-        "median_pixel_distance_to_reconstruction": s["median_pixel_distance_to_reconstruction"],
+        "step1_median_feature_error": s.step1_median_feature_error,
+        "reconstruction_true_label_rate": s.reconstruction_true_label_rate,
+        "step2_median_reached_shift_error": s.step2_median_reached_shift_error,
+        "step2_median_negative_target_floor": s.step2_median_negative_target_floor,
+        "augmented_judge_label_kept_rate": s.augmented_judge_label_kept_rate,
+        "median_pixel_distance_to_reconstruction": s.median_pixel_distance_to_reconstruction,
         "audit_queries": len(audit["queries"]),
         "audit_flagged_copies": sum(q["flagged"] for q in audit["queries"]),
         "seconds": seconds,

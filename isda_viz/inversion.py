@@ -1,18 +1,26 @@
-"""Feature inversion through a frozen generator (the paper's Appendix E, Eqs. 20-21).
+"""Feature inversion through a frozen generator: the paper's Appendix E (Eqs. 20-21).
 
-Step I reconstructs a real image x with features a = f(x):
+Step I, `reconstruct` (Eq. 20): for a real image x with features a = f(x),
 
     z* = argmin_z ||f(G(z_hat)) - a||^2 + eta ||G(z_hat) - x||^2,   z_hat = (z - mean z) / std z,
 
-from several random starts, keeping the best. Step II samples augmented
-features a~ = a + eps, eps ~ N(0, lambda Sigma_y), and from z* finds
-z' = argmin ||f(G(z_hat')) - a~||^2, for all images x K augmentations in one batch.
+solved from R starts per image at once; the start with the lowest objective is kept.
 
-`invert_features` is the optimiser and knows nothing of generators or
-classifiers: it drives a `render(z_hat) -> classifier input` and a
-`featurize(input) -> (M, A)` it is handed. Both networks are frozen in eval
-mode (the reference code leaves them in train mode, so batch-norm statistics
-leak between images).
+Step II, `augment` (Eq. 21): for augmented features a~ = a + eps, eps ~ N(0, lambda Sigma_y)
+(`sample_augmented_features`), from z*,
+
+    z' = argmin_z ||f(G(z_hat)) - a~||^2,
+
+for all images x K augmentations in one batch; its error is measured against the shift,
+||f(G(z_hat')) - a~|| / ||a~ - a||, whose lower bound for any image is `negative_target_floor`.
+
+`invert_features` is the optimiser under both steps. Nothing here knows either
+network's class: the caller hands in `render(z_hat, owner) -> classifier input`
+(the generator through the adapter; `owner (M,)` says which image each row
+belongs to, e.g. to pick its class label) and `featurize(input) -> (M, A)`, and
+draws the starting codes from the generator's prior. Both networks are frozen
+in eval mode (the reference code leaves them in train mode, so batch-norm
+statistics leak between images).
 """
 
 from __future__ import annotations
@@ -51,6 +59,21 @@ class InversionOptions:
     schedule: str = "cosine"            # "cosine" | "constant" | "step" (÷10 every `step_every`)
     step_every: int = 2500
     reduction: str = "sum"              # "sum" of squares (ours) | "mean" (the reference's MSE losses)
+
+    @classmethod
+    def make(cls, iterations: int | None = None, lr: float | None = None, optimizer: str = "adam",
+             restarts: int = 4, tolerance: float = 0.0) -> "InversionOptions":
+        """The options from the knobs `augment` and `grid` offer: `iterations` of Step I (Step II takes
+        3/2 as many; default 200 and 300) and one `lr` for both steps (default 0.2 and 0.05 for adam)."""
+        if optimizer == "sgd" and lr is None:
+            # Adam's steps are scale-free; gradient descent's depend on the loss scale, so no default fits.
+            raise IsdaVizError("--optimizer sgd needs --lr (gradient descent has no default step size here)")
+        opts = cls(restarts=restarts, optimizer=optimizer, tolerance=tolerance)
+        if iterations:
+            opts.reconstruct_iterations, opts.augment_iterations = iterations, iterations * 3 // 2
+        if lr is not None:
+            opts.reconstruct_lr = opts.augment_lr = lr
+        return opts
 
 
 def normalize_latent(z: torch.Tensor) -> torch.Tensor:
@@ -135,6 +158,78 @@ def _objective(render, featurize, z, target, pixel_target, opts: InversionOption
         pixel = (images - pixel_target).pow(2).flatten(1)
         objective = objective + opts.eta * (pixel.mean(1) if opts.reduction == "mean" else pixel.sum(1))
     return images, features, feature_loss.detach(), objective
+
+
+Render = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (z_hat (M, D), owner (M,)) -> classifier input
+
+
+@dataclass
+class Reconstruction:
+    """Step I's result per image: `z (N, D)` = z* (raw codes; the generator sees `normalize_latent(z)`),
+    `images` the classifier input it renders to, `feature_error (N,)` = ||f(G(z_hat*)) - a|| / ||a||,
+    `objective (N,)`, and the search's `history` (over all starts)."""
+
+    z: torch.Tensor
+    images: torch.Tensor
+    feature_error: torch.Tensor
+    objective: torch.Tensor
+    history: list[dict]
+
+
+def reconstruct(render: Render, featurize: Callable[[torch.Tensor], torch.Tensor], target: torch.Tensor,
+                starts: torch.Tensor, opts: InversionOptions, pixel_target: torch.Tensor | None = None,
+                progress: bool = True) -> Reconstruction:
+    """Step I (Eq. 20): z* for `target (N, A)` features (and `pixel_target`, the images, `(N, ...)`),
+    searched from `starts (N, R, D)`, all N·R problems in one batch; the best start per image is kept."""
+    n, r = starts.shape[:2]
+    owner = torch.arange(n, device=target.device).repeat_interleave(r)
+    trace = invert_features(lambda z_hat: render(z_hat, owner), featurize, target.repeat_interleave(r, 0),
+                            starts.flatten(0, 1), opts.reconstruct_iterations, opts.reconstruct_lr, opts,
+                            pixel_target=None if pixel_target is None else pixel_target.repeat_interleave(r, 0),
+                            desc="step I: reconstruct", progress=progress)
+    best = trace.objective.view(n, r).argmin(1) + torch.arange(n, device=trace.objective.device) * r
+    return Reconstruction(trace.z[best], trace.images[best], trace.feature_error[best], trace.objective[best],
+                          trace.history)
+
+
+@dataclass
+class Augmentation:
+    """Step II's result: `z (N, K, D)` = z', `images (N, K, ...)` classifier input,
+    `reached_shift_error (N, K)` = ||f(G(z_hat')) - a~|| / ||a~ - a||, `shift_norm (N, K)` = ||a~ - a||,
+    `negative_target_floor (N, K)` (the part of the shift no image reaches), `history`."""
+
+    z: torch.Tensor
+    images: torch.Tensor
+    reached_shift_error: torch.Tensor
+    shift_norm: torch.Tensor
+    negative_target_floor: torch.Tensor
+    history: list[dict]
+
+
+def augment(render: Render, featurize: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor,
+            wanted: torch.Tensor, z_star: torch.Tensor, opts: InversionOptions,
+            progress: bool = True) -> Augmentation:
+    """Step II (Eq. 21): z' for augmented features `wanted (N, K, A)` of images with `features (N, A)`,
+    each of the N·K problems starting from its image's `z_star (N, D)`, all in one batch."""
+    n, k = wanted.shape[:2]
+    owner = torch.arange(n, device=features.device).repeat_interleave(k)
+    flat = wanted.reshape(n * k, -1)
+    shift = (wanted - features[:, None]).reshape(n * k, -1)
+    trace = invert_features(lambda z_hat: render(z_hat, owner), featurize, flat, z_star.repeat_interleave(k, 0),
+                            opts.augment_iterations, opts.augment_lr, opts, error_scale=shift,
+                            desc="step II: augment", progress=progress)
+    return Augmentation(trace.z.view(n, k, -1), trace.images.view(n, k, *trace.images.shape[1:]),
+                        trace.feature_error.view(n, k), shift.norm(dim=1).view(n, k),
+                        negative_target_floor(flat, shift).view(n, k), trace.history)
+
+
+def negative_target_floor(wanted: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """||min(a~, 0)|| / ||a~ - a|| per row, `(M, A)` → `(M,)`: a lower bound on the reached-shift error.
+
+    Every architecture here takes its features as averages of ReLU outputs, so no image has a negative
+    feature; a Gaussian a~ has some, and that part of the shift cannot be reached by any image.
+    """
+    return wanted.clamp(max=0).norm(dim=1) / shift.norm(dim=1).clamp_min(1e-12)
 
 
 def sample_augmented_features(features: torch.Tensor, labels: torch.Tensor, estimator: CovarianceEstimator,

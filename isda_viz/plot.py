@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from .data import TensorImages, load_split
 from .errors import IsdaVizError
-from .runs import load_classifier  # the one place to change when it moves to isda_viz.classifier
-from .runs import pick_device, read_jsonl, write_bytes_atomic, write_json_atomic
+from .classifier import load_classifier
+from .devices import pick_device
+from .runs import read_jsonl, write_bytes_atomic, write_json_atomic
 
 EMBEDDINGS = ("none", "pca", "tsne")
 # Metrics drawn when present, in the order they go to the CSV.

@@ -1,4 +1,4 @@
-"""Run directories: atomic writes, safe checkpoint loading, and the classifier a run holds.
+"""Run directories: atomic writes, JSON lines, safe checkpoint loading.
 
 A classifier run directory (written by `isda-viz train`) holds
 `checkpoint.pt` (plain tensors and dicts: model, optimizer, estimator state,
@@ -12,14 +12,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import IsdaVizError
-from .estimator import CovarianceEstimator
-from .models import build_model
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -95,76 +92,10 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
         raise IsdaVizError(f"{what} {path} is corrupt or not a checkpoint ({type(e).__name__})") from None
 
 
-@dataclass
-class Classifier:
-    """A trained classifier, frozen, with what it takes to feed it.
-
-    `model(normalize(x))` for `x (N, channels, image_size, image_size)` in [0, 1].
-    """
-
-    model: torch.nn.Module
-    config: dict
-    class_names: list[str]
-    mean: list[float]
-    std: list[float]
-    channels: int
-    image_size: int
-    estimator: CovarianceEstimator | None
-    run_dir: Path
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def dataset(self) -> str:
-        return self.config["dataset"]
-
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """`(N, C, H, W)` in [0, 1] at the classifier's size → normalised input."""
-        from .data import normalize
-
-        return normalize(x, self.mean, self.std)
-
-
 def resolve_run_dir(path) -> Path:
     """A run directory, or the checkpoint file inside one."""
     path = Path(path)
     return path.parent if path.is_file() else path
-
-
-def load_classifier(run_dir, device="cpu") -> Classifier:
-    """The classifier of a `train` run, in eval mode with gradients off for its parameters."""
-    run_dir = resolve_run_dir(run_dir)
-    ckpt = load_checkpoint(run_dir / CHECKPOINT, "classifier checkpoint")
-    try:
-        cfg = ckpt["config"]
-        model = build_model(cfg["arch"], len(ckpt["class_names"]), ckpt["input"]["channels"])
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise IsdaVizError(f"{run_dir / CHECKPOINT} is not a classifier checkpoint of isda-viz ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:120]})") from None
-    model.to(device).eval().requires_grad_(False)
-    est = ckpt.get("estimator")
-    estimator = CovarianceEstimator.from_state_dict(est, device=device) if est else None
-    return Classifier(model, cfg, list(ckpt["class_names"]), list(ckpt["normalization"]["mean"]),
-                      list(ckpt["normalization"]["std"]), ckpt["input"]["channels"], ckpt["input"]["size"],
-                      estimator, run_dir)
-
-
-def pick_device(device: str | None) -> torch.device:
-    """`cpu`, `cuda`, `cuda:N`, or None for CUDA when present else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise IsdaVizError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise IsdaVizError(f"--device {device} asked for, but CUDA is not available on this machine")
-    return dev
-
-
 # ------------------------------------------------------------------------------------------------ resuming a run
 
 

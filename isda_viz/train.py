@@ -22,10 +22,12 @@ from tqdm import tqdm
 
 from . import __version__
 from .data import augment_batch, dataset_spec, iterate_batches, load_split, normalize
+from .devices import pick_device
 from .errors import IsdaVizError
 from .isda import ISDALoss
 from .models import build_model
-from .runs import (CHECKPOINT, append_jsonl, open_run_dir, pick_device, read_jsonl, save_atomic, truncate_metrics,
+from .devices import pick_device
+from .runs import (CHECKPOINT, append_jsonl, open_run_dir, read_jsonl, save_atomic, truncate_metrics,
                    write_json_atomic)
 from .schedules import isda_strength, learning_rate
 

@@ -1,7 +1,11 @@
-"""What `augment` and `grid` do: invert real images, augment their features, render, measure, write.
+"""The `augment` and `grid` pipelines: invert real images, augment their features, render, measure, write.
 
-Data flows one way: images → classifier features a → Step I (z*) → a~ = a + eps
-→ Step II (z') → images, predictions and errors → PNGs + report.json.
+Data flows one way: images → classifier features a → Step I, `inversion.reconstruct` (z*)
+→ a~ = a + eps (`inversion.sample_augmented_features`) → Step II, `inversion.augment` (z')
+→ images, predictions and errors → PNGs + the report (`isda_viz.report`).
+
+Both pipelines take one `VisualizeOptions`, which also names the models; Python callers get
+the command line's defaults (shipped weights, the shipped judge, Step II = 3/2 × Step I).
 """
 
 from __future__ import annotations
@@ -10,60 +14,86 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .adapter import GeneratorAdapter
+from .classifier import Classifier, class_statistics, load_classifier
 from .data import load_image_file, load_split
+from .devices import pick_device
 from .errors import IsdaVizError
-from .estimator import CovarianceEstimator
-from .figures import labelled_grid
-from .inversion import InversionOptions, invert_features, normalize_latent, sample_augmented_features
-from .runs import Classifier, load_checkpoint, save_atomic, write_json_atomic
+from .figures import labelled_grid, to_pil
+from .inversion import InversionOptions, augment, normalize_latent, reconstruct, sample_augmented_features
+from .report import REPORT, AugmentedEntry, ImageEntry, ReconstructionEntry, Report, Settings, summarize, write_report
 
-STATISTICS_CACHE = "class_statistics.pt"
-
-
-def class_statistics(classifier: Classifier, data_root=None, batch_size: int = 500,
-                     progress: bool = True) -> CovarianceEstimator:
-    """The run's per-class feature covariances: its ISDA estimator, or (CE runs) one pass over the
-    training set, cached in the run directory beside the checkpoint it was computed from."""
-    if classifier.estimator is not None:
-        return classifier.estimator
-    from tqdm import tqdm
-
-    from .data import iterate_batches
-
-    cache = classifier.run_dir / STATISTICS_CACHE
-    stamp = os.stat(classifier.run_dir / "checkpoint.pt")
-    key = f"{stamp.st_size}-{stamp.st_mtime_ns}"
-    device = next(classifier.model.parameters()).device
-    if cache.exists():
-        state = load_checkpoint(cache, "class statistics cache")
-        if state.get("checkpoint") == key:
-            return CovarianceEstimator.from_state_dict(state["estimator"], device=device)
-    train = load_split(classifier.dataset, True, data_root or classifier.config.get("data_root"),
-                       classifier.config.get("limit_train"))  # the images the run was trained on
-    estimator = CovarianceEstimator(classifier.model.feature_dim, classifier.num_classes, device=device,
-                                    diagonal=classifier.config.get("covariance") == "diagonal")
-    with torch.no_grad():
-        for images, labels in tqdm(iterate_batches(train, batch_size, shuffle=False), desc="class statistics",
-                                   total=-(-len(train) // batch_size), disable=not progress, leave=False):
-            x = classifier.preprocess(images.to(device).float() / 255)
-            estimator.update(classifier.model.features(x), labels.to(device))
-    save_atomic({"checkpoint": key, "estimator": estimator.state_dict()}, cache)
-    return estimator
+if TYPE_CHECKING:
+    from .generators import Generator
 
 
-def negative_target_floor(wanted: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """||min(a~, 0)|| / ||a~ - a|| per row, `(M, A)` → `(M,)`: a lower bound on the reached-shift error.
+@dataclass
+class Models:
+    """The frozen networks a pipeline drives."""
 
-    Every architecture here takes its features as averages of ReLU outputs, so no image has a negative
-    feature; a Gaussian a~ has some, and that part of the shift cannot be reached by any image.
+    classifier: Classifier
+    generator: Generator
+    judge: Classifier | None = None
+
+
+@dataclass(kw_only=True)
+class VisualizeOptions:
+    """Everything `augment` and `grid` share: which models, how strong an augmentation, how hard a search.
+
+    `classifier`/`judge`: RUN_DIRs; `generator`: a GAN_DIR, a BigGAN folder or name. Left None,
+    the shipped Fashion-MNIST weights are used, and with the shipped classifier also the shipped
+    CE judge. `truncation` is BigGAN's (None: its default). `strength` is λ: a~ = a + eps,
+    eps ~ N(0, λ Σ_y); `num_augmented` is K per image. `InversionOptions.make` turns the command
+    line's knobs into `inversion`.
     """
-    return wanted.clamp(max=0).norm(dim=1) / shift.norm(dim=1).clamp_min(1e-12)
+
+    classifier: str | None = None
+    generator: str | None = None
+    judge: str | None = None
+    truncation: float | None = None
+    device: str | None = None
+    strength: float = 0.5
+    num_augmented: int = 4
+    inversion: InversionOptions = field(default_factory=InversionOptions)
+    seed: int = 0
+    data_root: str | None = None      # the classifier's dataset folder (default: the one it was trained from)
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise `IsdaVizError` for values no run can use (before any model is loaded)."""
+        if self.strength < 0:
+            raise IsdaVizError("--strength must be >= 0")
+        if self.num_augmented < 1:
+            raise IsdaVizError("--num-augmented must be >= 1")
+        if self.inversion.restarts < 1:
+            raise IsdaVizError("--restarts must be >= 1")
+
+    def load_models(self) -> Models:
+        """The classifier, generator and judge these options name, frozen, on the chosen device."""
+        from .generators import load_generator
+        from .pretrained import default_classifier, default_generator, default_judge
+
+        device = pick_device(self.device)
+        judge = self.judge if self.judge is not None or self.classifier is not None else default_judge()
+        extra = {} if self.truncation is None else {"truncation": self.truncation}
+        return Models(load_classifier(self.classifier or default_classifier(), device),
+                      load_generator(str(self.generator or default_generator()), device, **extra),
+                      load_classifier(judge, device) if judge else None)
+
+
+def check_models(models: Models) -> None:
+    """Raise `IsdaVizError` unless generator, classifier and judge fit together."""
+    GeneratorAdapter(models.generator, models.classifier)  # checks class count and channels
+    c, j = models.classifier, models.judge
+    if j is not None and (j.channels, j.image_size) != (c.channels, c.image_size):
+        raise IsdaVizError(f"the judge in {j.source} takes {j.channels}×{j.image_size}² images, the classifier in "
+                           f"{c.source} {c.channels}×{c.image_size}²; give a judge trained on the same dataset")
 
 
 @dataclass
@@ -74,128 +104,96 @@ class AugmentationResult:
     labels: torch.Tensor             # (N,)
     reconstructions: torch.Tensor    # (N, C, H, W)
     augmented: torch.Tensor          # (N, K, C, H, W)
-    records: list[dict]              # per image, the report.json entry without file names
+    entries: list[ImageEntry]        # per image, its report entry (files named, not yet written)
     seconds: dict
 
 
-def _predict(classifier: Classifier | None, unit: torch.Tensor) -> list[int] | list[None]:
-    if classifier is None:
-        return [None] * len(unit)
-    if unit.shape[-1] != classifier.image_size or unit.shape[1] != classifier.channels:
-        raise IsdaVizError("the judge classifier takes images of another size or channel count than the classifier")
-    with torch.no_grad():
-        return classifier.model(classifier.preprocess(unit)).argmax(1).tolist()
-
-
-def visualize_augmentations(classifier: Classifier, generator, images: torch.Tensor, labels: torch.Tensor,
-                            strength: float, num_augmented: int, opts: InversionOptions, seed: int = 0,
-                            judge: Classifier | None = None, data_root=None, progress: bool = True
-                            ) -> AugmentationResult:
+def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tensor, sources: list[str],
+                       options: VisualizeOptions) -> AugmentationResult:
     """Step I, sampling and Step II for `images (N, C, H, W)` in [0, 1] (classifier size) with `labels (N,)`."""
-    if strength < 0:
-        raise IsdaVizError("--strength must be >= 0")
-    if num_augmented < 1:
-        raise IsdaVizError("--num-augmented must be >= 1")
+    classifier, generator, judge = models.classifier, models.generator, models.judge
+    opts, k = options.inversion, options.num_augmented
     adapter = GeneratorAdapter(generator, classifier)
-    device = next(classifier.model.parameters()).device
-    n, r, k = len(images), opts.restarts, num_augmented
-    rng = torch.Generator().manual_seed(seed)
+    device = classifier.device
+    n = len(images)
+    rng = torch.Generator().manual_seed(options.seed)
     images, labels = images.to(device), labels.to(device)
-    featurize = classifier.model.features
-    timings = {}
-
+    x = classifier.preprocess(images)
+    target = classifier.features(images)
     with torch.no_grad():
-        x = classifier.preprocess(images)
-        target = featurize(x)
         predicted = classifier.model.fc(target).argmax(1).tolist()
-    gen_labels = labels if generator.conditional else None
+    y = labels if generator.conditional else None
 
-    def renderer(y):
-        return lambda z_hat: adapter(z_hat, y)
+    def render(z_hat, owner):
+        return adapter(z_hat, None if y is None else y[owner])
 
-    def pixels(z, y):
+    def pixels(z, labels_of_rows):
         with torch.no_grad():
-            return adapter.pixels(normalize_latent(z), y)
+            return adapter.pixels(normalize_latent(z), labels_of_rows)
 
-    # Step I: R restarts per image in one batch, keep the best objective.
+    timings = {}
     started = time.time()
-    z0 = torch.randn(n * r, generator.latent_dim, generator=rng).to(device)
-    y_rep = gen_labels.repeat_interleave(r) if gen_labels is not None else None
-    step1 = invert_features(renderer(y_rep), featurize, target.repeat_interleave(r, 0), z0,
-                            opts.reconstruct_iterations, opts.reconstruct_lr, opts,
-                            pixel_target=x.repeat_interleave(r, 0), desc="step I: reconstruct", progress=progress)
-    best = step1.objective.view(n, r).argmin(1) + torch.arange(n, device=device) * r
-    z_star = step1.z[best]
-    recon_unit = pixels(z_star, gen_labels)
+    starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, -1)
+    step1 = reconstruct(render, classifier.model.features, target, starts, opts, pixel_target=x,
+                        progress=options.progress)
+    recon_unit = pixels(step1.z, y)
     timings["reconstruct"] = time.time() - started
 
-    # Sampling and Step II: N x K problems in one batch, each starting from its image's z*.
     started = time.time()
-    statistics = class_statistics(classifier, data_root, progress=progress)
-    wanted = sample_augmented_features(target, labels, statistics, strength, k, rng)    # (N, K, A)
-    y_aug = gen_labels.repeat_interleave(k) if gen_labels is not None else None
-    shift = (wanted - target[:, None]).reshape(n * k, -1)
-    floor = negative_target_floor(wanted.reshape(n * k, -1), shift)
-    step2 = invert_features(renderer(y_aug), featurize, wanted.reshape(n * k, -1), z_star.repeat_interleave(k, 0),
-                            opts.augment_iterations, opts.augment_lr, opts, error_scale=shift,
-                            desc="step II: augment", progress=progress)
-    aug_unit = pixels(step2.z, y_aug).view(n, k, *recon_unit.shape[1:])
+    statistics = class_statistics(classifier, options.data_root, progress=options.progress)
+    wanted = sample_augmented_features(target, labels, statistics, options.strength, k, rng)    # (N, K, A)
+    step2 = augment(render, classifier.model.features, target, wanted, step1.z, opts, progress=options.progress)
+    y_aug = None if y is None else y.repeat_interleave(k)
+    aug_unit = pixels(step2.z.flatten(0, 1), y_aug).view(n, k, *recon_unit.shape[1:])
     timings["augment"] = time.time() - started
 
-    recon_pred, recon_judge = _predict(classifier, recon_unit), _predict(judge, recon_unit)
+    def predictions(model, unit):
+        return model.predict(unit).tolist() if model is not None else [None] * len(unit)
+
+    recon_pred, recon_judge = predictions(classifier, recon_unit), predictions(judge, recon_unit)
     flat_aug = aug_unit.flatten(0, 1)
-    aug_pred, aug_judge = _predict(classifier, flat_aug), _predict(judge, flat_aug)
+    aug_pred, aug_judge = predictions(classifier, flat_aug), predictions(judge, flat_aug)
     mse = (recon_unit - images).pow(2).flatten(1).mean(1)
     distance = (aug_unit - recon_unit[:, None]).pow(2).flatten(2).mean(2).sqrt()          # RMS, [0, 1] units
-    recon_error = step1.feature_error[best]
-    records = []
+    entries = []
     for i in range(n):
-        records.append({
-            "label": int(labels[i]), "label_name": classifier.class_names[int(labels[i])],
-            "predicted": predicted[i],
-            "reconstruction": {"feature_error": float(recon_error[i]),
-                               "psnr": float(10 * torch.log10(1 / mse[i].clamp_min(1e-12))),
-                               "predicted": recon_pred[i], "judge_predicted": recon_judge[i]},
-            "augmented": [{"reached_shift_error": float(step2.feature_error[i * k + j]),
-                           "shift_norm": float(shift[i * k + j].norm()),
-                           "negative_target_floor": float(floor[i * k + j]),
-                           "predicted": aug_pred[i * k + j], "judge_predicted": aug_judge[i * k + j],
-                           "pixel_distance": float(distance[i, j])} for j in range(k)],
-        })
-    return AugmentationResult(images.cpu(), labels.cpu(), recon_unit.cpu(), aug_unit.cpu(), records, timings)
+        label = int(labels[i])
+        entries.append(ImageEntry(
+            source=sources[i], label=label, label_name=classifier.class_names[label], predicted=predicted[i],
+            reconstruction=ReconstructionEntry(
+                file=f"{i:03d}_reconstruction.png", feature_error=float(step1.feature_error[i]),
+                psnr=float(10 * torch.log10(1 / mse[i].clamp_min(1e-12))),
+                predicted=recon_pred[i], judge_predicted=recon_judge[i]),
+            augmented=[AugmentedEntry(
+                file=f"{i:03d}_augmented_{j}.png", reached_shift_error=float(step2.reached_shift_error[i, j]),
+                shift_norm=float(step2.shift_norm[i, j]),
+                negative_target_floor=float(step2.negative_target_floor[i, j]),
+                predicted=aug_pred[i * k + j], judge_predicted=aug_judge[i * k + j],
+                pixel_distance=float(distance[i, j])) for j in range(k)]))
+    return AugmentationResult(images.cpu(), labels.cpu(), recon_unit.cpu(), aug_unit.cpu(), entries, timings)
 
 
-def summarize(records: list[dict]) -> dict:
-    """Medians and rates over a report's images: the figures the targets are stated in."""
-    def median(values):
-        values = sorted(values)
-        return values[len(values) // 2] if values else None
+def _settings(options: VisualizeOptions, models: Models) -> Settings:
+    return Settings(strength=options.strength, num_augmented=options.num_augmented, seed=options.seed,
+                    options={key: list(v) if isinstance(v, tuple) else v for key, v in vars(options.inversion).items()},
+                    classifier=str(models.classifier.source),
+                    judge=str(models.judge.source) if models.judge else None)
 
-    augmented = [a for r in records for a in r["augmented"]]
-    judged = [a for a, r in ((a, r) for r in records for a in r["augmented"]) if a["judge_predicted"] is not None]
-    return {
-        "images": len(records),
-        "step1_median_feature_error": median([r["reconstruction"]["feature_error"] for r in records]),
-        "step1_median_psnr": median([r["reconstruction"]["psnr"] for r in records]),
-        "reconstruction_true_label_rate": sum(r["reconstruction"]["predicted"] == r["label"] for r in records)
-        / max(1, len(records)),
-        "step2_median_reached_shift_error": median([a["reached_shift_error"] for a in augmented]),
-        "step2_median_negative_target_floor": median([a["negative_target_floor"] for a in augmented]),
-        "augmented_label_kept_rate": sum(a["predicted"] == r["label"] for r in records for a in r["augmented"])
-        / max(1, len(augmented)),
-        "augmented_judge_label_kept_rate": (sum(a["judge_predicted"] == r["label"] for r in records
-                                                for a in r["augmented"] if a["judge_predicted"] is not None)
-                                            / len(judged)) if judged else None,
-        "median_pixel_distance_to_reconstruction": median([a["pixel_distance"] for a in augmented]),
-    }
+
+def _check_out_dir(out: Path) -> None:
+    """An --out folder we may replace: absent, empty, or an earlier output of ours."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).exists())):
+        raise IsdaVizError(f"--out {out} holds files that are not an augment output; choose another --out")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move a finished temporary folder into place; an older output of ours is replaced whole."""
     if out.exists():
-        if any(out.iterdir()) and not (out / "report.json").exists():
+        try:
+            _check_out_dir(out)
+        except IsdaVizError:
             shutil.rmtree(tmp)
-            raise IsdaVizError(f"--out {out} holds files that are not an augment output; choose another --out")
+            raise
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
         os.replace(out, old / "dir")
         os.replace(tmp, out)
@@ -204,51 +202,46 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def write_outputs(result: AugmentationResult, sources: list[str], class_names: list[str], folder: Path,
-                  samples: torch.Tensor | None = None, cell: int = 84) -> dict:
-    """PNGs per image, the figure `grid.png` and `report.json` into `folder`; returns the report."""
-    from .figures import to_pil
+def write_images(result: AugmentationResult, class_names: list[str], folder: Path,
+                 samples: torch.Tensor | None = None, cell: int = 84) -> None:
+    """The PNGs the entries name, each original, and the figure `grid.png` into `folder`.
 
+    `samples (N, S, C, H, W)`: random same-class generator images appended to each row.
+    """
     k = result.augmented.shape[1]
-    report_images, rows, row_labels, captions = [], [], [], []
-    for i, record in enumerate(result.records):
-        stem = f"{i:03d}"
-        to_pil(result.originals[i]).save(folder / f"{stem}_original.png")
-        to_pil(result.reconstructions[i]).save(folder / f"{stem}_reconstruction.png")
-        record = {"source": sources[i], **record}
-        record["reconstruction"] = {"file": f"{stem}_reconstruction.png", **record["reconstruction"]}
-        for j in range(k):
-            name = f"{stem}_augmented_{j}.png"
-            to_pil(result.augmented[i, j]).save(folder / name)
-            record["augmented"][j] = {"file": name, **record["augmented"][j]}
-        report_images.append(record)
+    rows, row_labels, captions = [], [], []
+    for i, entry in enumerate(result.entries):
+        to_pil(result.originals[i]).save(folder / f"{i:03d}_original.png")
+        to_pil(result.reconstructions[i]).save(folder / entry.reconstruction.file)
+        for j, a in enumerate(entry.augmented):
+            to_pil(result.augmented[i, j]).save(folder / a.file)
         row = [result.originals[i], result.reconstructions[i], *result.augmented[i]]
-        caption = ["", f"err {record['reconstruction']['feature_error']:.3f}",
-                   *[class_names[a["predicted"]][:11] for a in record["augmented"]]]
+        caption = ["", f"err {entry.reconstruction.feature_error:.3f}",
+                   *[class_names[a.predicted][:11] for a in entry.augmented]]
         if samples is not None:
             row += list(samples[i])
             caption += [""] * len(samples[i])
         rows.append(row)
         captions.append(caption)
-        row_labels.append(class_names[record["label"]])
+        row_labels.append(class_names[entry.label])
     headers = ["original", "reconstr.", *[f"augmented {j + 1}" for j in range(k)]]
     if samples is not None:
         headers += [f"random {j + 1}" for j in range(samples.shape[1])]
     labelled_grid(rows, headers, row_labels, cell=cell, captions=captions).save(folder / "grid.png")
-    report = {"images": report_images, "summary": summarize(report_images), "seconds": result.seconds}
-    return report
 
 
-def write_augment_dir(result: AugmentationResult, sources: list[str], class_names: list[str], out,
-                      extra: dict | None = None, samples: torch.Tensor | None = None) -> dict:
-    """Write OUT_DIR all at once: built in a temporary sibling folder, renamed into place when complete.
-    Returns the report written as OUT_DIR/report.json."""
+def write_augment_dir(result: AugmentationResult, class_names: list[str], out, settings: Settings,
+                      samples: torch.Tensor | None = None) -> Report:
+    """Write OUT_DIR all at once (PNGs, grid.png, report.json): built in a temporary sibling folder,
+    renamed into place when complete. Returns the report written."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
+    report = Report(images=result.entries, summary=summarize(result.entries), seconds=result.seconds,
+                    settings=settings)
     try:
-        report = {**write_outputs(result, sources, class_names, tmp, samples), **(extra or {})}
-        write_json_atomic(report, tmp / "report.json")
+        write_images(result, class_names, tmp, samples)
+        write_report(report, tmp / REPORT)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -256,48 +249,29 @@ def write_augment_dir(result: AugmentationResult, sources: list[str], class_name
     return report
 
 
-def _settings(strength, num_augmented, seed, opts: InversionOptions, classifier: Classifier, judge) -> dict:
-    """What a report records of how it was made."""
-    return {"strength": strength, "num_augmented": num_augmented, "seed": seed, "options": dict(opts.__dict__),
-            "classifier": str(classifier.run_dir), "judge": str(judge.run_dir) if judge else None}
+def augment_images(images: list, *, out, label: str | None = None, options: VisualizeOptions | None = None,
+                   models: Models | None = None) -> Report:
+    """`isda-viz augment`: invert and augment image files (PNG/JPEG, any size or mode); writes OUT_DIR
+    (grid.png, one PNG per image, report.json) and returns its report.
 
-
-def parse_label(label: str | None, class_names: list[str]) -> int | None:
-    """A class given by index or (case-insensitive) name; None stays None."""
-    if label is None:
-        return None
-    if label.lstrip("-").isdigit():
-        index = int(label)
-        if 0 <= index < len(class_names):
-            return index
-    else:
-        lowered = [c.lower() for c in class_names]
-        if label.lower() in lowered:
-            return lowered.index(label.lower())
-    raise IsdaVizError(f"--label {label} is not a class of the classifier run; its classes are 0-{len(class_names) - 1}: "
-                       + ", ".join(class_names[:20]) + ("…" if len(class_names) > 20 else ""))
-
-
-def augment_images(image_paths: list, classifier: Classifier, generator, out, label: str | None = None,
-                   num_augmented: int = 4, strength: float = 0.5, opts: InversionOptions | None = None,
-                   seed: int = 0, judge: Classifier | None = None, progress: bool = True) -> Path:
-    """`isda-viz augment`: invert and augment image files; writes OUT_DIR (grid.png, PNGs, report.json)."""
-    opts = opts or InversionOptions()
-    if not image_paths:
+    `label`: the class (name or index) of every image; None: each image's predicted class.
+    `models`: already loaded models (default: `options.load_models()`).
+    """
+    options = options or VisualizeOptions()
+    options.check()
+    if not images:
         raise IsdaVizError("give at least one --image")
-    images = torch.stack([load_image_file(p, classifier.channels, classifier.image_size) for p in image_paths])
-    fixed = parse_label(label, classifier.class_names)
-    device = next(classifier.model.parameters()).device
-    if fixed is None:
-        with torch.no_grad():
-            labels = classifier.model(classifier.preprocess(images.to(device))).argmax(1).cpu()
+    _check_out_dir(Path(out))
+    models = models or options.load_models()
+    check_models(models)
+    classifier = models.classifier
+    pixels = torch.stack([load_image_file(p, classifier.channels, classifier.image_size) for p in images])
+    if label is None:
+        labels = classifier.predict(pixels)
     else:
-        labels = torch.full((len(images),), fixed)
-    result = visualize_augmentations(classifier, generator, images, labels, strength, num_augmented, opts, seed,
-                                     judge, progress=progress)
-    extra = {"settings": _settings(strength, num_augmented, seed, opts, classifier, judge)}
-    write_augment_dir(result, [str(p) for p in image_paths], classifier.class_names, out, extra)
-    return Path(out)
+        labels = torch.full((len(pixels),), classifier.class_index(label, "--label"))
+    result = invert_and_augment(models, pixels, labels, [str(p) for p in images], options)
+    return write_augment_dir(result, classifier.class_names, out, _settings(options, models))
 
 
 def test_images_per_class(classifier: Classifier, per_class: int, classes: list[int] | None, data_root=None):
@@ -314,40 +288,38 @@ def test_images_per_class(classifier: Classifier, per_class: int, classes: list[
     return images, test.labels[chosen].clone(), [f"{classifier.dataset}:test[{i}]" for i in chosen]
 
 
-def make_grid(classifier: Classifier, generator, out_png, per_class: int = 1, classes: list | None = None,
-              num_augmented: int = 4, strength: float = 0.5, num_samples: int = 2,
-              opts: InversionOptions | None = None, seed: int = 0, judge: Classifier | None = None,
-              data_root=None, progress: bool = True) -> dict:
+def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_samples: int = 2,
+              options: VisualizeOptions | None = None, models: Models | None = None) -> Report:
     """`isda-viz grid`: the paper's figure for test images; writes FIG.png, FIG.json and FIG_files/ PNGs.
 
-    Rows: original | reconstruction | K augmented | random samples of the same class (class-conditional
-    generators). Returns the report (also written as FIG.json, file paths relative to it).
+    Rows: original | reconstruction | K augmented | `num_samples` random samples of the same class
+    (class-conditional generators). `classes`: names or indices (default: all). Returns the report
+    written as FIG.json, its file paths relative to it.
     """
-    opts = opts or InversionOptions()
-    out_png = Path(out_png)
+    options = options or VisualizeOptions()
+    options.check()
+    out_png = Path(out)
     if out_png.suffix.lower() != ".png":
         raise IsdaVizError(f"--out must name a .png file, not {out_png}")
-    class_index = [parse_label(str(c), classifier.class_names) for c in classes] if classes else None
-    images, labels, sources = test_images_per_class(classifier, per_class, class_index, data_root)
-    result = visualize_augmentations(classifier, generator, images, labels, strength, num_augmented, opts, seed,
-                                     judge, data_root, progress)
+    files_dir = out_png.with_name(out_png.stem + "_files")
+    _check_out_dir(files_dir)
+    models = models or options.load_models()
+    check_models(models)
+    classifier, generator = models.classifier, models.generator
+    class_index = [classifier.class_index(c, "--classes") for c in classes] if classes else None
+    images, labels, sources = test_images_per_class(classifier, per_class, class_index, options.data_root)
+    result = invert_and_augment(models, images, labels, sources, options)
     samples = None
     if generator.conditional and num_samples > 0:
-        rng = torch.Generator().manual_seed(seed + 1)
-        z = torch.randn(len(labels) * num_samples, generator.latent_dim, generator=rng).to(generator.device)
+        z = generator.sample_latent(len(labels) * num_samples, torch.Generator().manual_seed(options.seed + 1))
         with torch.no_grad():
             y = labels.repeat_interleave(num_samples).to(generator.device)
             samples = GeneratorAdapter(generator, classifier).pixels(z, y).cpu().view(len(labels), num_samples,
                                                                             *images.shape[1:])
-    files_dir = out_png.with_name(out_png.stem + "_files")
-    extra = {"settings": _settings(strength, num_augmented, seed, opts, classifier, judge)}
-    report = write_augment_dir(result, sources, classifier.class_names, files_dir, extra, samples)
+    report = write_augment_dir(result, classifier.class_names, files_dir, _settings(options, models), samples)
     # The figure and its report beside it; the report's file paths are made relative to FIG.json.
-    for record in report["images"]:
-        record["reconstruction"]["file"] = f"{files_dir.name}/{record['reconstruction']['file']}"
-        for a in record["augmented"]:
-            a["file"] = f"{files_dir.name}/{a['file']}"
-    write_json_atomic(report, out_png.with_suffix(".json"))
+    report = report.with_files_under(files_dir.name)
+    write_report(report, out_png.with_suffix(".json"))
     shutil.copyfile(files_dir / "grid.png", out_png.with_suffix(".png.tmp"))
     os.replace(out_png.with_suffix(".png.tmp"), out_png)
     return report

@@ -15,14 +15,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from isda_viz.adapter import LUMINANCE, GeneratorAdapter, check_compatible, map_channels, resize, to_classifier_input
-from isda_viz.cli.common import device_option, user_errors
-from isda_viz.cli.main import main
+from isda_viz.classifier import load_classifier
+from isda_viz.cli.common import device_option
+from isda_viz.cli.main import IsdaVizGroup, main
 from isda_viz.data import normalize
+from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
-from isda_viz.generators import BigGANGenerator, WGANGenerator, load_generator, save_biggan
-from isda_viz.generators import GanConfig, train_gan
+from isda_viz.generators import BigGANGenerator, GanConfig, WGANGenerator, load_generator, save_biggan, train_gan
 from isda_viz.generators.wgan import sample_grid
-from isda_viz.runs import load_classifier, pick_device
 
 TINY_GAN = ["--limit-train", 256, "--batch-size", 16, "--n-critic", 1, "--sample-every", 2]
 
@@ -153,11 +153,11 @@ def test_biggan_latents_are_truncated_normal(biggan_dir):
 
 
 class _FakeClassifier:
-    """What the adapter reads from an isda_viz.runs.Classifier."""
+    """What the adapter reads from an isda_viz.classifier.Classifier."""
 
     def __init__(self, channels, image_size, num_classes=10, mean=(0.5,), std=(0.25,)):
         self.channels, self.image_size, self.num_classes = channels, image_size, num_classes
-        self.mean, self.std, self.run_dir = list(mean) * channels, list(std) * channels, "fake"
+        self.mean, self.std, self.source = list(mean) * channels, list(std) * channels, "fake"
 
     def preprocess(self, x):
         return normalize(x, self.mean, self.std)
@@ -280,13 +280,12 @@ def test_unconditional_gan(tmp_path):
 # ---------------------------------------------------------------------- --generator on the command line, errors
 
 
-@click.command()
+@click.command("probe")
 @click.option("--generator", required=True)
 @click.option("--truncation", type=float, default=0.5)
 @click.option("--classifier", default=None)
 @device_option
-@user_errors
-def probe(generator, truncation, classifier, device):
+def _probe(generator, truncation, classifier, device):
     """What a command driving a generator does: load it (and fit it to a classifier), generate."""
     g = load_generator(generator, pick_device(device), truncation)
     z, y = g.sample_latent(2, torch.Generator().manual_seed(0)), torch.tensor([0, 1])
@@ -294,12 +293,15 @@ def probe(generator, truncation, classifier, device):
     click.echo(f"{type(g).__name__} {tuple(x.shape)} finite={bool(torch.isfinite(x).all())}")
 
 
+probe = IsdaVizGroup(commands=[_probe])  # under the CLI's error boundary, as every isda-viz command
+
+
 def test_generator_option_loads_both_kinds(gan_dir, biggan_dir, tiny_run):
-    result = _invoke(probe, "--generator", biggan_dir, "--classifier", tiny_run, "--device", "cpu")
+    result = _invoke(probe, "probe", "--generator", biggan_dir, "--classifier", tiny_run, "--device", "cpu")
     assert result.exit_code == 0 and result.output.strip() == "BigGANGenerator (2, 1, 28, 28) finite=True"
-    result = _invoke(probe, "--generator", biggan_dir / "pytorch_model.bin", "--truncation", 1.0)
+    result = _invoke(probe, "probe", "--generator", biggan_dir / "pytorch_model.bin", "--truncation", 1.0)
     assert result.exit_code == 0 and result.output.strip() == "BigGANGenerator (2, 3, 128, 128) finite=True"
-    result = _invoke(probe, "--generator", gan_dir / "generator.pt")
+    result = _invoke(probe, "probe", "--generator", gan_dir / "generator.pt")
     assert result.exit_code == 0 and result.output.strip() == "WGANGenerator (2, 1, 28, 28) finite=True"
 
 
@@ -308,7 +310,7 @@ def test_biggan_names_resolve_to_local_copies_offline(biggan_dir, tmp_path, monk
     monkeypatch.setenv("ISDA_VIZ_CACHE", str(tmp_path / "ours"))
     monkeypatch.setenv("PYTORCH_PRETRAINED_BIGGAN_CACHE", str(tmp_path / "theirs"))
     # No copy anywhere: one line naming the local-directory option, no network, no random weights.
-    _one_line_error(_invoke(probe, "--generator", "biggan-deep-128"), "biggan-deep-128", "--generator PATH")
+    _one_line_error(_invoke(probe, "probe", "--generator", "biggan-deep-128"), "biggan-deep-128", "--generator PATH")
     # A copy in the package's cache (hashed file names, URL in a .json sidecar) is found without a request.
     theirs = tmp_path / "theirs"
     theirs.mkdir()
@@ -316,52 +318,54 @@ def test_biggan_names_resolve_to_local_copies_offline(biggan_dir, tmp_path, monk
         shutil.copy(biggan_dir / file, theirs / f"hash{i}")
         url = f"https://s3.amazonaws.com/models.huggingface.co/biggan/biggan-deep-128-{name}.{file.split('.')[1]}"
         (theirs / f"hash{i}.json").write_text(json.dumps({"url": url, "etag": None}))
-    assert _invoke(probe, "--generator", "biggan-deep-128").output.startswith("BigGANGenerator (2, 3, 128, 128)")
+    result = _invoke(probe, "probe", "--generator", "biggan-deep-128")
+    assert result.output.startswith("BigGANGenerator (2, 3, 128, 128)")
     # Our own cache comes first.
     shutil.copytree(biggan_dir, tmp_path / "ours" / "biggan" / "biggan-deep-256")
-    assert _invoke(probe, "--generator", "biggan-deep-256").output.startswith("BigGANGenerator (2, 3, 128, 128)")
+    result = _invoke(probe, "probe", "--generator", "biggan-deep-256")
+    assert result.output.startswith("BigGANGenerator (2, 3, 128, 128)")
 
 
 def test_missing_and_corrupt_files_are_one_line_errors(gan_dir, biggan_dir, tmp_path):
-    _one_line_error(_invoke(probe, "--generator", tmp_path / "nowhere"), "not found")
+    _one_line_error(_invoke(probe, "probe", "--generator", tmp_path / "nowhere"), "not found")
     (tmp_path / "empty").mkdir()
-    _one_line_error(_invoke(probe, "--generator", tmp_path / "empty"), "neither generator.pt")
+    _one_line_error(_invoke(probe, "probe", "--generator", tmp_path / "empty"), "neither generator.pt")
 
     weights_only = tmp_path / "no-weights"
     weights_only.mkdir()
     shutil.copy(biggan_dir / "config.json", weights_only)
-    _one_line_error(_invoke(probe, "--generator", weights_only), "no pytorch_model.bin")
+    _one_line_error(_invoke(probe, "probe", "--generator", weights_only), "no pytorch_model.bin")
 
     truncated = tmp_path / "truncated"
     shutil.copytree(biggan_dir, truncated)
     data = (truncated / "pytorch_model.bin").read_bytes()
     (truncated / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
-    _one_line_error(_invoke(probe, "--generator", truncated), "corrupt")
+    _one_line_error(_invoke(probe, "probe", "--generator", truncated), "corrupt")
 
     incomplete = tmp_path / "incomplete"  # a key short: the package's strict=False would keep a random layer
     shutil.copytree(biggan_dir, incomplete)
     state = torch.load(incomplete / "pytorch_model.bin", weights_only=True)
     del state["generator.conv_to_rgb.weight_orig"]
     torch.save(state, incomplete / "pytorch_model.bin")
-    _one_line_error(_invoke(probe, "--generator", incomplete), "do not match", "Missing key", "conv_to_rgb")
+    _one_line_error(_invoke(probe, "probe", "--generator", incomplete), "do not match", "Missing key", "conv_to_rgb")
 
     mismatched = tmp_path / "mismatched"  # weights of width 8 under a config of width 16
     shutil.copytree(biggan_dir, mismatched)
     config = json.loads((mismatched / "config.json").read_text())
     (mismatched / "config.json").write_text(json.dumps({**config, "channel_width": 16}))
-    _one_line_error(_invoke(probe, "--generator", mismatched), "do not match")
+    _one_line_error(_invoke(probe, "probe", "--generator", mismatched), "do not match")
 
     broken_gan = tmp_path / "broken-gan"
     shutil.copytree(gan_dir, broken_gan)
     (broken_gan / "generator.pt").write_bytes(b"not a checkpoint")
-    _one_line_error(_invoke(probe, "--generator", broken_gan), "corrupt")
+    _one_line_error(_invoke(probe, "probe", "--generator", broken_gan), "corrupt")
     (broken_gan / "generator.pt").unlink()
-    _one_line_error(_invoke(probe, "--generator", broken_gan), "generator.pt", "not found")
+    _one_line_error(_invoke(probe, "probe", "--generator", broken_gan), "generator.pt", "not found")
 
 
 def test_class_count_mismatch_with_a_classifier_run_is_a_one_line_error(tmp_path, tiny_run):
     save_biggan(tiny_biggan(num_classes=5), tmp_path / "five")
-    _one_line_error(_invoke(probe, "--generator", tmp_path / "five", "--classifier", tiny_run),
+    _one_line_error(_invoke(probe, "probe", "--generator", tmp_path / "five", "--classifier", tiny_run),
                     "5 classes", "10")
     _one_line_error(_invoke(main, "train-gan", *TINY_GAN, "--iterations", 1, "--unconditional", "--classifier",
                             tiny_run, "--out", tmp_path / "u"), "class-conditional")
@@ -391,7 +395,7 @@ def test_biggan_names_download_where_online(biggan_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTORCH_PRETRAINED_BIGGAN_CACHE", str(tmp_path / "theirs"))
     try:
         monkeypatch.setattr(biggan, "BIGGAN_URL", f"http://127.0.0.1:{server.server_address[1]}/{{name}}-{{file}}")
-        result = _invoke(probe, "--generator", "biggan-deep-512")  # a progress bar, then the probe's line
+        result = _invoke(probe, "probe", "--generator", "biggan-deep-512")  # a progress bar, then the probe's line
         assert result.exit_code == 0 and result.output.strip().endswith("BigGANGenerator (2, 3, 128, 128) finite=True")
         cached = tmp_path / "ours" / "biggan" / "biggan-deep-512" / "pytorch_model.bin"
         assert cached.read_bytes() == (biggan_dir / "pytorch_model.bin").read_bytes()
@@ -400,5 +404,6 @@ def test_biggan_names_download_where_online(biggan_dir, tmp_path, monkeypatch):
         server.server_close()
     # The host gone, the cached copy still loads; a name never fetched is one line naming the folder option.
     monkeypatch.setattr(biggan, "BIGGAN_URL", "http://127.0.0.1:9/{name}-{file}")  # port 9: connection refused
-    assert _invoke(probe, "--generator", "biggan-deep-512").output.startswith("BigGANGenerator")
-    _one_line_error(_invoke(probe, "--generator", "biggan-deep-128"), "could not be downloaded", "--generator PATH")
+    assert _invoke(probe, "probe", "--generator", "biggan-deep-512").output.startswith("BigGANGenerator")
+    _one_line_error(_invoke(probe, "probe", "--generator", "biggan-deep-128"), "could not be downloaded",
+                    "--generator PATH")

@@ -100,7 +100,7 @@ def render(page: Path, tmp_path: Path, fragment: str = "") -> Node:
 def models():
     from isda_viz.generators import load_generator
     from isda_viz.pretrained import default_classifier, default_generator, default_judge
-    from isda_viz.runs import load_classifier
+    from isda_viz.classifier import load_classifier
 
     return {"classifier": load_classifier(default_classifier()), "judge": load_classifier(default_judge()),
             "generator": load_generator(str(default_generator()), "cpu")}

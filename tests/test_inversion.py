@@ -7,9 +7,10 @@ from PIL import Image
 
 from isda_viz.errors import IsdaVizError
 from isda_viz.estimator import CovarianceEstimator
-from isda_viz.inversion import InversionOptions, invert_features, normalize_latent, sample_augmented_features
+from isda_viz.classifier import Classifier
 from isda_viz.data import load_image_file as load_image
-from isda_viz.visualize import parse_label
+from isda_viz.inversion import (InversionOptions, augment, invert_features, negative_target_floor, normalize_latent,
+                                reconstruct, sample_augmented_features)
 
 
 def test_normalize_latent_has_zero_mean_unit_std_per_code():
@@ -109,9 +110,78 @@ def test_load_image_converts_any_mode_and_size(tmp_path):
         load_image(tmp_path / "white.jpg", 4, 28)
 
 
-def test_parse_label_by_name_or_index():
-    names = ["T-shirt/top", "Trouser", "Shirt"]
-    assert parse_label("shirt", names) == 2 and parse_label("1", names) == 1 and parse_label(None, names) is None
+def test_class_index_by_name_or_index_names_the_option_in_errors():
+    classifier = Classifier(torch.nn.Linear(1, 1), ["T-shirt/top", "Trouser", "Shirt"], [0.5], [0.25], 1, 28)
+    assert classifier.class_index("shirt") == 2 and classifier.class_index(" 1") == 1
     for bad in ("3", "-1", "Sock"):
-        with pytest.raises(IsdaVizError, match="not a class"):
-            parse_label(bad, names)
+        with pytest.raises(IsdaVizError, match=f"^--classes {bad} is not a class"):
+            classifier.class_index(bad, "--classes")
+
+
+def _toy_problem(seed=1):
+    """A smooth generator (one per class: `owner` picks the class of each row) and a linear featurizer."""
+    g = torch.Generator().manual_seed(seed)
+    gen_w = torch.randn(2, 16, 64, generator=g) / 4
+    feat_w = torch.randn(64, 8, generator=g) / 8
+    classes = torch.tensor([0, 1, 1])
+
+    def render(z_hat, owner):
+        return torch.tanh(torch.einsum("md,mdp->mp", z_hat, gen_w[classes[owner]]))
+
+    def featurize(images):
+        return images @ feat_w
+
+    return render, featurize, classes, g
+
+
+def test_reconstruct_keeps_the_best_of_its_starts():
+    render, featurize, classes, g = _toy_problem()
+    n, r = 3, 4
+    x = render(normalize_latent(torch.randn(n, 16, generator=g)), torch.arange(n))
+    target = featurize(x)
+    starts = torch.randn(n, r, 16, generator=g)
+    opts = InversionOptions(reconstruct_iterations=40, restarts=r)
+    step1 = reconstruct(render, featurize, target, starts, opts, pixel_target=x, progress=False)
+    assert step1.z.shape == (n, 16) and step1.feature_error.shape == (n,)
+    for i in range(n):  # brute force: each start alone, then the lowest objective
+        owner = torch.full((r,), i)
+        alone = invert_features(lambda z_hat: render(z_hat, owner), featurize, target[i].expand(r, -1), starts[i],
+                                40, opts.reconstruct_lr, opts, pixel_target=x[i].expand(r, -1), progress=False)
+        best = int(alone.objective.argmin())
+        torch.testing.assert_close(step1.z[i], alone.z[best], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(step1.objective[i], alone.objective.min(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(step1.feature_error[i],
+                                   (alone.features[best] - target[i]).norm() / target[i].norm(), rtol=1e-4, atol=1e-6)
+    assert (step1.feature_error < 0.5).all()
+
+
+def test_augment_starts_from_z_star_and_measures_the_reached_shift():
+    render, featurize, classes, g = _toy_problem(2)
+    n, k = 3, 2
+    z_star = torch.randn(n, 16, generator=g)
+    features = featurize(render(normalize_latent(z_star), torch.arange(n)))
+    wanted = features[:, None] + 0.1 * torch.randn(n, k, 8, generator=g)
+    opts = InversionOptions(augment_iterations=0)
+    unmoved = augment(render, featurize, features, wanted, z_star, opts, progress=False)
+    # Zero steps: every augmentation is still at its image's z*, so it is exactly one shift away (error 1).
+    torch.testing.assert_close(unmoved.z, z_star[:, None].expand(n, k, 16))
+    torch.testing.assert_close(unmoved.reached_shift_error, torch.ones(n, k), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unmoved.shift_norm, (wanted - features[:, None]).norm(dim=2))
+    moved = augment(render, featurize, features, wanted, z_star, InversionOptions(augment_iterations=200),
+                    progress=False)
+    assert moved.reached_shift_error.median() < 0.5
+    reached = featurize(render(normalize_latent(moved.z.flatten(0, 1)), torch.arange(n).repeat_interleave(k)))
+    expected = (reached - wanted.flatten(0, 1)).norm(dim=1) / moved.shift_norm.flatten()
+    torch.testing.assert_close(moved.reached_shift_error.flatten(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(moved.negative_target_floor.flatten(),
+                               negative_target_floor(wanted.flatten(0, 1), (wanted - features[:, None]).flatten(0, 1)))
+
+
+def test_inversion_options_from_the_command_line_knobs():
+    opts = InversionOptions.make(iterations=10, restarts=3)
+    assert (opts.reconstruct_iterations, opts.augment_iterations, opts.restarts) == (10, 15, 3)
+    assert (opts.reconstruct_lr, opts.augment_lr) == (InversionOptions().reconstruct_lr, InversionOptions().augment_lr)
+    sgd = InversionOptions.make(optimizer="sgd", lr=2.0)
+    assert (sgd.reconstruct_lr, sgd.augment_lr, sgd.reconstruct_iterations) == (2.0, 2.0, 200)
+    with pytest.raises(IsdaVizError, match="needs --lr"):
+        InversionOptions.make(optimizer="sgd")

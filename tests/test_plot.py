@@ -13,7 +13,7 @@ from isda_viz.cli.main import main
 from isda_viz.data import load_split
 from isda_viz.errors import IsdaVizError
 from isda_viz.plot import CURVE_METRICS, plot_runs
-from isda_viz.runs import load_classifier
+from isda_viz.classifier import load_classifier
 from isda_viz.train import TrainConfig, fit
 
 # matplotlib's first two cycle colours (tab10): run 0 and run 1.

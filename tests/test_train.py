@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from isda_viz.cli.main import main
-from isda_viz.runs import load_classifier
+from isda_viz.classifier import load_classifier
 from isda_viz.train import TrainConfig, fit
 
 TINY = ["--arch", "resnet8", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64"]

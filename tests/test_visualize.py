@@ -11,9 +11,12 @@ from PIL import Image
 
 from isda_viz.cli.main import main
 from isda_viz.data import load_split
+from isda_viz.errors import IsdaVizError
 from isda_viz.generators.wgan import WGANGenerator, recompute_batchnorm_statistics, save_generator
-from isda_viz.runs import load_classifier
-from isda_viz.visualize import STATISTICS_CACHE, class_statistics, negative_target_floor
+from isda_viz.classifier import STATISTICS_CACHE, class_statistics, load_classifier
+from isda_viz.inversion import InversionOptions, negative_target_floor
+from isda_viz.report import read_report
+from isda_viz.visualize import VisualizeOptions, augment_images
 
 FAST = ["--iterations", "8", "--restarts", "2", "--num-augmented", "2"]
 
@@ -76,16 +79,23 @@ def test_augment_writes_grid_pngs_and_report(tiny_run, tiny_ce_run, tiny_gan, im
             assert png.shape == (28, 28)
     grid = Image.open(out / "grid.png")
     assert grid.width > grid.height > 0  # 2 rows of 4 cells
+    # The typed report reads back to exactly what was written, and lists every PNG it names.
+    typed = read_report(out)
+    assert typed.to_dict() == report
+    assert all((out / file).is_file() for file, _, _ in typed.listed_images()) and len(typed.listed_images()) == 6
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".aug")]  # no temporary folder left
 
 
 def test_augment_label_defaults_to_the_prediction_and_same_seed_same_output(tiny_run, tiny_gan, image_files, tmp_path):
-    reports = []
-    for name in ("a", "b"):
-        result = _invoke("augment", "--image", image_files[0], "--classifier", tiny_run, "--generator", tiny_gan,
-                         *FAST, "--seed", 5, "--out", tmp_path / name)
-        assert result.exit_code == 0, result.output
-        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+    result = _invoke("augment", "--image", image_files[0], "--classifier", tiny_run, "--generator", tiny_gan,
+                     *FAST, "--seed", 5, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    # The same run from Python: the library applies the command line's policy (Step II = 3/2 x Step I).
+    options = VisualizeOptions(classifier=str(tiny_run), generator=str(tiny_gan), num_augmented=2, seed=5,
+                               inversion=InversionOptions.make(iterations=8, restarts=2), progress=False)
+    returned = augment_images([image_files[0]], out=tmp_path / "b", options=options)
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("a", "b")]
+    assert returned.to_dict() == reports[1]
     first = reports[0]["images"][0]
     assert first["label"] == first["predicted"]
     assert reports[0]["images"] == reports[1]["images"]
@@ -165,3 +175,22 @@ def test_negative_target_floor_is_the_distance_to_the_nonnegative_orthant():
     features = torch.rand(50, 1000, 7, generator=g, dtype=torch.float64) * 3
     closest = (features - wanted[:, None]).norm(dim=2).min(1).values / shift.norm(dim=1)
     assert (closest >= floor - 1e-12).all()
+
+
+def test_classifier_takes_uint8_or_unit_floats_and_normalises_itself(tiny_run, tmp_path):
+    classifier = load_classifier(tiny_run / "checkpoint.pt")
+    assert classifier.source == tiny_run == classifier.cache_dir and classifier.device == torch.device("cpu")
+    images = load_split("fashion-mnist", False, limit=16).images                        # uint8 (16, 1, 28, 28)
+    with torch.no_grad():
+        x = classifier.preprocess(images.float() / 255)
+        expected_features, expected_logits = classifier.model.features(x), classifier.model(x)
+    features = classifier.features(images)
+    assert features.shape == (16, classifier.feature_dim) and not features.requires_grad
+    torch.testing.assert_close(features, expected_features)
+    torch.testing.assert_close(classifier.features(images.float() / 255), expected_features)
+    torch.testing.assert_close(classifier.logits(images), expected_logits)
+    assert torch.equal(classifier.predict(images), expected_logits.argmax(1))
+    with pytest.raises(IsdaVizError, match="takes 1×28×28 images, not 3×28×28"):
+        classifier.features(images.expand(-1, 3, -1, -1))
+    with pytest.raises(IsdaVizError, match="no classifier run at .* holds no checkpoint.pt"):
+        load_classifier(tmp_path)

@@ -1,0 +1,176 @@
+"""The report `augment` and `grid` write (`report.json`, `FIG.json`) and `audit` and `demo` read.
+
+One record per input image: its reconstruction (Step I) and its K augmented
+images (Step II), each with the PNG it was saved as (relative to the report),
+then `summary` (medians and rates, `summarize`), `seconds` per stage and
+`settings`. The JSON keys are the field names below, in this order:
+
+    {"images": [{"source", "label", "label_name", "predicted",
+                 "reconstruction": {"file", "feature_error", "psnr", "predicted", "judge_predicted"},
+                 "augmented": [{"file", "reached_shift_error", "shift_norm", "negative_target_floor",
+                                "predicted", "judge_predicted", "pixel_distance"}, ...]}, ...],
+     "summary": {...}, "seconds": {"reconstruct", "augment"}, "settings": {...}}
+
+Errors are relative to feature norms (no unit), `psnr` in dB, `pixel_distance` RMS in [0, 1]
+pixel units; `judge_predicted` is null without a judge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import IsdaVizError
+from .runs import write_json_atomic
+
+REPORT = "report.json"
+
+
+@dataclass(kw_only=True)
+class ReconstructionEntry:
+    """Step I for one image: `feature_error` = ||f(G(z_hat*)) - a|| / ||a||, `psnr` (dB) against the image."""
+
+    file: str
+    feature_error: float
+    psnr: float
+    predicted: int
+    judge_predicted: int | None = None
+
+
+@dataclass(kw_only=True)
+class AugmentedEntry:
+    """Step II for one augmentation: `reached_shift_error` = ||f(G(z_hat')) - a~|| / ||a~ - a||,
+    `shift_norm` = ||a~ - a||, `negative_target_floor` its lower bound for any image,
+    `pixel_distance` the RMS difference to the reconstruction in [0, 1] units."""
+
+    file: str
+    reached_shift_error: float
+    shift_norm: float
+    negative_target_floor: float
+    predicted: int
+    judge_predicted: int | None = None
+    pixel_distance: float
+
+
+@dataclass(kw_only=True)
+class ImageEntry:
+    """One input image: where it came from, its (given or predicted) label, the classifier's prediction."""
+
+    source: str
+    label: int
+    label_name: str
+    predicted: int
+    reconstruction: ReconstructionEntry
+    augmented: list[AugmentedEntry]
+
+
+@dataclass(kw_only=True)
+class Summary:
+    """Medians and rates over a report's images: the figures the README states."""
+
+    images: int
+    step1_median_feature_error: float | None
+    step1_median_psnr: float | None
+    reconstruction_true_label_rate: float
+    step2_median_reached_shift_error: float | None
+    step2_median_negative_target_floor: float | None
+    augmented_label_kept_rate: float
+    augmented_judge_label_kept_rate: float | None
+    median_pixel_distance_to_reconstruction: float | None
+
+
+@dataclass(kw_only=True)
+class Settings:
+    """How a report was made: λ (`strength`), K, seed, the inversion options, the classifier and judge sources."""
+
+    strength: float
+    num_augmented: int
+    seed: int
+    options: dict
+    classifier: str
+    judge: str | None = None
+
+
+@dataclass(kw_only=True)
+class Report:
+    images: list[ImageEntry]
+    summary: Summary
+    seconds: dict[str, float] = field(default_factory=dict)
+    settings: Settings | None = None
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        if self.settings is None:
+            del out["settings"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """The report of a parsed JSON object; raises KeyError/TypeError/AttributeError on another shape."""
+        images = [ImageEntry(**{**entry, "reconstruction": ReconstructionEntry(**entry["reconstruction"]),
+                                "augmented": [AugmentedEntry(**a) for a in entry["augmented"]]})
+                  for entry in data["images"]]
+        settings = data.get("settings")
+        return cls(images=images, summary=Summary(**data["summary"]), seconds=dict(data.get("seconds", {})),
+                   settings=Settings(**settings) if settings is not None else None)
+
+    def listed_images(self) -> list[tuple[str, str, str]]:
+        """Every image file the report lists, as `(file, "reconstruction" | "augmented", source)`."""
+        listed = []
+        for entry in self.images:
+            listed.append((entry.reconstruction.file, "reconstruction", entry.source))
+            listed += [(a.file, "augmented", entry.source) for a in entry.augmented]
+        return listed
+
+    def with_files_under(self, folder: str) -> "Report":
+        """A copy whose file paths are prefixed with `folder/` (a report written beside the image folder)."""
+        copy = Report.from_dict(self.to_dict())
+        for entry in copy.images:
+            entry.reconstruction.file = f"{folder}/{entry.reconstruction.file}"
+            for a in entry.augmented:
+                a.file = f"{folder}/{a.file}"
+        return copy
+
+
+def summarize(images: list[ImageEntry]) -> Summary:
+    """Medians (upper median for even counts) and rates over a report's images."""
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2] if values else None
+
+    augmented = [(a, entry.label) for entry in images for a in entry.augmented]
+    judged = [(a, label) for a, label in augmented if a.judge_predicted is not None]
+    return Summary(
+        images=len(images),
+        step1_median_feature_error=median([e.reconstruction.feature_error for e in images]),
+        step1_median_psnr=median([e.reconstruction.psnr for e in images]),
+        reconstruction_true_label_rate=sum(e.reconstruction.predicted == e.label for e in images) / max(1, len(images)),
+        step2_median_reached_shift_error=median([a.reached_shift_error for a, _ in augmented]),
+        step2_median_negative_target_floor=median([a.negative_target_floor for a, _ in augmented]),
+        augmented_label_kept_rate=sum(a.predicted == label for a, label in augmented) / max(1, len(augmented)),
+        augmented_judge_label_kept_rate=(sum(a.judge_predicted == label for a, label in judged) / len(judged)
+                                         if judged else None),
+        median_pixel_distance_to_reconstruction=median([a.pixel_distance for a, _ in augmented]),
+    )
+
+
+def write_report(report: Report, path) -> None:
+    """Write `report` as JSON to `path`, atomically."""
+    write_json_atomic(report.to_dict(), path)
+
+
+def read_report(path) -> Report:
+    """The report at `path`: an augment `--out` folder (its report.json) or a report file (e.g. grid's FIG.json).
+
+    Raises `IsdaVizError` when there is none or it is not a report of augment or grid.
+    """
+    path = Path(path)
+    file = path / REPORT if path.is_dir() else path
+    if not file.is_file():
+        raise IsdaVizError(f"{path} has no {REPORT}; give the --out folder of an augment run or a grid's FIG.json")
+    try:
+        return Report.from_dict(json.loads(file.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise IsdaVizError(f"{file} is not a report of augment or grid ({type(e).__name__}: {e})") from None
