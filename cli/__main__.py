@@ -1,0 +1,6 @@
+"""`python -m isda_viz.cli ...` (what torchrun runs: `torchrun --nproc_per_node N -m isda_viz.cli train ...`)."""
+
+from .main import main
+
+if __name__ == "__main__":
+    main()
