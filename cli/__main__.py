@@ -1,5 +1,6 @@
-"""`python -m isda_viz.cli`: the same as the `isda-viz` command."""
+"""`python -m isda_viz.cli ...`: the `isda-viz` command (what torchrun runs: `torchrun --nproc_per_node N -m isda_viz.cli train ...`)."""
 
 from .main import main
 
-main(prog_name="isda-viz")
+if __name__ == "__main__":
+    main(prog_name="isda-viz")

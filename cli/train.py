@@ -6,6 +6,7 @@ import click
 
 from isda_viz.data import DATASET_NAMES
 from isda_viz.models import ARCH_NAMES
+from isda_viz.recipes import RECIPE_NAMES, apply_recipe
 from isda_viz.train import TrainConfig, fit
 
 from .common import device_option, seed_option
@@ -25,14 +26,36 @@ from .common import device_option, seed_option
 @click.option("--lr", type=float, default=0.1, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
+@click.option("--milestones", default=None, metavar="E1,E2,...",
+              help="Step schedule: epochs after which the lr is multiplied by --lr-decay (default: 50%,75%).")
+@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True)
+@click.option("--nesterov/--no-nesterov", default=True, show_default=True, help="Nesterov momentum (0.9).")
+@click.option("--recipe", type=click.Choice(RECIPE_NAMES), default=None,
+              help="The paper's hyper-parameters for --arch/--dataset; options given explicitly win.")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
+              help="CUDA mixed precision (default bf16 where the GPU has it; CPU: off).")
+@click.option("--sync-bn", is_flag=True, help="Under torchrun: batch-norm statistics of the global batch.")
 @seed_option
 @device_option
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--limit-train", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
 @click.option("--limit-test", type=click.IntRange(min=1), default=None, help="Use only the first N test images.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader workers (image folders only).")
-def train_command(resume, **options):
-    """Train a classifier with the ISDA loss; writes checkpoint.pt, metrics.jsonl, config.json."""
-    result = fit(TrainConfig(**options), resume=resume, log=click.echo)
-    click.echo(f"run written to {options['out']} (test accuracy {result.get('test_accuracy', float('nan')):.4f})")
+@click.option("--workers", type=click.IntRange(min=0), default=0,
+              help="DataLoader worker processes per rank (image folders only), kept alive between epochs.")
+def train_command(resume, milestones, **options):
+    """Train a classifier with the ISDA loss; writes checkpoint.pt, metrics.jsonl, config.json.
+
+    Several GPUs or nodes: torchrun --nproc_per_node N -m isda_viz.cli train ... (see the README).
+    """
+    if milestones is not None:
+        try:
+            options["milestones"] = sorted(int(m) for m in milestones.split(","))
+        except ValueError:
+            raise click.BadParameter("comma-separated epoch numbers, e.g. 80,120", param_hint="--milestones")
+    context = click.get_current_context()
+    explicit = {name for name in [*options, "milestones"]
+                if context.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    result = fit(apply_recipe(TrainConfig(**options), explicit), resume=resume, log=click.echo)
+    if result:  # empty on ranks other than 0, which write nothing
+        click.echo(f"run written to {options['out']} (test accuracy {result.get('test_accuracy', float('nan')):.4f})")

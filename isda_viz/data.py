@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from . import distributed
 from .errors import IsdaVizError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -104,6 +106,9 @@ class FolderImages(Dataset):
         j = self._indices[i] if self._indices is not None else i
         return self.folder[j]
 
+    def __getstate__(self):  # DataLoader workers get the images, not the loaders kept on the dataset
+        return {k: v for k, v in self.__dict__.items() if k != "_loaders"}
+
     def subset(self, n: int | None) -> "FolderImages":
         if n is None or n >= len(self):
             return self
@@ -163,23 +168,84 @@ def _fashion_mnist(train: bool, data_root: Path | None) -> TensorImages:
     return TensorImages(ds.data.unsqueeze(1).clone(), ds.targets.clone(), FASHION_MNIST_CLASSES)
 
 
-def _cifar(name: str, train: bool, data_root: Path | None) -> TensorImages:
-    from torchvision.datasets import CIFAR10, CIFAR100
+# torchvision's on-disk CIFAR layouts: folder, training files, test file, meta file, label key, class-name key.
+CIFAR_LAYOUTS = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta",
+                "labels", "label_names"),
+    "cifar100": ("cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names"),
+}
 
-    cls = CIFAR10 if name == "cifar10" else CIFAR100
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR's python pickles (dicts of str, bytes, lists and numpy arrays) and refuses anything else,
+    so a crafted file cannot run code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR file")
+        return super().find_class(module, name)
+
+
+def _read_cifar_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise IsdaVizError(f"{path} is not a CIFAR python pickle ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def _cifar_from_files(name: str, train: bool, root: Path) -> TensorImages:
+    """Read torchvision's CIFAR-10/100 python files under `root` (or `root/<folder>`) in torchvision's order.
+
+    We read the pickles ourselves rather than through torchvision, whose loader
+    checks each file's md5 against the official release (so a re-packed or
+    synthetic copy in the same format is refused) and unpickles without limits.
+    """
+    folder, train_files, test_file, meta_file, label_key, names_key = CIFAR_LAYOUTS[name]
+    base = root / folder if (root / folder).is_dir() else root
+    files = train_files if train else [test_file]
+    missing = [f for f in files + [meta_file] if not (base / f).is_file()]
+    if missing:
+        raise FileNotFoundError(base / missing[0])
+    images, labels = [], []
+    for f in files:
+        entry = _read_cifar_pickle(base / f)
+        try:
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels.extend(int(v) for v in entry[label_key])
+        except (KeyError, ValueError, TypeError) as e:
+            raise IsdaVizError(f"{base / f} lacks CIFAR's 'data' (N, 3072) uint8 and '{label_key}' "
+                               f"({type(e).__name__})") from None
+        images.append(data)
+    meta = _read_cifar_pickle(base / meta_file)
+    if names_key not in meta:
+        raise IsdaVizError(f"{base / meta_file} has no '{names_key}'")
+    stacked = torch.from_numpy(np.concatenate(images)).contiguous()
+    if len(stacked) != len(labels):
+        raise IsdaVizError(f"{base}: {len(stacked)} images but {len(labels)} labels")
+    return TensorImages(stacked, torch.tensor(labels, dtype=torch.int64), [str(c) for c in meta[names_key]])
+
+
+def _cifar(name: str, train: bool, data_root: Path | None) -> TensorImages:
     root = data_root or CACHE_ROOT
     try:
-        ds = cls(str(root), train=train, download=False)
-    except RuntimeError:
-        try:
-            ds = cls(str(root), train=train, download=True)
-        except Exception as e:
-            raise IsdaVizError(
-                f"{name} not found under {root} and could not be downloaded ({type(e).__name__}); "
-                f"pass --data-root to a folder holding torchvision's {name} files"
-            ) from None
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    return TensorImages(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
+        return _cifar_from_files(name, train, root)
+    except FileNotFoundError:
+        pass
+    try:  # not there: torchvision's download (which verifies the official files' md5)
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        (CIFAR10 if name == "cifar10" else CIFAR100)(str(root), train=train, download=True)
+    except Exception as e:
+        raise IsdaVizError(
+            f"{name} not found under {root} and could not be downloaded ({type(e).__name__}); "
+            f"pass --data-root to a folder holding torchvision's {CIFAR_LAYOUTS[name][0]}/ files"
+        ) from None
+    return _cifar_from_files(name, train, root)
 
 
 def _folder(name: str, train: bool, data_root: Path | None, image_size: int) -> FolderImages:
@@ -274,19 +340,60 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int) -> torc
     return torch.where(flips, out.flip(3), out)
 
 
+class _GlobalBatchShards(torch.utils.data.Sampler):
+    """Index lists of a rank's part of each global batch of a given order (set per epoch with `set_order`)."""
+
+    def __init__(self, batch_size: int, shard: tuple[int, int] | None):
+        self.batch_size, self.shard, self.order = batch_size, shard, []
+
+    def set_order(self, order: list[int]) -> None:
+        self.order = order
+
+    def __iter__(self):
+        for start in range(0, len(self.order), self.batch_size):
+            batch = self.order[start:start + self.batch_size]
+            yield batch[_part(len(batch), self.shard)]
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+
+def _part(n: int, shard: tuple[int, int] | None) -> slice:
+    """Part `rank` of `world` of n items (see `distributed.shard`); everything without a shard."""
+    return slice(0, n) if shard is None else distributed.shard(n, *shard)
+
+
 def iterate_batches(dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-                    num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `(uint8 (B, C, H, W), int64 (B,))` batches; order drawn from `generator` when shuffling."""
+                    num_workers: int = 0, shard: tuple[int, int] | None = None,
+                    pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield `(uint8 (B, C, H, W), int64 (B,))` batches; order drawn from `generator` when shuffling.
+
+    `shard=(rank, world)`: the order and the global batches of `batch_size` are the
+    same on every rank, each rank gets its contiguous part of each (for
+    distributed training and evaluation). Image folders stream through one
+    DataLoader per dataset and settings, kept across epochs: `num_workers`
+    processes decode JPEGs (kept alive between epochs), batches land in pinned
+    memory when `pin_memory` (for asynchronous copies to a GPU).
+    """
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if isinstance(dataset, TensorImages):
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
+            idx = idx[_part(len(idx), shard)]
             yield dataset.images[idx], dataset.labels[idx]
         return
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers)
+    key = (batch_size, shard, num_workers, pin_memory)
+    cache = dataset.__dict__.setdefault("_loaders", {})
+    if key not in cache:
+        sampler = _GlobalBatchShards(batch_size, shard)
+        extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers else {}
+        cache[key] = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                                **extra)
+    loader = cache[key]
+    loader.batch_sampler.set_order(order.tolist())
     for images, labels in loader:
         yield images, labels
 
