@@ -6,8 +6,9 @@ import click
 
 from isda_viz.audit import AuditConfig, run_audit
 from isda_viz.data import DATASET_NAMES
+from isda_viz.html import page_path
 
-from .common import device_option
+from .common import device_option, embed_option
 
 
 @click.command("audit")
@@ -28,6 +29,7 @@ from .common import device_option
               help="Where the training-set index is kept and reused (default: inside the classifier run for "
                    "feature space, $ISDA_VIZ_CACHE/audit or ~/.cache/isda-viz/audit for pixels).")
 @device_option
+@embed_option
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for audit.json and audit.png.")
 @click.option("--limit-train", type=click.IntRange(min=1), default=None, hidden=True,
               help="Index only the first N training images (tests).")
@@ -41,3 +43,4 @@ def audit_command(images, **options):
     click.echo(f"audit written to {result.out / 'audit.json'} and {result.out / 'audit.png'}{more} "
                f"(index in {result.index_dir})")
     click.echo(result.summary())
+    click.echo(f"page: {page_path(result.out)}")

@@ -7,9 +7,10 @@ import functools
 import click
 
 from isda_viz.inversion import InversionOptions
+from isda_viz.html import page_path
 from isda_viz.visualize import VisualizeOptions, augment_images, make_grid
 
-from .common import device_option, seed_option, truncation_option
+from .common import device_option, embed_option, seed_option, truncation_option
 
 
 def visualize_options(fn):
@@ -43,19 +44,20 @@ def visualize_options(fn):
                           "trained from); read for test images and, for CE runs, class statistics."),
         seed_option,
         device_option,
+        embed_option,
     ]
     for option in reversed(options):
         fn = option(fn)
 
     @functools.wraps(fn)
     def wrapper(restarts, iterations, optimizer, lr, tolerance, data_root, classifier, generator, truncation, judge,
-                num_augmented, strength, seed, device, **kwargs):
+                num_augmented, strength, seed, device, embed, **kwargs):
         inversion = InversionOptions.make(iterations=iterations, lr=lr, optimizer=optimizer, restarts=restarts,
                                           tolerance=tolerance)
         return fn(options=VisualizeOptions(classifier=classifier, generator=generator, truncation=truncation,
                                            judge=judge, device=device, strength=strength,
                                            num_augmented=num_augmented, inversion=inversion, seed=seed,
-                                           data_root=data_root), **kwargs)
+                                           data_root=data_root, embed=embed), **kwargs)
 
     return wrapper
 
@@ -69,7 +71,7 @@ def visualize_options(fn):
 def augment_command(images, label, out, options):
     """Invert image files through the generator and show K ISDA-augmented versions of each."""
     augment_images(list(images), out=out, label=label, options=options)
-    click.echo(f"wrote {out}/grid.png, {out}/report.json and one PNG per image")
+    click.echo(f"wrote {out}/grid.png, {out}/report.json and one PNG per image\npage: {page_path(out)}")
 
 
 @click.command("grid")
@@ -87,4 +89,4 @@ def grid_command(per_class, classes, samples, out, options):
     click.echo(f"wrote {out} and its report {out[:-4]}.json: step I median feature error "
                f"{s.step1_median_feature_error:.3f}, step II median reached-shift error "
                f"{s.step2_median_reached_shift_error:.3f} (no image can go below "
-               f"{s.step2_median_negative_target_floor:.3f}: the targets' negative part)")
+               f"{s.step2_median_negative_target_floor:.3f}: the targets' negative part)\npage: {page_path(out)}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from isda_viz.demo import check_out_dir, run_demo, summary_table
+from isda_viz.html import page_path
 
-from .common import device_option
+from .common import device_option, embed_option
 
 
 @click.command("demo")
@@ -16,9 +17,11 @@ from .common import device_option
 @click.option("--from-scratch", is_flag=True,
               help="Train the ISDA classifier, the CE judge and the WGAN-GP first instead of using the shipped weights.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def demo_command(out, device, quick, from_scratch, seed):
+@embed_option
+def demo_command(out, device, quick, from_scratch, seed, embed):
     """Figure grid + FAISS audit on Fashion-MNIST; a stage whose output exists in --out is reused."""
     check_out_dir(out)
-    summary = run_demo(out, device, quick, from_scratch, seed, log=click.echo)
+    summary = run_demo(out, device, quick, from_scratch, seed, log=click.echo, embed=embed)
     click.echo(f"\nfigure: {out}/figure.png (report {out}/figure.json)\naudit: {out}/audit/audit.png "
-               f"(report {out}/audit/audit.json)\nsummary: {out}/summary.json\n{summary_table(summary)}")
+               f"(report {out}/audit/audit.json)\nsummary: {out}/summary.json\npage: {page_path(out)}\n"
+               f"{summary_table(summary)}")

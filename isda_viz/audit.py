@@ -12,7 +12,9 @@ held-out test images would be flagged.
 
 `run_audit` writes `audit.json` and the figure in pages of at most
 `QUERIES_PER_PAGE` queries: `audit.png`, then `audit_page2.png`, `audit_page3.png`, ...
-(drawn by `isda_viz.figures.audit_page`), listed under `pages` in audit.json.
+(drawn by `isda_viz.figures.audit_page`), listed under `pages` in audit.json; the
+neighbours of the queries the figure shows as small PNGs in `audit_files/` (named under
+each neighbour's `file`), and last the page `index.html` (`isda_viz.html`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 
 from .data import dataset_spec, load_image_file, load_split
 from .errors import IsdaVizError
-from .figures import audit_page
+from .figures import audit_page, to_pil
+from .html import html_fragment, write_html
 from .index import (CHUNK, SPACES, Embedder, copy_score, default_index_dir, prepare_index,
                     training_images)
 from .classifier import load_classifier
@@ -39,6 +42,7 @@ from .runs import save_image_atomic, write_json_atomic
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 QUERIES_PER_PAGE = 16        # queries drawn on one page of the figure
 MAX_PAGES = 16               # the figure shows at most QUERIES_PER_PAGE * MAX_PAGES queries (audit.json has all)
+NEIGHBOUR_DIR = "audit_files"  # the shown queries' neighbours, one PNG per training image
 
 # ---------------------------------------------------------------------------------------------
 # Queries: image files or folders, or the report of an inversion command
@@ -123,6 +127,7 @@ class AuditConfig:
     device: str | None = None
     limit_train: int | None = None                     # index only the first N training images
     limit_test: int | None = None                      # calibrate on the first N test images
+    embed: bool = False                                # the page index.html carries its images inline
 
 
 @dataclass
@@ -133,6 +138,10 @@ class AuditResult:
     report: dict
     index_status: str
     index_dir: Path
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the audit's page, images inlined."""
+        return html_fragment(self.out, embed=True)
 
     @property
     def flagged(self) -> int:
@@ -150,7 +159,8 @@ class AuditResult:
 def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None] = print) -> AuditResult:
     """Audit the query images of `cfg` against the training set.
 
-    Writes the figure's pages (`page_file`) and then `cfg.out/audit.json`, which lists them under `pages`.
+    Writes the figure's pages (`page_file`) and the neighbours' PNGs, then `cfg.out/audit.json`,
+    which lists them (`pages`, each neighbour's `file`), then the page `cfg.out/index.html`.
     """
     if cfg.space not in SPACES:
         raise IsdaVizError(f"unknown space '{cfg.space}'; choose pixel or feature")
@@ -215,7 +225,9 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
     heading = f"{report['k']} nearest of {len(train_split)} training images ({embedder.distance_name})"
     report["pages"] = write_pages(out, queries, records, rows, train_split, class_names, heading,
                                   cal["threshold"], log)
-    write_json_atomic(report, out / "audit.json")  # last: a finished audit.json means its pages are there
+    write_neighbour_files(out, records, rows, train_split)
+    write_json_atomic(report, out / "audit.json")  # a finished audit.json means its figure and files are there
+    write_html(out, embed=cfg.embed)
     return AuditResult(out, report, status, index.directory)
 
 
@@ -226,6 +238,28 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
 def page_file(number: int) -> str:
     """File name of page `number` (1-based) of the audit figure: `audit.png`, then `audit_page2.png`, ..."""
     return "audit.png" if number == 1 else f"audit_page{number}.png"
+
+
+def write_neighbour_files(out: Path, records: list[dict], rows: np.ndarray, train_split) -> None:
+    """Save the neighbours of the first QUERIES_PER_PAGE * MAX_PAGES queries (those the figure shows)
+    as PNGs at the dataset's resolution, one per training image (`audit_files/train_INDEX.png`, INDEX
+    its position in the training set), and name each under its neighbour's `file` (relative to `out`).
+
+    `rows (Q, k)`: each query's neighbours as rows of `train_split`. Files of an earlier audit in `out`
+    that no neighbour names now are removed.
+    """
+    folder = out / NEIGHBOUR_DIR
+    written = set()
+    for record, row in zip(records[:QUERIES_PER_PAGE * MAX_PAGES], rows):
+        for neighbour, r in zip(record["neighbors"], row):
+            name = f"train_{neighbour['index']:07d}.png"
+            if name not in written:
+                save_image_atomic(to_pil(train_split[int(r)][0].float() / 255), folder / name)
+                written.add(name)
+            neighbour["file"] = f"{NEIGHBOUR_DIR}/{name}"
+    for stale in folder.glob("train_*.png") if folder.is_dir() else []:
+        if stale.name not in written:
+            stale.unlink()
 
 
 def write_pages(out: Path, queries: list[Query], records: list[dict], rows: np.ndarray, train_split,

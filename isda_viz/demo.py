@@ -5,7 +5,8 @@ Stages (each skipped, with a status line saying so, when DIR already holds its f
        otherwise use the weights shipped in `isda_viz/pretrained`.
   4.   the figure grid: one test image per class, its reconstruction, K augmented, random same-class samples.
   5.   the FAISS audit of the augmented images against the training set.
-  6.   `summary.json` and a table of the figures.
+  6.   `summary.json` and a table of the figures, and the page `index.html` joining the figure's
+       images to their audit neighbours (`isda_viz.html`).
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ def _gan_finished(gan_dir: Path, iterations: int) -> bool:
 
 
 def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: bool = False,
-             seed: int = 0, log=print, progress: bool = True) -> dict:
-    """Run every stage into `out`; returns the summary (also written as `out/summary.json`)."""
+             seed: int = 0, log=print, progress: bool = True, embed: bool = False) -> dict:
+    """Run every stage into `out`; returns the summary (also written as `out/summary.json`), and
+    writes the page `out/index.html` (`embed`: its images inline, as the grid's and audit's pages)."""
     from .devices import pick_device
+    from .html import write_html
 
     pick_device(device)  # a device that is not there fails before anything is written
     out = Path(out)
@@ -68,10 +71,11 @@ def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: 
     previous = out / "summary.json"  # stages reused now keep the time they took when they ran
     seconds: dict[str, float] = json.loads(previous.read_text()).get("seconds", {}) if previous.exists() else {}
     models = _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
-    report = _grid_stage(out, plan, models, device, seed, log, progress, seconds)
-    audit = _audit_stage(out, plan, device, log, progress, seconds)
+    report = _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed)
+    audit = _audit_stage(out, plan, device, log, progress, seconds, embed)
     summary = _summary(models, report, audit, seconds, quick, from_scratch)
     write_json_atomic(summary, out / "summary.json")
+    write_html(out, embed=embed)
     return summary
 
 
@@ -125,7 +129,7 @@ def _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
     return runs
 
 
-def _grid_stage(out, plan, models, device, seed, log, progress, seconds) -> Report:
+def _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed) -> Report:
     from .visualize import VisualizeOptions, make_grid
 
     figure = out / "figure.png"
@@ -135,12 +139,12 @@ def _grid_stage(out, plan, models, device, seed, log, progress, seconds) -> Repo
     options = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),
                                judge=str(models["judge"]) if models.get("judge") else None, device=device,
                                strength=0.5, num_augmented=plan.num_augmented, inversion=plan.inversion, seed=seed,
-                               progress=progress)
+                               progress=progress, embed=embed)
     _status(log, "grid", f"inverting one test image per class, {plan.num_augmented} augmentations each")
     return _timed(seconds, "grid", lambda: make_grid(out=figure, per_class=1, options=options))
 
 
-def _audit_stage(out, plan, device, log, progress, seconds) -> dict:
+def _audit_stage(out, plan, device, log, progress, seconds, embed) -> dict:
     from .audit import AuditConfig, run_audit
 
     audit_dir = out / "audit"
@@ -149,7 +153,7 @@ def _audit_stage(out, plan, device, log, progress, seconds) -> dict:
         return json.loads((audit_dir / "audit.json").read_text())
     _status(log, "audit", "nearest training images of each augmented image (FAISS, pixel space)")
     cfg = AuditConfig(out=str(audit_dir), dataset="fashion-mnist", from_dir=str(out / "figure_files"), device=device,
-                      limit_train=plan.audit_limit_train, limit_test=plan.audit_limit_test)
+                      limit_train=plan.audit_limit_train, limit_test=plan.audit_limit_test, embed=embed)
     result = _timed(seconds, "audit", lambda: run_audit(cfg, progress=progress, log=log))
     _status(log, "audit", result.summary())
     return result.report

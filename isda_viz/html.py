@@ -21,7 +21,11 @@ report's JSON key, e.g. `reached_shift_error` or `copy_score`).
 Files a report names but that are gone render as a visible "missing: NAME"
 placeholder; every text from a report (file and class names) is escaped.
 `html_fragment(path)` gives the same view as one `<div>` with images inlined,
-for Jupyter (`HtmlView(path)` has `_repr_html_`).
+for Jupyter: the results of `augment_images`, `make_grid` (a `Report` with its `path`) and
+`run_audit` (an `AuditResult`) display it through `_repr_html_`, as does `HtmlView(path)`.
+
+`augment_images`, `make_grid`, `run_audit` and `run_demo` write their page themselves after
+their outputs; `write_html` (re)writes one for any output folder.
 """
 
 from __future__ import annotations
@@ -102,6 +106,11 @@ def write_html(path, embed: bool = False, audit=None) -> Path:
     text = _document(page, embed)
     write_bytes_atomic(text.encode("utf-8"), page.out)
     return page.out
+
+
+def page_path(path, audit=None) -> Path:
+    """Where `write_html(path)` writes the page (the table in this module's docstring)."""
+    return _locate(path, audit).out
 
 
 def html_fragment(path, embed: bool = True, audit=None) -> str:
@@ -362,11 +371,11 @@ def _neighbours(query: dict | None, queries: _Queries, names: _Names, ctx: _Ctx)
             thumb = ctx.image(queries.audit_dir / n["file"], str(n["file"]), THUMB_PX, f"training image {index}")
         items.append(f'<li data-key="neighbor" data-index="{_esc(_data_value(index))}" '
                      f'data-distance="{_esc(_data_value(distance))}" data-label="{_esc(_data_value(label))}">'
-                     f'{thumb}<span>d <b>{_esc(_fmt("distance", distance))}</b> {_esc(names(label))} '
+                     f'{thumb}<span>d <b>{_esc(_fmt("distance", distance))}</b><br>{_esc(names(label))}<br>'
                      f'<i title="index in the training set">#{_esc(index)}</i></span></li>')
     flag = '<div class="flag">likely copy</div>' if query.get("flagged") else ""
     return (f'<div class="nbrs">{flag}{_number("copy_score", "copy score", query.get("copy_score"))}'
-            f'<ol>{"".join(items)}</ol></div>')
+            f'<div class="nbr-head">nearest training images</div><ol>{"".join(items)}</ol></div>')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +398,8 @@ def _tile(heading: str, image_html: str, numbers: str, extra: str = "", flagged:
           anchor: str | None = None) -> str:
     cls = "tile flagged" if flagged else "tile"
     anchor = f' id="{anchor}"' if anchor else ""
-    return (f'<figure class="{cls}"{anchor}><figcaption>{_esc(heading)}</figcaption>{image_html}{numbers}{extra}'
-            '</figure>')
+    return (f'<figure class="{cls}"{anchor}><figcaption>{_esc(heading)}</figcaption>{image_html}'
+            f'<div class="nums">{numbers}</div>{extra}</figure>')
 
 
 def _card(i: int, entry: dict, page: _Page, ctx: _Ctx, names: _Names, queries: _Queries) -> tuple[str, list]:
@@ -418,8 +427,8 @@ def _card(i: int, entry: dict, page: _Page, ctx: _Ctx, names: _Names, queries: _
         name = str(recon.get("file", "reconstruction"))
         path = base / recon["file"] if recon.get("file") else None
         query = queries.of(path) if path is not None else None
-        numbers = (_number("feature_error", "feature error", recon.get("feature_error"))
-                   + _number("psnr", "PSNR dB", recon.get("psnr"))
+        numbers = (_number("feature_error", "feature err.", recon.get("feature_error"))
+                   + _number("psnr", "PSNR (dB)", recon.get("psnr"))
                    + _prediction("predicted", "classifier", recon.get("predicted"), label, names)
                    + _prediction("judge_predicted", "judge", recon.get("judge_predicted"), label, names))
         tiles.append(_tile("reconstruction", ctx.image(path, name, TILE_PX), numbers,
@@ -432,11 +441,11 @@ def _card(i: int, entry: dict, page: _Page, ctx: _Ctx, names: _Names, queries: _
         name = str(aug.get("file", f"augmented {j + 1}"))
         path = base / aug["file"] if aug.get("file") else None
         query = queries.of(path) if path is not None else None
-        numbers = (_number("reached_shift_error", "reached-shift error", aug.get("reached_shift_error"))
+        numbers = (_number("reached_shift_error", "shift error", aug.get("reached_shift_error"))
                    + _number("negative_target_floor", "its floor", aug.get("negative_target_floor"))
                    + _prediction("predicted", "classifier", aug.get("predicted"), label, names)
                    + _prediction("judge_predicted", "judge", aug.get("judge_predicted"), label, names)
-                   + _number("pixel_distance", "pixel distance", aug.get("pixel_distance")))
+                   + _number("pixel_distance", "pixel dist.", aug.get("pixel_distance")))
         tiles.append(_tile(f"augmented {j + 1}", ctx.image(path, name, TILE_PX), numbers,
                            _neighbours(query, queries, names, ctx), bool(query and query.get("flagged"))))
         row(f"augmented {j + 1}", path, name,
@@ -489,6 +498,25 @@ def _summary_table(page: _Page) -> str:
     return f'<table class="summary">{body}</table>' if rows else ""
 
 
+def _legend(page: _Page) -> str:
+    """What the numbers under the images mean."""
+    parts = []
+    if page.report is not None:
+        parts += ["<b>feature err.</b> ‖f(G(ẑ*)) − a‖/‖a‖, how far the reconstruction's features are from the "
+                  "original's; <b>PSNR</b> of the reconstruction against the original",
+                  "<b>shift error</b> ‖f(G(ẑ′)) − ã‖/‖ã − a‖: 0 = the augmented image carries all of the sampled "
+                  "feature shift, 1 = none of it; <b>its floor</b>: the part of the shift no image can reach "
+                  "(negative targets); <b>pixel dist.</b>: RMS difference to the reconstruction, [0, 1] pixels",
+                  "<b>classifier</b>, <b>judge</b>: the class each network sees (red: not the image's class)"]
+    if page.audit is not None:
+        threshold = page.audit.get("threshold")
+        below = f" below {_fmt('threshold', threshold)}" if _finite(threshold) else ""
+        parts.append("<b>copy score</b>: distance to the nearest training image / the median of held-out test "
+                     f"images; likely copy{below}; <b>d</b>: distance of each nearest training image, "
+                     "<b>#</b> its index in the training set")
+    return f'<p class="meta legend">{"<br>".join(parts)}</p>' if parts else ""
+
+
 def _settings_line(page: _Page) -> str:
     """What made it: the report's settings, the audit's space and index, the demo's timings."""
     parts = []
@@ -520,8 +548,9 @@ def _files_line(page: _Page, embed: bool) -> str:
         candidates.append(page.report_dir / "grid.png")
     elif page.kind == "demo":
         candidates.append(page.out.parent / Path(DEMO_FIGURE).with_suffix(".png"))
-    if page.audit_dir is not None:
-        candidates.append(page.audit_dir / "audit.png")
+    if page.audit_dir is not None:           # every page of the audit figure (older audits: audit.png)
+        pages = [p.get("file") for p in page.audit.get("pages") or [] if isinstance(p, dict)]
+        candidates += [page.audit_dir / str(f) for f in pages if f] or [page.audit_dir / "audit.png"]
     links = [f'<a href="{_esc(quote(Path(os.path.relpath(p, page.out.parent)).as_posix()))}">{_esc(p.name)}</a>'
              for p in candidates if p.is_file()]
     return f'<p class="meta">figures: {" · ".join(links)}</p>' if links else ""
@@ -573,7 +602,7 @@ def _body(page: _Page, embed: bool) -> str:
     per = "Per input image" if page.report is not None else "Per query"
     nav = f'<p class="meta"><a href="#cards">{per}</a> · <a href="#table">Every image, sortable</a></p>'
     parts = [f"<h1>{_esc(page.title)}</h1>", _settings_line(page), _files_line(page, embed), nav if rows else "",
-             _summary_table(page)]
+             f'<div class="top">{_summary_table(page)}{_legend(page)}</div>']
     if cards:
         parts += [f'<h2 id="cards">{per}</h2>', *cards]
     if rows:
@@ -592,6 +621,8 @@ _CSS = """
 .isda-viz h1{font-size:22px;margin:8px 0}.isda-viz h2{font-size:17px;margin:22px 0 8px}
 .isda-viz h3{font-size:14px;margin:0 0 8px;font-weight:600;word-break:break-all}
 .isda-viz .meta{color:#555;margin:2px 0;font-size:13px}
+.isda-viz .top{display:flex;flex-wrap:wrap;gap:8px 40px;align-items:flex-start;margin-top:8px}
+.isda-viz .legend{font-size:12px;line-height:1.5;max-width:640px;margin:0}.isda-viz .legend b{color:#333}
 .isda-viz table{border-collapse:collapse}
 .isda-viz table.summary th{text-align:left;font-weight:normal;padding:2px 16px 2px 0}
 .isda-viz table.summary td{font-weight:600;font-variant-numeric:tabular-nums}
@@ -599,26 +630,31 @@ _CSS = """
 .isda-viz table.data th{background:#f1f1f4;cursor:pointer;padding:4px 8px;position:sticky;top:0;user-select:none}
 .isda-viz table.data th[aria-sort=ascending]::after{content:" \\25B2"}
 .isda-viz table.data th[aria-sort=descending]::after{content:" \\25BC"}
-.isda-viz table.data td{border-top:1px solid #e4e4e8;padding:2px 8px;vertical-align:middle}
+.isda-viz table.data td{border-top:1px solid #e4e4e8;padding:2px 8px;vertical-align:middle;white-space:nowrap}
 .isda-viz table.data td.n{text-align:right;font-variant-numeric:tabular-nums}
 .isda-viz table.data td a{display:flex;align-items:center;gap:6px;color:inherit}
 .isda-viz table.data tr.flagged td{background:#fde8e8}
 .isda-viz .card{border:1px solid #d9d9de;border-radius:6px;padding:10px;margin:12px 0}
-.isda-viz .tiles{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
-.isda-viz .tile{margin:0;width:150px;font-size:12px}
+.isda-viz .tiles{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.isda-viz .tile{margin:0;width:136px;font-size:12px}
 .isda-viz .tile.flagged img{outline:3px solid #c0392b}
 .isda-viz figcaption{font-weight:600;margin-bottom:3px}
 .isda-viz img{display:block;background:#eee}
 .isda-viz img.px{image-rendering:pixelated;image-rendering:crisp-edges}
+.isda-viz .card:not(.queries) .tile .nums{min-height:84px}
+.isda-viz .tile .num{display:flex;justify-content:space-between;gap:4px;color:#444}
+.isda-viz .tile .num b{color:#1d1d1f;text-align:right}
 .isda-viz .num b{font-variant-numeric:tabular-nums}
 .isda-viz .num.wrong b{color:#c0392b}
 .isda-viz .missing{display:flex;align-items:center;justify-content:center;text-align:center;box-sizing:border-box;
   border:2px dashed #c0392b;color:#c0392b;font-size:11px;word-break:break-all;padding:4px;background:#fff7f7}
 .isda-viz .nbrs{font-size:11px;margin-top:6px;border-top:1px solid #e4e4e8;padding-top:4px;color:#333}
-.isda-viz .nbrs ol{margin:2px 0 0;padding-left:18px}.isda-viz .nbrs li{margin:1px 0}
-.isda-viz .nbrs li img,.isda-viz .nbrs li .missing{margin:2px 0}
+.isda-viz .nbr-head{color:#777;margin-top:2px}
+.isda-viz .nbrs ol{margin:2px 0 0;padding:0;list-style:none}
+.isda-viz .nbrs li{display:flex;gap:6px;align-items:center;margin:3px 0;line-height:1.25}
+.isda-viz .nbrs li img,.isda-viz .nbrs li .missing{flex:none}
 .isda-viz .nbrs i{color:#777;font-style:normal}
-.isda-viz .file{word-break:break-all;color:#555}
+.isda-viz .file{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;color:#555}
 .isda-viz .flag{color:#fff;background:#c0392b;border-radius:3px;padding:0 5px;display:inline-block;font-weight:600}
 """
 

@@ -8,11 +8,14 @@ then `summary` (medians and rates, `summarize`), `seconds` per stage and
     {"images": [{"source", "label", "label_name", "predicted",
                  "reconstruction": {"file", "feature_error", "psnr", "predicted", "judge_predicted"},
                  "augmented": [{"file", "reached_shift_error", "shift_norm", "negative_target_floor",
-                                "predicted", "judge_predicted", "pixel_distance"}, ...]}, ...],
-     "summary": {...}, "seconds": {"reconstruct", "augment"}, "settings": {...}}
+                                "predicted", "judge_predicted", "pixel_distance"}, ...],
+                 "original": {"file"}, "samples": [{"file"}, ...]}, ...],
+     "summary": {...}, "seconds": {"reconstruct", "augment"}, "settings": {...}, "class_names": [...]}
 
 Errors are relative to feature norms (no unit), `psnr` in dB, `pixel_distance` RMS in [0, 1]
-pixel units; `judge_predicted` is null without a judge.
+pixel units; `judge_predicted` is null without a judge. `original` (the input as the classifier
+saw it), `samples` (grid: random same-class generator images) and `class_names` came later:
+reports written before them read back with `original` None, `samples` empty, `class_names` None.
 """
 
 from __future__ import annotations
@@ -55,8 +58,16 @@ class AugmentedEntry:
 
 
 @dataclass(kw_only=True)
+class ImageFile:
+    """An image saved beside the report without numbers of its own (the original, a random sample)."""
+
+    file: str
+
+
+@dataclass(kw_only=True)
 class ImageEntry:
-    """One input image: where it came from, its (given or predicted) label, the classifier's prediction."""
+    """One input image: where it came from, its (given or predicted) label, the classifier's prediction;
+    `original` its saved file, `samples` random generator images of its class (grid only)."""
 
     source: str
     label: int
@@ -64,6 +75,12 @@ class ImageEntry:
     predicted: int
     reconstruction: ReconstructionEntry
     augmented: list[AugmentedEntry]
+    original: ImageFile | None = None
+    samples: list[ImageFile] = field(default_factory=list)
+
+    def files(self) -> list[ImageFile | ReconstructionEntry | AugmentedEntry]:
+        """Every record here that names a saved file."""
+        return ([self.original] if self.original else []) + [self.reconstruction, *self.augmented, *self.samples]
 
 
 @dataclass(kw_only=True)
@@ -95,26 +112,50 @@ class Settings:
 
 @dataclass(kw_only=True)
 class Report:
+    """A report, and `path`: the JSON file it was written to or read from (not part of the JSON; None
+    while only in memory). Displayed in Jupyter as the page of `isda_viz.html` when `path` is set."""
+
     images: list[ImageEntry]
     summary: Summary
     seconds: dict[str, float] = field(default_factory=dict)
     settings: Settings | None = None
+    class_names: list[str] | None = None
+    path: Path | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        if self.settings is None:
-            del out["settings"]
+        del out["path"]
+        for key in ("settings", "class_names"):
+            if out[key] is None:
+                del out[key]
+        for entry in out["images"]:
+            if entry["original"] is None:
+                del entry["original"]
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Report":
         """The report of a parsed JSON object; raises KeyError/TypeError/AttributeError on another shape."""
-        images = [ImageEntry(**{**entry, "reconstruction": ReconstructionEntry(**entry["reconstruction"]),
-                                "augmented": [AugmentedEntry(**a) for a in entry["augmented"]]})
-                  for entry in data["images"]]
+        def image(entry: dict) -> ImageEntry:
+            original = entry.get("original")
+            return ImageEntry(**{**entry, "reconstruction": ReconstructionEntry(**entry["reconstruction"]),
+                                 "augmented": [AugmentedEntry(**a) for a in entry["augmented"]],
+                                 "original": ImageFile(**original) if original is not None else None,
+                                 "samples": [ImageFile(**s) for s in entry.get("samples", [])]})
+
         settings = data.get("settings")
-        return cls(images=images, summary=Summary(**data["summary"]), seconds=dict(data.get("seconds", {})),
-                   settings=Settings(**settings) if settings is not None else None)
+        return cls(images=[image(entry) for entry in data["images"]], summary=Summary(**data["summary"]),
+                   seconds=dict(data.get("seconds", {})),
+                   settings=Settings(**settings) if settings is not None else None,
+                   class_names=list(data["class_names"]) if data.get("class_names") is not None else None)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter's view: the page of the written report, images inlined (None: not written, plain repr)."""
+        if self.path is None:
+            return None
+        from .html import html_fragment
+
+        return html_fragment(self.path, embed=True)
 
     def listed_images(self) -> list[tuple[str, str, str]]:
         """Every image file the report lists, as `(file, "reconstruction" | "augmented", source)`."""
@@ -128,9 +169,8 @@ class Report:
         """A copy whose file paths are prefixed with `folder/` (a report written beside the image folder)."""
         copy = Report.from_dict(self.to_dict())
         for entry in copy.images:
-            entry.reconstruction.file = f"{folder}/{entry.reconstruction.file}"
-            for a in entry.augmented:
-                a.file = f"{folder}/{a.file}"
+            for record in entry.files():
+                record.file = f"{folder}/{record.file}"
         return copy
 
 
@@ -157,8 +197,9 @@ def summarize(images: list[ImageEntry]) -> Summary:
 
 
 def write_report(report: Report, path) -> None:
-    """Write `report` as JSON to `path`, atomically."""
+    """Write `report` as JSON to `path`, atomically; `report.path` becomes `path`."""
     write_json_atomic(report.to_dict(), path)
+    report.path = Path(path)
 
 
 def read_report(path) -> Report:
@@ -171,6 +212,8 @@ def read_report(path) -> Report:
     if not file.is_file():
         raise IsdaVizError(f"{path} has no {REPORT}; give the --out folder of an augment run or a grid's FIG.json")
     try:
-        return Report.from_dict(json.loads(file.read_text()))
+        report = Report.from_dict(json.loads(file.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise IsdaVizError(f"{file} is not a report of augment or grid ({type(e).__name__}: {e})") from None
+    report.path = file
+    return report

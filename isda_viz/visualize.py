@@ -26,8 +26,10 @@ from .data import load_image_file, load_split
 from .devices import pick_device
 from .errors import IsdaVizError
 from .figures import labelled_grid, to_pil
+from .html import write_html
 from .inversion import InversionOptions, augment, normalize_latent, reconstruct, sample_augmented_features
-from .report import REPORT, AugmentedEntry, ImageEntry, ReconstructionEntry, Report, Settings, summarize, write_report
+from .report import (REPORT, AugmentedEntry, ImageEntry, ImageFile, ReconstructionEntry, Report, Settings, summarize,
+                     write_report)
 
 if TYPE_CHECKING:
     from .generators import Generator
@@ -50,7 +52,8 @@ class VisualizeOptions:
     the shipped Fashion-MNIST weights are used, and with the shipped classifier also the shipped
     CE judge. `truncation` is BigGAN's (None: its default). `strength` is λ: a~ = a + eps,
     eps ~ N(0, λ Σ_y); `num_augmented` is K per image. `InversionOptions.make` turns the command
-    line's knobs into `inversion`.
+    line's knobs into `inversion`. `embed`: the output's HTML page carries its images inline
+    (`data:` URIs) instead of referencing the PNG files.
     """
 
     classifier: str | None = None
@@ -64,6 +67,7 @@ class VisualizeOptions:
     seed: int = 0
     data_root: str | None = None      # the classifier's dataset folder (default: the one it was trained from)
     progress: bool = True
+    embed: bool = False
 
     def check(self) -> None:
         """Raise `IsdaVizError` for values no run can use (before any model is loaded)."""
@@ -160,6 +164,7 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
         label = int(labels[i])
         entries.append(ImageEntry(
             source=sources[i], label=label, label_name=classifier.class_names[label], predicted=predicted[i],
+            original=ImageFile(file=f"{i:03d}_original.png"),
             reconstruction=ReconstructionEntry(
                 file=f"{i:03d}_reconstruction.png", feature_error=float(step1.feature_error[i]),
                 psnr=float(10 * torch.log10(1 / mse[i].clamp_min(1e-12))),
@@ -204,17 +209,21 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def write_images(result: AugmentationResult, class_names: list[str], folder: Path,
                  samples: torch.Tensor | None = None, cell: int = 84) -> None:
-    """The PNGs the entries name, each original, and the figure `grid.png` into `folder`.
+    """The PNGs the entries name (original, reconstruction, augmented, samples) and the figure
+    `grid.png` into `folder`.
 
-    `samples (N, S, C, H, W)`: random same-class generator images appended to each row.
+    `samples (N, S, C, H, W)`: random same-class generator images appended to each row, saved
+    as the files of each entry's `samples`.
     """
     k = result.augmented.shape[1]
     rows, row_labels, captions = [], [], []
     for i, entry in enumerate(result.entries):
-        to_pil(result.originals[i]).save(folder / f"{i:03d}_original.png")
+        to_pil(result.originals[i]).save(folder / entry.original.file)
         to_pil(result.reconstructions[i]).save(folder / entry.reconstruction.file)
         for j, a in enumerate(entry.augmented):
             to_pil(result.augmented[i, j]).save(folder / a.file)
+        for j, sample in enumerate(entry.samples):
+            to_pil(samples[i, j]).save(folder / sample.file)
         row = [result.originals[i], result.reconstructions[i], *result.augmented[i]]
         caption = ["", f"err {entry.reconstruction.feature_error:.3f}",
                    *[class_names[a.predicted][:11] for a in entry.augmented]]
@@ -238,7 +247,7 @@ def write_augment_dir(result: AugmentationResult, class_names: list[str], out, s
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
     report = Report(images=result.entries, summary=summarize(result.entries), seconds=result.seconds,
-                    settings=settings)
+                    settings=settings, class_names=list(class_names))
     try:
         write_images(result, class_names, tmp, samples)
         write_report(report, tmp / REPORT)
@@ -246,13 +255,15 @@ def write_augment_dir(result: AugmentationResult, class_names: list[str], out, s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _replace_dir(tmp, out)
+    report.path = out / REPORT
     return report
 
 
 def augment_images(images: list, *, out, label: str | None = None, options: VisualizeOptions | None = None,
                    models: Models | None = None) -> Report:
     """`isda-viz augment`: invert and augment image files (PNG/JPEG, any size or mode); writes OUT_DIR
-    (grid.png, one PNG per image, report.json) and returns its report.
+    (grid.png, one PNG per image, report.json, then the page index.html) and returns its report
+    (shown as that page in Jupyter).
 
     `label`: the class (name or index) of every image; None: each image's predicted class.
     `models`: already loaded models (default: `options.load_models()`).
@@ -271,7 +282,9 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
     else:
         labels = torch.full((len(pixels),), classifier.class_index(label, "--label"))
     result = invert_and_augment(models, pixels, labels, [str(p) for p in images], options)
-    return write_augment_dir(result, classifier.class_names, out, _settings(options, models))
+    report = write_augment_dir(result, classifier.class_names, out, _settings(options, models))
+    write_html(out, embed=options.embed)
+    return report
 
 
 def test_images_per_class(classifier: Classifier, per_class: int, classes: list[int] | None, data_root=None):
@@ -290,11 +303,13 @@ def test_images_per_class(classifier: Classifier, per_class: int, classes: list[
 
 def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_samples: int = 2,
               options: VisualizeOptions | None = None, models: Models | None = None) -> Report:
-    """`isda-viz grid`: the paper's figure for test images; writes FIG.png, FIG.json and FIG_files/ PNGs.
+    """`isda-viz grid`: the paper's figure for test images; writes FIG_files/ PNGs, FIG.json, FIG.png,
+    then the page FIG.html.
 
     Rows: original | reconstruction | K augmented | `num_samples` random samples of the same class
-    (class-conditional generators). `classes`: names or indices (default: all). Returns the report
-    written as FIG.json, its file paths relative to it.
+    (class-conditional generators; saved as FIG_files/NNN_sample_J.png). `classes`: names or
+    indices (default: all). Returns the report written as FIG.json, its file paths relative to it
+    (shown as the page in Jupyter).
     """
     options = options or VisualizeOptions()
     options.check()
@@ -316,10 +331,13 @@ def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_
             y = labels.repeat_interleave(num_samples).to(generator.device)
             samples = GeneratorAdapter(generator, classifier).pixels(z, y).cpu().view(len(labels), num_samples,
                                                                             *images.shape[1:])
+        for i, entry in enumerate(result.entries):
+            entry.samples = [ImageFile(file=f"{i:03d}_sample_{j}.png") for j in range(num_samples)]
     report = write_augment_dir(result, classifier.class_names, files_dir, _settings(options, models), samples)
     # The figure and its report beside it; the report's file paths are made relative to FIG.json.
     report = report.with_files_under(files_dir.name)
     write_report(report, out_png.with_suffix(".json"))
     shutil.copyfile(files_dir / "grid.png", out_png.with_suffix(".png.tmp"))
     os.replace(out_png.with_suffix(".png.tmp"), out_png)
+    write_html(out_png, embed=options.embed)
     return report

@@ -25,6 +25,9 @@ def test_quick_demo_from_scratch_runs_every_stage_then_reuses_them(tmp_path):
     audit = json.loads((out / "audit" / "audit.json").read_text())
     assert len(audit["queries"]) == summary["audit_queries"] and (out / "audit" / "audit.png").exists()
     assert "step I median feature error" in first.output and str(out / "summary.json") in first.output
+    for page in (out / "index.html", out / "figure.html", out / "audit" / "index.html"):   # each stage's page
+        assert "<table" in page.read_text(encoding="utf-8")
+    assert f"page: {out / 'index.html'}" in first.output
 
     second = CliRunner().invoke(main, ["demo", "--quick", "--from-scratch", "--out", str(out)])
     assert second.exit_code == 0, second.output

@@ -13,6 +13,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -112,11 +113,18 @@ def _fast():
     return InversionOptions(reconstruct_iterations=10, augment_iterations=15, restarts=1)
 
 
+def _options(**kwargs):
+    from isda_viz.visualize import VisualizeOptions
+
+    return VisualizeOptions(inversion=_fast(), progress=False, **kwargs)
+
+
 @pytest.fixture(scope="session")
-def augment_dir(tmp_path_factory, models):
-    """`augment` of two Fashion-MNIST test images of different classes (PNG files), two augmentations each."""
+def augment_report(tmp_path_factory, models):
+    """`augment_images` of two Fashion-MNIST test images of different classes (PNG files), two augmentations
+    each: the Report it returns (its page written beside it)."""
     from isda_viz.data import load_split
-    from isda_viz.visualize import augment_images
+    from isda_viz.visualize import Models, augment_images
 
     folder = tmp_path_factory.mktemp("augment")
     test = load_split("fashion-mnist", False, limit=2)
@@ -124,30 +132,40 @@ def augment_dir(tmp_path_factory, models):
     for i in range(2):
         Image.fromarray(test.images[i, 0].numpy()).save(folder / f"test{i}.png")
         paths.append(folder / f"test{i}.png")
-    return augment_images(paths, models["classifier"], models["generator"], folder / "out", num_augmented=2,
-                          opts=_fast(), judge=models["judge"], progress=False)
+    return augment_images(paths, out=folder / "out", options=_options(num_augmented=2), models=Models(**models))
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory, models):
-    """A demo folder as `isda-viz demo` lays it out: figure.png/.json/_files (grid of two classes), audit/
-    (FAISS audit of figure_files against 2,000 training images) and summary.json."""
+def augment_dir(augment_report):
+    return augment_report.path.parent
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, models):
+    """A demo folder as `isda-viz demo` lays it out: figure.png/.json/.html/_files (grid of two classes, two
+    random samples each), audit/ (FAISS audit of figure_files against 2,000 training images) and
+    summary.json; with the Report of `make_grid` and the AuditResult of `run_audit`."""
     from isda_viz import demo
     from isda_viz.audit import AuditConfig, run_audit
     from isda_viz.pretrained import default_classifier, default_generator, default_judge
     from isda_viz.runs import write_json_atomic
-    from isda_viz.visualize import make_grid
+    from isda_viz.visualize import Models, make_grid
 
     out = tmp_path_factory.mktemp("demo")
-    report = make_grid(models["classifier"], models["generator"], out / "figure.png", classes=[0, 8],
-                       num_augmented=2, opts=_fast(), judge=models["judge"], progress=False)
+    report = make_grid(out=out / "figure.png", classes=[0, 8], num_samples=2, options=_options(num_augmented=2),
+                       models=Models(**models))
     cfg = AuditConfig(out=str(out / "audit"), from_dir=str(out / "figure_files"), limit_train=2000, limit_test=200,
                       index_dir=str(tmp_path_factory.mktemp("index")))
     audit = run_audit(cfg, progress=False, log=lambda *a: None)
     paths = {"classifier": default_classifier(), "judge": default_judge(), "generator": default_generator()}
     write_json_atomic(demo._summary(paths, report, audit.report, {"grid": 1.0, "audit": 1.0}, True, False),
                       out / "summary.json")
-    return out
+    return {"dir": out, "report": report, "audit": audit}
+
+
+@pytest.fixture(scope="session")
+def demo_dir(demo_run):
+    return demo_run["dir"]
 
 
 def _names(report) -> dict:
@@ -178,41 +196,114 @@ def _no_network(html_text: str):
 # Browser tests
 
 
-@needs_browser
-def test_augment_page_shows_every_image_and_the_reports_numbers(augment_dir, tmp_path):
-    report = json.loads((augment_dir / "report.json").read_text())
-    page = write_html(augment_dir)
-    assert page == augment_dir / "index.html"
-    _no_network(page.read_text(encoding="utf-8"))
-    dom = render(page, tmp_path)
-    k = len(report["images"][0]["augmented"])
-    # cards: original, reconstruction, k augmented; table: reconstruction and k augmented thumbnails
-    _assert_images_loaded(dom, len(report["images"]) * ((2 + k) + (1 + k)))
+def _card_images(report) -> int:
+    """Images on a report's cards: original, reconstruction, augmented, samples."""
+    return sum(2 + len(e["augmented"]) + len(e.get("samples", [])) for e in report["images"])
+
+
+def _table_images(report) -> int:
+    """Thumbnails in the per-image table: reconstruction and augmented."""
+    return sum(1 + len(e["augmented"]) for e in report["images"])
+
+
+def _assert_cards_show_the_report(dom: Node, report: dict, folder_prefix: str = ""):
+    """Each card names the report's files in order and shows its numbers."""
     names = _names(report)
     for i, entry in enumerate(report["images"]):
         card = dom.find("section", data_image=str(i))
         assert entry["source"] in card.find("h3").text() and names[entry["label"]] in card.find("h3").text()
-        tiles = card.find_all("figure")
+        tiles = [t for t in card.find_all("figure")]
+        k, s = len(entry["augmented"]), len(entry.get("samples", []))
         assert [t.find("figcaption").text() for t in tiles] == ["original", "reconstruction",
-                                                                 *[f"augmented {j + 1}" for j in range(k)]]
-        assert tiles[0].find("img").attrs["data-file"] == f"{i:03d}_original.png"
+                                                                 *[f"augmented {j + 1}" for j in range(k)],
+                                                                 *[f"random {j + 1}" for j in range(s)]]
+        files = [entry["original"]["file"], entry["reconstruction"]["file"], *[a["file"] for a in entry["augmented"]],
+                 *[x["file"] for x in entry.get("samples", [])]]
+        assert [t.find("img").attrs["data-file"] for t in tiles] == files
+        assert entry["original"]["file"] == f"{folder_prefix}{i:03d}_original.png"
+        assert [x["file"] for x in entry.get("samples", [])] == [f"{folder_prefix}{i:03d}_sample_{j}.png"
+                                                                 for j in range(s)]
         recon = entry["reconstruction"]
-        assert tiles[1].find("img").attrs["data-file"] == recon["file"]
         _assert_number(tiles[1].find(data_key="feature_error"), recon["feature_error"])
         _assert_number(tiles[1].find(data_key="psnr"), recon["psnr"], decimals=1)
         for tile, aug in zip(tiles[2:], entry["augmented"]):
-            assert tile.find("img").attrs["data-file"] == aug["file"]
             for key in ("reached_shift_error", "negative_target_floor", "pixel_distance"):
                 _assert_number(tile.find(data_key=key), aug[key])
             for key in ("predicted", "judge_predicted"):
                 shown = tile.find(data_key=key)
                 assert json.loads(shown.attrs["data-value"]) == aug[key]
                 assert shown.find("b").text() == names.get(aug[key], f"class {aug[key]}")
+
+
+@needs_browser
+def test_augment_writes_its_page_with_every_image_and_the_reports_numbers(augment_dir, tmp_path):
+    report = json.loads((augment_dir / "report.json").read_text())
+    page = augment_dir / "index.html"
+    assert page.is_file()                                            # written by augment_images itself
+    assert write_html(augment_dir) == page and page.read_text(encoding="utf-8") == write_html(augment_dir).read_text(
+        encoding="utf-8")
+    assert report["class_names"][0] == "T-shirt/top" and len(report["class_names"]) == 10
+    _no_network(page.read_text(encoding="utf-8"))
+    dom = render(page, tmp_path)
+    _assert_images_loaded(dom, _card_images(report) + _table_images(report))
+    _assert_cards_show_the_report(dom, report)
     summary = {row.attrs["data-key"]: json.loads(row.attrs["data-value"])
                for row in dom.find("table", cls="summary").find_all("tr")}
     assert summary == report["summary"]
     rows = dom.find("table", cls="data").find("tbody").find_all("tr")
-    assert len(rows) == len(report["images"]) * (1 + k)
+    assert len(rows) == _table_images(report)
+
+
+@needs_browser
+def test_grid_writes_its_page_with_the_random_samples(demo_dir, tmp_path):
+    report = json.loads((demo_dir / "figure.json").read_text())
+    page = demo_dir / "figure.html"
+    assert page.is_file()                                            # written by make_grid itself
+    assert all(len(e["samples"]) == 2 for e in report["images"])
+    for entry in report["images"]:                                   # the samples are the generator's images
+        for sample in entry["samples"]:
+            assert Image.open(demo_dir / sample["file"]).size == (28, 28)
+    dom = render(page, tmp_path)
+    _assert_images_loaded(dom, _card_images(report) + _table_images(report))
+    _assert_cards_show_the_report(dom, report, folder_prefix="figure_files/")
+
+
+def _shown_neighbours(tile: Node) -> list[dict]:
+    return [{"index": json.loads(li.attrs["data-index"]), "distance": json.loads(li.attrs["data-distance"]),
+             "label": json.loads(li.attrs["data-label"]), "file": li.find("img").attrs["data-file"]}
+            for li in tile.find_all("li")]
+
+
+def _assert_neighbour_files_are_the_training_images(audit: dict, audit_dir: Path):
+    """Each neighbour's `file` is its training image at dataset resolution, pixel for pixel."""
+    from isda_viz.data import load_split
+
+    train = load_split("fashion-mnist", True, limit=2000)
+    files = set()
+    for query in audit["queries"]:
+        for n in query["neighbors"]:
+            assert n["file"] == f"audit_files/train_{n['index']:07d}.png"
+            pixels = np.asarray(Image.open(audit_dir / n["file"]))
+            assert pixels.shape == (28, 28) and (pixels == train.images[n["index"], 0].numpy()).all()
+            files.add(n["file"])
+    assert sorted(f"audit_files/{f.name}" for f in (audit_dir / "audit_files").iterdir()) == sorted(files)
+
+
+@needs_browser
+def test_audit_writes_its_page_with_neighbour_thumbnails(demo_dir, tmp_path):
+    audit_dir = demo_dir / "audit"
+    audit = json.loads((audit_dir / "audit.json").read_text())
+    page = audit_dir / "index.html"
+    assert page.is_file()                                            # written by run_audit itself
+    _assert_neighbour_files_are_the_training_images(audit, audit_dir)
+    dom = render(page, tmp_path)
+    q, k = len(audit["queries"]), audit["k"]
+    _assert_images_loaded(dom, q * (1 + k) + q)                      # query + neighbours; table thumbnails
+    tiles = dom.find_all("figure")
+    assert len(tiles) == q
+    for tile, query in zip(tiles, audit["queries"]):
+        _assert_number(tile.find(data_key="copy_score"), query["copy_score"])
+        assert _shown_neighbours(tile) == query["neighbors"]
 
 
 @needs_browser
@@ -224,21 +315,22 @@ def test_demo_page_joins_each_image_to_its_audit_neighbours(demo_dir, tmp_path):
     assert page == demo_dir / "index.html"
     _no_network(page.read_text(encoding="utf-8"))
     dom = render(page, tmp_path)
-    k = len(report["images"][0]["augmented"])
-    _assert_images_loaded(dom, len(report["images"]) * ((2 + k) + (1 + k)))
+    joined_tiles = _table_images(report)
+    _assert_images_loaded(dom, _card_images(report) + joined_tiles * audit["k"] + _table_images(report))
+    _assert_cards_show_the_report(dom, report, folder_prefix="figure_files/")
     by_name = {Path(q["source"].split(" (")[0]).name: q for q in audit["queries"]}
     joined = 0
     for tile in dom.find_all("figure"):
-        if tile.find("figcaption").text() == "original":
+        if tile.find("figcaption").text() == "original" or tile.find("figcaption").text().startswith("random"):
+            assert tile.find(cls="nbrs") is None
             continue
         query = by_name[Path(tile.find("img").attrs["data-file"]).name]
         _assert_number(tile.find(data_key="copy_score"), query["copy_score"])
-        shown = [{"index": json.loads(li.attrs["data-index"]), "distance": json.loads(li.attrs["data-distance"]),
-                  "label": json.loads(li.attrs["data-label"])} for li in tile.find_all("li")]
-        assert shown == query["neighbors"]
+        shown = _shown_neighbours(tile)
+        assert shown == query["neighbors"]                   # `file` as audit.json names it, relative to audit/
         assert all(audit["class_names"][n["label"]] in li.text() for n, li in zip(shown, tile.find_all("li")))
         joined += 1
-    assert joined == len(audit["queries"]) == len(report["images"]) * (1 + k)
+    assert joined == len(audit["queries"]) == joined_tiles
     figures = {row.attrs["data-key"]: row for row in dom.find("table", cls="summary").find_all("tr")}
     for key in ("classifier_test_accuracy", "step1_median_feature_error", "step2_median_reached_shift_error",
                 "median_pixel_distance_to_reconstruction"):
@@ -360,14 +452,75 @@ def test_flagged_copies_are_marked(demo_dir, tmp_path):
     assert len(dom.find("table", cls="data").find_all("tr", cls="flagged")) == 1
 
 
-def test_fragment_inlines_images_for_notebooks(augment_dir):
-    fragment = html_fragment(augment_dir)
+def _assert_inlined_fragment(fragment: str, images: int):
     assert fragment.startswith('<div class="isda-viz">') and "<html" not in fragment and "<body" not in fragment
-    dom = parse(fragment)
-    sources = [img.attrs["src"] for img in dom.find_all("img")]
-    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
-    assert HtmlView(augment_dir)._repr_html_() == fragment
+    sources = [img.attrs["src"] for img in parse(fragment).find_all("img")]
+    assert len(sources) == images and all(s.startswith("data:image/png;base64,") for s in sources)
     _no_network(fragment)
+
+
+def test_results_display_their_page_inline_in_notebooks(augment_report, demo_run):
+    """What augment_images, make_grid and run_audit return shows as the page, images inlined (Jupyter)."""
+    augment_dir = augment_report.path.parent
+    report = json.loads((augment_dir / "report.json").read_text())
+    fragment = augment_report._repr_html_()
+    assert fragment == html_fragment(augment_dir) == HtmlView(augment_dir)._repr_html_()
+    _assert_inlined_fragment(fragment, _card_images(report) + _table_images(report))
+
+    grid = demo_run["report"]
+    assert grid.path == demo_run["dir"] / "figure.json"
+    figure = json.loads(grid.path.read_text())
+    _assert_inlined_fragment(grid._repr_html_(), _card_images(figure) + _table_images(figure))
+
+    audit = demo_run["audit"]
+    q, k = len(audit.report["queries"]), audit.report["k"]
+    assert audit._repr_html_() == html_fragment(audit.out)
+    _assert_inlined_fragment(audit._repr_html_(), q * (1 + k) + q)
+
+
+def test_old_reports_without_the_new_keys_still_read(augment_dir, tmp_path):
+    """Reports written before `original`, `samples` and `class_names` read back, and write back without them."""
+    from isda_viz.report import Report, read_report
+
+    data = json.loads((augment_dir / "report.json").read_text())
+    del data["class_names"]
+    for entry in data["images"]:
+        del entry["original"], entry["samples"]
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    old = read_report(tmp_path)
+    assert old.class_names is None and all(e.original is None and e.samples == [] for e in old.images)
+    assert Report.from_dict(old.to_dict()) == old and "original" not in old.to_dict()["images"][0]
+    assert Report(images=old.images, summary=old.summary)._repr_html_() is None     # never written: no page
+    assert read_report(augment_dir).to_dict() == json.loads((augment_dir / "report.json").read_text())
+
+
+@needs_browser
+def test_embed_flag_of_grid_and_audit_commands_inlines_every_image(tmp_path):
+    """`grid --embed` and `audit --embed` print where their page went; it references no file beside it."""
+    from click.testing import CliRunner
+
+    from isda_viz.cli.main import main
+
+    fig = tmp_path / "fig.png"
+    fast = ["--iterations", "3", "--restarts", "1", "-k", "1"]
+    result = CliRunner().invoke(main, ["grid", "--classes", "1", "--samples", "1", *fast, "--embed", "--out", str(fig)])
+    assert result.exit_code == 0, result.output
+    assert f"page: {tmp_path / 'fig.html'}" in result.output
+    result = CliRunner().invoke(main, ["audit", "--from", str(tmp_path / "fig_files"), "--dataset", "fashion-mnist",
+                                       "--limit-train", "500", "--limit-test", "100", "--k", "2", "--embed",
+                                       "--index-dir", str(tmp_path / "index"), "--out", str(tmp_path / "audit")])
+    assert result.exit_code == 0, result.output
+    assert f"page: {tmp_path / 'audit' / 'index.html'}" in result.output
+    expected = {tmp_path / "fig.html": 4 + 2, tmp_path / "audit" / "index.html": 2 * (1 + 2) + 2}
+    for page, images in expected.items():
+        text = page.read_text(encoding="utf-8")
+        alone = tmp_path / "mailed" / page.parent.name / "index.html"     # the page alone, away from its files
+        alone.parent.mkdir(parents=True)
+        alone.write_text(text, encoding="utf-8")
+        dom = render(alone, tmp_path)
+        _assert_images_loaded(dom, images)
+        assert all(img.attrs["src"].startswith("data:image/png;base64,") for img in dom.find_all("img"))
+        assert not [a for a in dom.find_all("a") if not a.attrs.get("href", "#").startswith("#")]
 
 
 def test_bad_paths_are_one_line_errors(tmp_path):
