@@ -44,7 +44,7 @@ from tqdm import tqdm
 from . import __version__
 from .data import CACHE_ROOT, FolderImages, dataset_spec, iterate_batches, load_split
 from .errors import IsdaVizError
-from .runs import file_sha256, write_json_atomic  # noqa: F401  (file_sha256: re-exported)
+from .runs import write_json_atomic
 
 SPACES = ("pixel", "feature")
 INDEX_KINDS = ("flat", "ivfpq", "auto")
