@@ -153,7 +153,9 @@ def main():
     # Step II from our reconstructions, against what any image could reach.
     rng = torch.Generator().manual_seed(args.seed)
     k = 4
-    wanted = sample_augmented_features(target, labels, class_statistics(classifier), 0.5, k, rng).flatten(0, 1)
+    statistics = class_statistics(classifier, classes=labels.tolist())
+    wanted = sample_augmented_features(target, statistics.slots(labels), statistics.estimator, 0.5, k,
+                                       rng).flatten(0, 1)
     shift = wanted - target.repeat_interleave(k, 0)
     y_aug = y.repeat_interleave(k) if y is not None else None
     step2, step2_s = timed(lambda: invert_features(lambda z_hat: adapter(z_hat, y_aug), featurize, wanted,

@@ -8,7 +8,7 @@ from isda_viz.audit import AuditConfig, run_audit
 from isda_viz.data import DATASET_NAMES
 from isda_viz.html import page_path
 
-from .common import device_option, embed_option
+from .common import classifier_options, device_option, embed_option
 
 
 @click.command("audit")
@@ -21,8 +21,7 @@ from .common import device_option, embed_option
 @click.option("--k", type=click.IntRange(min=1), default=5, show_default=True, help="Neighbours per query.")
 @click.option("--space", type=click.Choice(["pixel", "feature"]), default="pixel", show_default=True,
               help="pixel: L2 on [0, 1] pixels; feature: cosine distance of the classifier's penultimate features.")
-@click.option("--classifier", type=click.Path(), default=None,
-              help="Classifier run directory (needed for --space feature).")
+@classifier_options("Classifier RUN_DIR, or a weights FILE with --classifier-arch (needed for --space feature).")
 @click.option("--index", "index", type=click.Choice(["flat", "ivfpq", "auto"]), default="auto", show_default=True,
               help="flat: exact; ivfpq: compressed, candidates re-ranked exactly; auto: flat while it fits in 2 GiB.")
 @click.option("--index-dir", type=click.Path(file_okay=False), default=None,

@@ -10,19 +10,22 @@ from isda_viz.inversion import InversionOptions
 from isda_viz.html import page_path
 from isda_viz.visualize import VisualizeOptions, augment_images, make_grid
 
-from .common import device_option, embed_option, seed_option, truncation_option
+from .common import classifier_options, device_option, embed_option, seed_option, truncation_option
 
 
 def visualize_options(fn):
     """The options `augment` and `grid` share (models, strength, search effort), gathered into one
     `VisualizeOptions` passed to the command as `options`."""
     options = [
-        click.option("--classifier", default=None,
-                     help="Classifier RUN_DIR from `isda-viz train` (default: the shipped Fashion-MNIST ISDA ResNet-32)."),
+        classifier_options("Classifier RUN_DIR from `isda-viz train`, or a weights FILE with --classifier-arch "
+                           "(default: the shipped Fashion-MNIST ISDA ResNet-32)."),
         click.option("--generator", default=None,
                      help="GAN_DIR from `isda-viz train-gan`, biggan-deep-128|256|512, or a local BigGAN folder "
                           "(default: the shipped Fashion-MNIST WGAN-GP)."),
         truncation_option,
+        click.option("--class-map", type=click.Path(dir_okay=False), default=None,
+                     help="Which generator class draws each classifier class, when their classes differ: JSON "
+                          "{classifier_class: generator_class} or two columns per line."),
         click.option("--judge", default=None,
                      help="A second classifier RUN_DIR (other seed) whose predictions are reported too "
                           "(default with the shipped classifier: the shipped CE judge)."),
@@ -41,7 +44,11 @@ def visualize_options(fn):
         click.option("--tolerance", type=float, default=0.0, help="Stop a stage once every feature error is below this."),
         click.option("--data-root", type=click.Path(), default=None,
                      help="Folder of the classifier's dataset, as given to `train` (default: the one it was "
-                          "trained from); read for test images and, for CE runs, class statistics."),
+                          "trained from); read for test images and, for classifiers without class statistics of "
+                          "their own (CE runs, torchvision weights), one pass over the shown classes' training "
+                          "images (a train/ folder of class folders, or torchvision's CIFAR / Fashion-MNIST files)."),
+        click.option("--covariance", type=click.Choice(["full", "diagonal"]), default="full", show_default=True,
+                     help="Class covariances computed from --data-root: full (A x A per class) or diagonal."),
         seed_option,
         device_option,
         embed_option,
@@ -50,14 +57,17 @@ def visualize_options(fn):
         fn = option(fn)
 
     @functools.wraps(fn)
-    def wrapper(restarts, iterations, optimizer, lr, tolerance, data_root, classifier, generator, truncation, judge,
-                num_augmented, strength, seed, device, embed, **kwargs):
+    def wrapper(restarts, iterations, optimizer, lr, tolerance, data_root, classifier, classifier_arch, class_names,
+                generator, truncation, class_map, judge, covariance, num_augmented, strength, seed, device, embed,
+                **kwargs):
         inversion = InversionOptions.make(iterations=iterations, lr=lr, optimizer=optimizer, restarts=restarts,
                                           tolerance=tolerance)
-        return fn(options=VisualizeOptions(classifier=classifier, generator=generator, truncation=truncation,
-                                           judge=judge, device=device, strength=strength,
-                                           num_augmented=num_augmented, inversion=inversion, seed=seed,
-                                           data_root=data_root, embed=embed), **kwargs)
+        return fn(options=VisualizeOptions(classifier=classifier, classifier_arch=classifier_arch,
+                                           class_names=class_names, generator=generator, class_map=class_map,
+                                           truncation=truncation, judge=judge, covariance=covariance,
+                                           device=device, strength=strength, num_augmented=num_augmented,
+                                           inversion=inversion, seed=seed, data_root=data_root,
+                                           embed=embed), **kwargs)
 
     return wrapper
 

@@ -10,3 +10,27 @@ truncation_option = click.option("--truncation", type=click.FloatRange(0, 1, min
                                  help="BigGAN truncation (default 0.5; ignored by WGAN generators).")
 embed_option = click.option("--embed", is_flag=True,
                             help="Inline the images of the HTML page as data: URIs (the page alone can be mailed).")
+
+
+def classifier_options(classifier_help: str):
+    """`--classifier`, `--classifier-arch`, `--class-names`: a RUN_DIR, or a weights FILE and what it holds.
+
+    The command receives them as `classifier`, `classifier_arch`, `class_names`.
+    """
+    options = [
+        click.option("--classifier", default=None, help=classifier_help),
+        click.option("--classifier-arch", default=None, metavar="ARCH",
+                     help="What the --classifier FILE holds: resnet32|resnet110|wrn28_10 (a checkpoint of the public "
+                          "ISDA CIFAR code; its format is recognised from its keys) or torchvision:NAME (torchvision "
+                          "weights, e.g. torchvision:resnet50). Leave out for an isda-viz RUN_DIR."),
+        click.option("--class-names", type=click.Path(dir_okay=False), default=None,
+                     help="File naming the classes of a --classifier FILE, one per line or a JSON list "
+                          "(default: --data-root's train/ folders)."),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate

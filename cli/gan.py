@@ -7,7 +7,7 @@ import click
 from isda_viz.data import DATASET_NAMES
 from isda_viz.generators import GanConfig, train_gan
 
-from .common import device_option, seed_option
+from .common import classifier_options, device_option, seed_option
 
 _DEFAULT = GanConfig(out="")
 
@@ -27,8 +27,8 @@ _DEFAULT = GanConfig(out="")
 @click.option("--beta1", type=click.Choice(["0.0", "0.5"]), default=str(_DEFAULT.beta1), show_default=True,
               help="Adam beta1 (beta2 is 0.9).")
 @click.option("--unconditional", is_flag=True, help="Ignore labels (no class-conditional sampling).")
-@click.option("--classifier", type=click.Path(), default=None, metavar="RUN_DIR",
-              help="A `train` run: report how often it classifies samples as their conditioning class.")
+@classifier_options("A `train` RUN_DIR, or a weights FILE with --classifier-arch: report how often it classifies "
+                    "samples as their conditioning class.")
 @click.option("--limit-train", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
 @click.option("--sample-every", type=click.IntRange(min=1), default=_DEFAULT.sample_every, show_default=True,
               help="Iterations between samples.png, generator.pt and agreement refreshes.")

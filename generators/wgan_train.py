@@ -51,20 +51,20 @@ def class_agreement(generator: Generator, classifier, per_class: int, rng: torch
                     batch_size: int = 250) -> float:
     """Fraction in [0, 1] of class-conditional samples the classifier labels as their conditioning class.
 
-    `per_class` samples per class, latent codes drawn from `rng`; images pass
-    through `isda_viz.adapter.to_classifier_input`.
+    `per_class` samples per class, latent codes drawn from `rng`; images reach the
+    classifier (an `isda_viz.classifier.Classifier`) through `isda_viz.adapter.to_classifier_pixels`.
     """
-    from isda_viz.adapter import to_classifier_input
+    from isda_viz.adapter import to_classifier_pixels
 
     y = torch.arange(generator.num_classes).repeat_interleave(per_class)
     z = torch.randn(len(y), generator.latent_dim, generator=rng)
     correct = 0
     for start in range(0, len(y), batch_size):
-        yb = y[start:start + batch_size].to(generator.device)
-        images = generator.generate(z[start:start + batch_size].to(generator.device), yb)
-        x = to_classifier_input(images, generator.output_range, classifier).to(
-            next(classifier.model.parameters()).device)
-        correct += (classifier.model(x).argmax(1) == yb.to(x.device)).sum().item()
+        yb = y[start:start + batch_size]
+        with torch.no_grad():
+            images = generator.generate(z[start:start + batch_size].to(generator.device), yb.to(generator.device))
+            unit = to_classifier_pixels(images, generator.output_range, classifier).to(classifier.device)
+        correct += (classifier.predict(unit) == yb).sum().item()
     return correct / len(y)
 
 
@@ -91,7 +91,9 @@ class GanConfig:
     image_size: int | None = None      # None: the dataset's size (32 when larger)
     seed: int = 0
     limit_train: int | None = None
-    classifier: str | None = None      # a `train` run: measure class agreement with it
+    classifier: str | None = None      # a `train` run or weights file: measure class agreement with it
+    classifier_arch: str | None = None # what a weights file holds (see isda_viz.classifier.load_classifier)
+    class_names: str | None = None     # file naming a weights file's classes
     agreement_per_class: int = 50
     sample_every: int = 200            # iterations between samples.png / generator.pt / agreement
     log_every: int = 25                # iterations between metrics.jsonl lines
@@ -122,7 +124,7 @@ class _BatchSampler:
 
 
 # What a resumed run may change; everything else is taken from the run being resumed.
-RESUME_OVERRIDES = ("iterations", "classifier", "agreement_per_class", "sample_every", "log_every", "device", "out")
+RESUME_OVERRIDES = ("iterations", "classifier", "classifier_arch", "class_names", "agreement_per_class", "sample_every", "log_every", "device", "out")
 
 
 def _resumed_config(saved: dict, cfg: GanConfig) -> GanConfig:
@@ -162,9 +164,10 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     if cfg.classifier:
         if not cfg.conditional:
             raise IsdaVizError("--classifier measures class agreement, which needs a class-conditional GAN")
-        classifier = load_classifier(cfg.classifier, device)
+        classifier = load_classifier(cfg.classifier, device, arch=cfg.classifier_arch, class_names=cfg.class_names,
+                                     data_root=cfg.data_root)
         if classifier.class_names != class_names:
-            raise IsdaVizError(f"the classifier in {classifier.run_dir} was trained on {classifier.dataset} "
+            raise IsdaVizError(f"the classifier in {classifier.source} was trained on {classifier.dataset} "
                                f"({classifier.num_classes} classes), not on this GAN's {cfg.dataset} "
                                f"({len(class_names)} classes)")
 

@@ -20,7 +20,6 @@ each neighbour's `file`), and last the page `index.html` (`isda_viz.html`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from .index import (CHUNK, SPACES, Embedder, copy_score, default_index_dir, prep
                     training_images)
 from .classifier import load_classifier
 from .devices import pick_device
+from .report import read_report
 from .runs import save_image_atomic, write_json_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -79,30 +79,19 @@ def queries_from_paths(paths: Iterable, channels: int, size: int) -> list[Query]
 
 
 def queries_from_report(out_dir, channels: int, size: int) -> list[Query]:
-    """The augmented images (and reconstructions, marked so) listed in `out_dir/report.json` of augment/grid."""
+    """The augmented images (and reconstructions, marked so) an augment/grid report lists: an augment `--out`
+    folder (its report.json) or a grid's FIG.json; file paths are relative to the report."""
     out_dir = Path(out_dir)
-    report_path = out_dir / "report.json"
-    if not report_path.is_file():
-        raise IsdaVizError(f"{out_dir} has no report.json; --from takes the --out folder of an augment or grid run")
-    try:
-        entries = json.loads(report_path.read_text())["images"]
-        listed = []
-        for entry in entries:
-            recon = entry.get("reconstruction")
-            if recon:
-                listed.append((recon["file"], "reconstruction", entry.get("source", "?")))
-            for aug in entry.get("augmented", []):
-                listed.append((aug["file"], "augmented", entry.get("source", "?")))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise IsdaVizError(f"{report_path} is not a report of augment or grid ({type(e).__name__}: {e})") from None
+    report = read_report(out_dir)
+    listed = report.listed_images()
     if not listed:
-        raise IsdaVizError(f"{report_path} lists no images")
+        raise IsdaVizError(f"the report in {out_dir} lists no images")
+    base = out_dir if out_dir.is_dir() else out_dir.parent
     queries = []
     for file, role, origin in listed:
-        path = out_dir / file
+        path = base / file
         what = "reconstruction of" if role == "reconstruction" else "augmented from"
-        source = f"{path} ({what} {origin})"
-        queries.append(Query(source, read_query_image(path, channels, size), role))
+        queries.append(Query(f"{path} ({what} {origin})", read_query_image(path, channels, size), role))
     return queries
 
 
@@ -121,7 +110,9 @@ class AuditConfig:
     data_root: str | None = None
     k: int = 5
     space: str = "pixel"
-    classifier: str | None = None                      # run directory, needed for space="feature"
+    classifier: str | None = None                      # run directory or weights file, needed for space="feature"
+    classifier_arch: str | None = None                 # what a weights file holds (see load_classifier)
+    class_names: str | None = None                     # file naming a weights file's classes
     index: str = "auto"                                # flat | ivfpq | auto
     index_dir: str | None = None                       # default: see default_index_dir
     device: str | None = None
@@ -167,7 +158,7 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
     if cfg.k < 1:
         raise IsdaVizError("--k must be at least 1")
     if cfg.space == "feature" and not cfg.classifier:
-        raise IsdaVizError("--space feature needs --classifier RUN_DIR (a run written by `isda-viz train`)")
+        raise IsdaVizError("--space feature needs --classifier (a RUN_DIR, or a weights FILE with --classifier-arch)")
     if bool(cfg.images) == bool(cfg.from_dir):
         raise IsdaVizError("give query images with either --images PATH or --from OUT_DIR (one of them)")
     spec = dataset_spec(cfg.dataset, cfg.data_root)
@@ -179,11 +170,14 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
     device = pick_device(cfg.device)
     classifier = None
     if cfg.space == "feature":
-        classifier = load_classifier(cfg.classifier, device)
-        if classifier.dataset != cfg.dataset or classifier.channels != spec.channels \
-                or classifier.image_size != spec.image_size:
-            raise IsdaVizError(f"classifier {classifier.run_dir} was trained on {classifier.dataset}, "
-                               f"not {cfg.dataset}; pass a classifier of {cfg.dataset}")
+        classifier = load_classifier(cfg.classifier, device, arch=cfg.classifier_arch, class_names=cfg.class_names,
+                                     data_root=cfg.data_root)
+        folders = {"folder", "imagenet"}  # the same layout under two names
+        other_data = classifier.dataset not in (None, cfg.dataset) and {classifier.dataset, cfg.dataset} - folders
+        if other_data or (classifier.channels, classifier.image_size) != (spec.channels, spec.image_size):
+            raise IsdaVizError(f"classifier {classifier.source} ({classifier.dataset or 'unknown data'}, "
+                               f"{classifier.channels}×{classifier.image_size}² inputs) is not a classifier of "
+                               f"{cfg.dataset} ({spec.channels}×{spec.image_size}²); pass a classifier of {cfg.dataset}")
     elif cfg.classifier:
         log("note: --classifier is only used with --space feature; auditing in pixel space")
     embedder = Embedder(cfg.space, classifier, device)
@@ -191,7 +185,7 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
     train_split = training_images(cfg.dataset, cfg.data_root, cfg.limit_train)
     test_split = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test)
     index_dir = Path(cfg.index_dir).expanduser() if cfg.index_dir else default_index_dir(
-        cfg.dataset, cfg.space, cfg.classifier, cfg.data_root, cfg.limit_train)
+        cfg.dataset, cfg.space, classifier.cache_dir if classifier else None, cfg.data_root, cfg.limit_train)
     index, status = prepare_index(index_dir, cfg.dataset, cfg.space, train_split, test_split, embedder,
                                   cfg.index, progress, log)
 

@@ -83,6 +83,13 @@ class TensorImages(Dataset):
         return TensorImages(self.images[:n], self.labels[:n], self.classes)
 
 
+def eval_transform(image_size: int):
+    """PIL image → uint8 `(C, S, S)`: resize the short side to S·256/224, centre crop S (ImageNet's evaluation)."""
+    import torchvision.transforms as T
+
+    return T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.PILToTensor()])
+
+
 class FolderImages(Dataset):
     """An ImageFolder whose items are uint8 `(3, S, S)` tensors (resize + centre crop, or random crop)."""
 
@@ -93,7 +100,7 @@ class FolderImages(Dataset):
         if train:
             tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
         else:
-            tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.PILToTensor()])
+            tf = eval_transform(image_size)
         self.folder = ImageFolder(str(root), transform=tf, loader=lambda p: _open_rgb(p))
         self.classes = self.folder.classes
         self.labels = torch.tensor(self.folder.targets)
@@ -116,6 +123,31 @@ class FolderImages(Dataset):
         self._indices = torch.randperm(len(self.folder), generator=g)[:n].sort().values.tolist()
         self.labels = self.labels[self._indices]
         return self
+
+
+class FileImages(Dataset):
+    """Image files with given labels, items uint8 `(channels, S, S)` by `eval_transform` (no randomness)."""
+
+    def __init__(self, paths: list[Path], labels: list[int], image_size: int, channels: int = 3):
+        self.paths, self.labels = list(paths), torch.tensor(labels, dtype=torch.int64)
+        self.transform, self.mode = eval_transform(image_size), {1: "L", 3: "RGB"}[channels]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with open(self.paths[i], "rb") as f:
+            image = Image.open(f).convert(self.mode)
+        return self.transform(image), int(self.labels[i])
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, recursively, sorted (the extensions torchvision's ImageFolder reads)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
 def _open_rgb(path):
@@ -258,21 +290,47 @@ def _folder(name: str, train: bool, data_root: Path | None, image_size: int) -> 
     raise IsdaVizError(f"no {' or '.join(candidates)}/ folder of class folders under {data_root}")
 
 
+def detect_dataset(data_root) -> str | None:
+    """Which layout `data_root` holds: "folder" (a `train/` of class folders), torchvision's "cifar10" or
+    "cifar100" files, "fashion-mnist" IDX files, or None."""
+    root = Path(data_root).expanduser()
+    if (root / "train").is_dir():
+        return "folder"
+    if (root / "cifar-10-batches-py").is_dir():
+        return "cifar10"
+    if (root / "cifar-100-python").is_dir():
+        return "cifar100"
+    if _find_idx(root, "train-images-idx3-ubyte") is not None:
+        return "fashion-mnist"
+    return None
+
+
+def folder_class_names(data_root) -> list[str] | None:
+    """Class names of a `data_root/train/` of class folders, in ImageFolder's (sorted) order; None without one."""
+    train = Path(data_root).expanduser() / "train"
+    if not train.is_dir():
+        return None
+    return sorted(d.name for d in train.iterdir() if d.is_dir())
+
+
 def dataset_spec(name: str, data_root: str | Path | None = None) -> DatasetSpec:
     """The spec of a dataset name; for `folder`, class names are read from its train folder."""
     if name not in SPECS:
         raise IsdaVizError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASET_NAMES)}")
     spec = SPECS[name]
     if name in ("folder", "imagenet") and data_root is not None:
-        train = Path(data_root) / "train"
-        if train.is_dir():
-            classes = sorted(d.name for d in train.iterdir() if d.is_dir())
+        classes = folder_class_names(data_root)
+        if classes is not None:
             spec = DatasetSpec(**{**spec.__dict__, "num_classes": len(classes), "class_names": classes})
     return spec
 
 
-def load_split(name: str, train: bool, data_root: str | Path | None = None, limit: int | None = None):
-    """The train or test split of a dataset: items `(uint8 (C,H,W), int)`, `.labels (N,)`, `.classes`."""
+def load_split(name: str, train: bool, data_root: str | Path | None = None, limit: int | None = None,
+               image_size: int | None = None):
+    """The train or test split of a dataset: items `(uint8 (C,H,W), int)`, `.labels (N,)`, `.classes`.
+
+    `image_size` sets the size image folders are cropped to (default: the dataset's, 224).
+    """
     spec = dataset_spec(name, data_root)
     root = Path(data_root).expanduser() if data_root else None
     if root is not None and not root.exists():
@@ -282,7 +340,7 @@ def load_split(name: str, train: bool, data_root: str | Path | None = None, limi
     elif name in ("cifar10", "cifar100"):
         ds = _cifar(name, train, root)
     else:
-        ds = _folder(name, train, root, spec.image_size)
+        ds = _folder(name, train, root, image_size or spec.image_size)
     return ds.subset(limit)
 
 

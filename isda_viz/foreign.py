@@ -277,6 +277,10 @@ def load_torchvision_classifier(path, name: str, num_classes: int | None = None)
     path = Path(path)
     builder = _torchvision_builder(name)
     obj = load_torch_file(path, f"torchvision {name} weights")
+    if is_public_isda_checkpoint(obj):
+        guess = guess_public_arch(strip_module_prefix(obj["state_dict"]))
+        raise IsdaVizError(f"{path} is a checkpoint of the public ISDA CIFAR code, not torchvision weights; "
+                           f"use --classifier-arch {guess or 'resnet32|resnet110|wrn28_10'}")
     state = obj if _is_tensor_mapping(obj) else next(
         (obj[k] for k in ("state_dict", "model") if isinstance(obj, Mapping) and _is_tensor_mapping(obj.get(k))),
         None)

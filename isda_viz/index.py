@@ -44,7 +44,7 @@ from tqdm import tqdm
 from . import __version__
 from .data import CACHE_ROOT, FolderImages, dataset_spec, iterate_batches, load_split
 from .errors import IsdaVizError
-from .runs import CHECKPOINT, resolve_run_dir, write_json_atomic
+from .runs import write_json_atomic
 
 SPACES = ("pixel", "feature")
 INDEX_KINDS = ("flat", "ivfpq", "auto")
@@ -72,7 +72,7 @@ class Embedder:
         if space not in SPACES:
             raise IsdaVizError(f"unknown space '{space}'; choose pixel or feature")
         if space == "feature" and classifier is None:
-            raise IsdaVizError("--space feature needs --classifier RUN_DIR (a run written by `isda-viz train`)")
+            raise IsdaVizError("--space feature needs --classifier (a RUN_DIR, or a weights FILE with --classifier-arch)")
         self.space, self.classifier, self.device = space, classifier, torch.device(device)
         self.store_dtype = np.uint8 if space == "pixel" else np.float32
 
@@ -80,10 +80,8 @@ class Embedder:
         """uint8 `(N, C, H, W)` → the rows kept for them, `(N, D)`."""
         if self.space == "pixel":
             return images.reshape(len(images), -1).numpy()
-        with torch.inference_mode():
-            x = images.to(self.device).float() / 255
-            f = self.classifier.model.features(self.classifier.preprocess(x))
-            return torch.nn.functional.normalize(f.float(), dim=1).cpu().numpy()
+        f = self.classifier.features(images)
+        return torch.nn.functional.normalize(f.float(), dim=1).cpu().numpy()
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         """uint8 `(N, C, H, W)` → the vectors of this space, float32 `(N, D)`."""
@@ -357,23 +355,17 @@ def split_fingerprint(split) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def default_index_dir(dataset: str, space: str, classifier_dir=None, data_root=None, limit: int | None = None) -> Path:
-    """Feature space: inside the classifier run; pixel space: `$ISDA_VIZ_CACHE/audit` (default ~/.cache/isda-viz)."""
+def default_index_dir(dataset: str, space: str, classifier_cache=None, data_root=None,
+                      limit: int | None = None) -> Path:
+    """Feature space: in the classifier's cache folder (`Classifier.cache_dir`: the run directory of an
+    isda-viz run); pixel space: `$ISDA_VIZ_CACHE/audit` (default ~/.cache/isda-viz)."""
     name = f"{dataset}-{space}"
     if data_root is not None:
         name += "-" + hashlib.sha256(str(Path(data_root).expanduser().resolve()).encode()).hexdigest()[:8]
     if limit is not None:
         name += f"-first{limit}"
     if space == "feature":
-        return resolve_run_dir(classifier_dir) / "audit-index" / name
+        return Path(classifier_cache) / "audit-index" / name
     return AUDIT_CACHE / name
 
 
@@ -411,7 +403,7 @@ def _manifest_key(dataset, space, train_split, test_split, classifier, params: I
         "format": INDEX_FORMAT, "dataset": dataset, "space": space,
         "train_size": len(train_split), "train_fingerprint": split_fingerprint(train_split),
         "test_size": len(test_split), "test_fingerprint": split_fingerprint(test_split),
-        "classifier_sha256": file_sha256(classifier.run_dir / CHECKPOINT) if classifier is not None else None,
+        "classifier_sha256": classifier.fingerprint if classifier is not None else None,
         **_build_params(params),
     }
 
@@ -507,7 +499,7 @@ def build_index(directory, train_split, test_split, embedder: Embedder, params: 
                 "dim": dim, "vector_dtype": np.dtype(embedder.store_dtype).name,
                 "memory_bytes_per_vector": neighbours.memory_bytes_per_vector(),
                 "calibration": calibration, "distance": embedder.distance_name,
-                "classifier_run": str(embedder.classifier.run_dir) if embedder.classifier is not None else None,
+                "classifier_run": str(embedder.classifier.source) if embedder.classifier is not None else None,
                 "built_seconds": round(time.perf_counter() - started, 2),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "isda_viz_version": __version__}
     write_json_atomic(manifest, directory / MANIFEST)

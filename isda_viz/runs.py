@@ -40,6 +40,17 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (what identifies a weights file in caches)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_atomic(obj, path) -> None:
     """`torch.save(obj)` to `path` through a temporary file and a rename."""
     _atomic_write(Path(path), lambda f: torch.save(obj, f))

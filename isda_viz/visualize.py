@@ -42,23 +42,35 @@ class Models:
     classifier: Classifier
     generator: Generator
     judge: Classifier | None = None
+    class_map: torch.Tensor | None = None   # (classifier classes,) generator class of each, -1: none
+
+    def adapter(self) -> GeneratorAdapter:
+        """The generator as the classifier sees it, conditioned through `class_map`."""
+        return GeneratorAdapter(self.generator, self.classifier, self.class_map)
 
 
 @dataclass(kw_only=True)
 class VisualizeOptions:
     """Everything `augment` and `grid` share: which models, how strong an augmentation, how hard a search.
 
-    `classifier`/`judge`: RUN_DIRs; `generator`: a GAN_DIR, a BigGAN folder or name. Left None,
-    the shipped Fashion-MNIST weights are used, and with the shipped classifier also the shipped
-    CE judge. `truncation` is BigGAN's (None: its default). `strength` is λ: a~ = a + eps,
+    `classifier`/`judge`: RUN_DIRs, or for `classifier` a weights file with `classifier_arch`
+    (see `load_classifier`; `class_names` names its classes); `generator`: a GAN_DIR, a BigGAN
+    folder or name; `class_map`: a `--class-map` file (`adapter.read_class_map`) when the
+    generator's classes are not the classifier's. Left None, the shipped Fashion-MNIST weights are
+    used, and with the shipped classifier also the shipped CE judge. `covariance`: full or diagonal
+    class covariances for classifiers without statistics of their own. `truncation` is BigGAN's (None: its default). `strength` is λ: a~ = a + eps,
     eps ~ N(0, λ Σ_y); `num_augmented` is K per image. `InversionOptions.make` turns the command
     line's knobs into `inversion`. `embed`: the output's HTML page carries its images inline
     (`data:` URIs) instead of referencing the PNG files.
     """
 
     classifier: str | None = None
+    classifier_arch: str | None = None
+    class_names: str | None = None
     generator: str | None = None
+    class_map: str | None = None
     judge: str | None = None
+    covariance: str = "full"
     truncation: float | None = None
     device: str | None = None
     strength: float = 0.5
@@ -73,6 +85,8 @@ class VisualizeOptions:
         """Raise `IsdaVizError` for values no run can use (before any model is loaded)."""
         if self.strength < 0:
             raise IsdaVizError("--strength must be >= 0")
+        if self.covariance not in ("full", "diagonal"):
+            raise IsdaVizError("--covariance must be full or diagonal")
         if self.num_augmented < 1:
             raise IsdaVizError("--num-augmented must be >= 1")
         if self.inversion.restarts < 1:
@@ -86,14 +100,20 @@ class VisualizeOptions:
         device = pick_device(self.device)
         judge = self.judge if self.judge is not None or self.classifier is not None else default_judge()
         extra = {} if self.truncation is None else {"truncation": self.truncation}
-        return Models(load_classifier(self.classifier or default_classifier(), device),
-                      load_generator(str(self.generator or default_generator()), device, **extra),
-                      load_classifier(judge, device) if judge else None)
+        from .adapter import read_class_map
+
+        classifier = load_classifier(self.classifier or default_classifier(), device, arch=self.classifier_arch,
+                                     class_names=self.class_names, data_root=self.data_root)
+        generator = load_generator(str(self.generator or default_generator()), device, **extra)
+        class_map = None
+        if self.class_map is not None:
+            class_map = read_class_map(self.class_map, classifier, generator.num_classes or 0)
+        return Models(classifier, generator, load_classifier(judge, device) if judge else None, class_map)
 
 
 def check_models(models: Models) -> None:
     """Raise `IsdaVizError` unless generator, classifier and judge fit together."""
-    GeneratorAdapter(models.generator, models.classifier)  # checks class count and channels
+    models.adapter()  # checks class count (or class map) and channels
     c, j = models.classifier, models.judge
     if j is not None and (j.channels, j.image_size) != (c.channels, c.image_size):
         raise IsdaVizError(f"the judge in {j.source} takes {j.channels}×{j.image_size}² images, the classifier in "
@@ -117,7 +137,7 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
     """Step I, sampling and Step II for `images (N, C, H, W)` in [0, 1] (classifier size) with `labels (N,)`."""
     classifier, generator, judge = models.classifier, models.generator, models.judge
     opts, k = options.inversion, options.num_augmented
-    adapter = GeneratorAdapter(generator, classifier)
+    adapter = models.adapter()
     device = classifier.device
     n = len(images)
     rng = torch.Generator().manual_seed(options.seed)
@@ -144,8 +164,10 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
     timings["reconstruct"] = time.time() - started
 
     started = time.time()
-    statistics = class_statistics(classifier, options.data_root, progress=options.progress)
-    wanted = sample_augmented_features(target, labels, statistics, options.strength, k, rng)    # (N, K, A)
+    statistics = class_statistics(classifier, options.data_root, classes=labels.tolist(),
+                                  covariance=options.covariance, progress=options.progress)
+    wanted = sample_augmented_features(target, statistics.slots(labels), statistics.estimator, options.strength,
+                                       k, rng)                                                     # (N, K, A)
     step2 = augment(render, classifier.model.features, target, wanted, step1.z, opts, progress=options.progress)
     y_aug = None if y is None else y.repeat_interleave(k)
     aug_unit = pixels(step2.z.flatten(0, 1), y_aug).view(n, k, *recon_unit.shape[1:])
@@ -289,7 +311,11 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
 
 def test_images_per_class(classifier: Classifier, per_class: int, classes: list[int] | None, data_root=None):
     """The first `per_class` test images of each class (all classes, or `classes`), `(N, C, H, W)` in [0, 1]."""
-    test = load_split(classifier.dataset, False, data_root or classifier.config.get("data_root"))
+    if classifier.dataset is None:
+        raise IsdaVizError(f"the classifier in {classifier.source} names no dataset to take test images from; "
+                           "give --data-root")
+    test = load_split(classifier.dataset, False, data_root or classifier.config.get("data_root"),
+                      image_size=classifier.image_size)
     classes = list(range(classifier.num_classes)) if not classes else classes
     chosen = []
     for c in classes:
@@ -297,7 +323,7 @@ def test_images_per_class(classifier: Classifier, per_class: int, classes: list[
         if not index:
             raise IsdaVizError(f"no test image of class {c} in {classifier.dataset}")
         chosen += index
-    images = torch.stack([test[i][0] for i in chosen]).float() / 255
+    images = classifier.fit_images(torch.stack([test[i][0] for i in chosen]).float() / 255).cpu()
     return images, test.labels[chosen].clone(), [f"{classifier.dataset}:test[{i}]" for i in chosen]
 
 
@@ -329,8 +355,7 @@ def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_
         z = generator.sample_latent(len(labels) * num_samples, torch.Generator().manual_seed(options.seed + 1))
         with torch.no_grad():
             y = labels.repeat_interleave(num_samples).to(generator.device)
-            samples = GeneratorAdapter(generator, classifier).pixels(z, y).cpu().view(len(labels), num_samples,
-                                                                            *images.shape[1:])
+            samples = models.adapter().pixels(z, y).cpu().view(len(labels), num_samples, *images.shape[1:])
         for i, entry in enumerate(result.entries):
             entry.samples = [ImageFile(file=f"{i:03d}_sample_{j}.png") for j in range(num_samples)]
     report = write_augment_dir(result, classifier.class_names, files_dir, _settings(options, models), samples)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from isda_viz.cli.main import main
 from isda_viz.data import load_split
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators.wgan import WGANGenerator, recompute_batchnorm_statistics, save_generator
-from isda_viz.classifier import STATISTICS_CACHE, class_statistics, load_classifier
+from isda_viz.classifier import STATISTICS_DIR, class_statistics, load_classifier
 from isda_viz.inversion import InversionOptions, negative_target_floor
 from isda_viz.report import read_report
 from isda_viz.visualize import VisualizeOptions, augment_images
@@ -133,21 +134,22 @@ def test_errors_are_one_line_and_leave_no_output(tiny_run, tiny_gan, image_files
     assert not out.exists()
 
 
-def test_ce_run_statistics_are_computed_once_and_cached(tiny_ce_run):
+def test_ce_run_statistics_are_computed_once_and_cached(tiny_ce_run, monkeypatch):
     classifier = load_classifier(tiny_ce_run)
     assert classifier.estimator is None
-    (tiny_ce_run / STATISTICS_CACHE).unlink(missing_ok=True)
-    estimator = class_statistics(classifier, progress=False)
-    assert (tiny_ce_run / STATISTICS_CACHE).exists()
+    shutil.rmtree(tiny_ce_run / STATISTICS_DIR, ignore_errors=True)
+    statistics = class_statistics(classifier, progress=False)
+    assert statistics.classes == list(range(10)) and len(list((tiny_ce_run / STATISTICS_DIR).glob("full-*.pt"))) == 1
     train = load_split("fashion-mnist", True, limit=1024)  # the images the run was trained on
     with torch.no_grad():
         features = classifier.model.features(classifier.preprocess(train.images.float() / 255)).double().numpy()
     labels = train.labels.numpy()
     for c in (0, 9):
         expected = np.cov(features[labels == c].T, bias=True)
-        np.testing.assert_allclose(estimator.covariance[c].numpy(), expected, rtol=1e-4, atol=1e-5)
-    cached = class_statistics(classifier, progress=False)
-    assert torch.equal(cached.covariance, estimator.covariance)
+        np.testing.assert_allclose(statistics.covariance(c).numpy(), expected, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr("isda_viz.classifier._statistics_pass", None)  # a cached result must not iterate
+    cached = class_statistics(classifier, classes=[9, 0], progress=False)
+    assert cached.classes == [0, 9] and torch.equal(cached.covariance(9), statistics.covariance(9))
 
 
 def test_augment_works_out_of_the_box_with_the_shipped_weights(image_files, tmp_path):
