@@ -162,7 +162,10 @@ def _open_run_dir(cfg: TrainConfig, resume: bool, num_classes: int, log) -> tupl
     epochs and this machine's settings) and the checkpoint.
     """
     out = Path(cfg.out)
-    ckpt = open_run_dir(out, CHECKPOINT, resume, {"arch": cfg.arch, "dataset": cfg.dataset, "loss": cfg.loss})
+    match = {"arch": cfg.arch, "dataset": cfg.dataset, "loss": cfg.loss}
+    if cfg.labeled is not None:
+        match.update(labeled=cfg.labeled, ssl=cfg.ssl)
+    ckpt = open_run_dir(out, CHECKPOINT, resume, match)
     if ckpt is not None:
         if len(ckpt.get("class_names", [])) != num_classes:
             raise IsdaVizError(f"{out / CHECKPOINT} holds a run with {len(ckpt.get('class_names', []))} classes, "
@@ -233,6 +236,39 @@ def ssl_batches(dataset: TensorImages, labeled_idx: torch.Tensor, unlabeled_idx:
 
 
 @dataclass
+class BatchPlan:
+    """How an epoch is cut into global batches: supervised (every training image, `batch_size` at a time) or
+    semi-supervised (`labeled_batch` labeled + `unlabeled_batch` unlabeled images per step, see `ssl_batches`)."""
+
+    labeled_idx: torch.Tensor               # (N_l,) training indices whose labels are used
+    unlabeled_idx: torch.Tensor | None      # (N_u,) the others; None in supervised runs
+    labeled_batch: int
+    unlabeled_batch: int
+    steps_per_epoch: int
+
+
+def _batch_plan(cfg: TrainConfig, train_set, num_classes: int) -> BatchPlan:
+    """The run's `BatchPlan`; `IsdaVizError` when a batch would leave some rank without images."""
+    world = distributed.world_size()
+    if cfg.labeled is None:
+        if world > len(train_set) % cfg.batch_size > 0:
+            raise IsdaVizError(f"the last batch would hold {len(train_set) % cfg.batch_size} images for "
+                               f"{world} ranks; change --batch-size or --limit-train")
+        return BatchPlan(torch.arange(len(train_set)), None, cfg.batch_size, 0,
+                         math.ceil(len(train_set) / cfg.batch_size))
+    labeled_idx, unlabeled_idx = labeled_subset(train_set.labels, cfg.labeled, cfg.seed, num_classes)
+    labeled_batch = labeled_batch_size(cfg)
+    unlabeled_batch = cfg.batch_size - labeled_batch
+    if len(unlabeled_idx) == 0:
+        raise IsdaVizError(f"--labeled {cfg.labeled} keeps every training image labeled; nothing is unlabeled")
+    if world > labeled_batch or world > unlabeled_batch or world > len(unlabeled_idx) % unlabeled_batch > 0:
+        raise IsdaVizError(f"every one of the {world} ranks needs labeled and unlabeled images in every batch; "
+                           "change --batch-size, --labeled-batch or --limit-train")
+    return BatchPlan(labeled_idx, unlabeled_idx, labeled_batch, unlabeled_batch,
+                     math.ceil(len(unlabeled_idx) / unlabeled_batch))
+
+
+@dataclass
 class Views:
     """This rank's part of one global training batch, normalised on the device: labeled rows first."""
 
@@ -248,7 +284,7 @@ class Views:
 
 
 def _views(images, labels, n_unlabeled: int, global_labeled: int, generator, pad: int, in_memory: bool,
-           second_view: bool, to_input) -> Views:
+           second_view: bool, to_input, device: torch.device) -> Views:
     """Augment and cut one batch. In-memory sets arrive as the whole global batch (`n_unlabeled` unlabeled rows
     last): every rank augments all of it with the same randomness as one process, then keeps its part of the
     labeled and of the unlabeled rows. Folders arrive as this rank's part, already loaded, and are not augmented."""
@@ -264,7 +300,29 @@ def _views(images, labels, n_unlabeled: int, global_labeled: int, generator, pad
         second = second[keep] if second is not None else None
     else:
         x = images
-    return Views(to_input(x), labels, to_input(second) if second is not None else None, global_labeled, n_unlabeled)
+    return Views(to_input(x), labels.to(device, non_blocking=True), to_input(second) if second is not None else None,
+                 global_labeled, n_unlabeled)
+
+
+def _forward(net, fc: nn.Linear, teacher: nn.Module | None, views: Views, ssl: str, device: torch.device,
+             amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The student's features `(n, A)` of `views.x` (float32 or wider) and the base method's target logits
+    `(n, C)`: Π, the student on the second augmentation (both in one forward pass, so DDP sees one forward per
+    backward; gradients flow through both); mean teacher, the teacher on the second augmentation (no gradient);
+    none: None."""
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        if ssl == "pi":
+            features = net(torch.cat([views.x, views.second]))
+        else:
+            features = net(views.x)
+        with torch.no_grad():
+            teacher_logits = teacher(views.second) if teacher is not None else None
+    if amp is not None:
+        features = features.float()  # ISDA's statistics and quadratic forms stay in float32/float64
+    if ssl == "pi":
+        features, second = features[:len(views.x)], features[len(views.x):]
+        return features, fc(second)
+    return features, teacher_logits.float() if teacher_logits is not None else None
 
 
 def training_loss(cfg: TrainConfig, fc: nn.Linear, estimator: CovarianceEstimator | None, features: torch.Tensor,
@@ -377,36 +435,21 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
     test_set = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test)
     class_names = list(train_set.classes)
     num_classes = len(class_names)
-    world = distributed.world_size()
-    semi = cfg.labeled is not None
-    if semi:
-        labeled_idx, unlabeled_idx = labeled_subset(train_set.labels, cfg.labeled, cfg.seed, num_classes)
-        labeled_batch = labeled_batch_size(cfg)
-        unlabeled_batch = cfg.batch_size - labeled_batch
-        if len(unlabeled_idx) == 0:
-            raise IsdaVizError(f"--labeled {cfg.labeled} keeps every training image labeled; nothing is unlabeled")
-        if world > labeled_batch or world > len(unlabeled_idx) % unlabeled_batch > 0 or world > unlabeled_batch:
-            raise IsdaVizError(f"every one of the {world} ranks needs labeled and unlabeled images in every batch; "
-                               "change --batch-size, --labeled-batch or --limit-train")
-        steps_per_epoch = math.ceil(len(unlabeled_idx) / unlabeled_batch)
-    else:
-        labeled_idx = torch.arange(len(train_set))
-        if world > len(train_set) % cfg.batch_size > 0:
-            raise IsdaVizError(f"the last batch would hold {len(train_set) % cfg.batch_size} images for "
-                               f"{world} ranks; change --batch-size or --limit-train")
-        steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    _batch_plan(cfg, train_set, num_classes)  # refuse impossible batch sizes before writing anything
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes, spec.channels).to(device)
-    uses_estimator = cfg.loss in ("isda", "explicit") or (semi and cfg.eta1 > 0)
-    estimator = CovarianceEstimator(model.feature_dim, num_classes, cfg.covariance == "diagonal") \
-        if uses_estimator else None
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     amp = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients need scaling
     # Rank 0 reads and writes the run directory; every rank gets the (possibly resumed) config and state.
     cfg, ckpt = distributed.from_main(lambda: _open_run_dir(cfg, resume, num_classes, log))
+    plan = _batch_plan(cfg, train_set, num_classes)  # a resumed run's own settings
+    semi = cfg.labeled is not None
+    uses_estimator = cfg.loss in ("isda", "explicit") or (semi and cfg.eta1 > 0)
+    estimator = CovarianceEstimator(model.feature_dim, num_classes, cfg.covariance == "diagonal") \
+        if uses_estimator else None
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -415,8 +458,8 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
             estimator.load_state_dict(ckpt["estimator"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        if semi and not torch.equal(ckpt.get("labeled_indices", torch.empty(0)), labeled_idx):
-            raise IsdaVizError(f"{ckpt_path} was trained on another labeled subset (dataset or seed changed); "
+        if semi and not torch.equal(ckpt.get("labeled_indices", torch.empty(0)), plan.labeled_idx):
+            raise IsdaVizError(f"{ckpt_path} was trained on another labeled subset (the training set changed); "
                                "choose another --out")
         start_epoch = ckpt["epoch"]
     if estimator is not None:
@@ -436,16 +479,16 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
     net = distributed.wrap(model, device)   # model.features, DDP-wrapped under torchrun
     # Folders load only this rank's part of each global batch; in-memory sets are augmented as whole global
     # batches (the same randomness as one process) and cut in `_views`.
-    shard = (distributed.rank(), world) if distributed.active() and not in_memory else None
+    shard = (distributed.rank(), distributed.world_size()) if distributed.active() and not in_memory else None
     pad = max(2, spec.image_size // 8)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.epochs * plan.steps_per_epoch
 
     def to_input(images):
         x = normalize(images.to(device, non_blocking=True).float() / 255, spec.mean, spec.std)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     if cfg.track_bound:
-        bound_x, bound_y = _bound_images(train_set, labeled_idx, cfg)
+        bound_x, bound_y = _bound_images(train_set, plan.labeled_idx, cfg)
         bound_x, bound_y = to_input(bound_x), bound_y.to(device)
     record: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -457,36 +500,24 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
         # explicit SDA's draws: per rank (shards differ in size), apart from the shared augmentation generator
         sampler = torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) * 1_009 + 1 + distributed.rank())
         if semi:
-            batches = ssl_batches(train_set, labeled_idx, unlabeled_idx, labeled_batch, unlabeled_batch, generator)
+            batches = ssl_batches(train_set, plan.labeled_idx, plan.unlabeled_idx, plan.labeled_batch,
+                                  plan.unlabeled_batch, generator)
         else:
             batches = ((images, labels, 0) for images, labels in iterate_batches(
                 train_set, cfg.batch_size, True, generator, cfg.workers, shard, pin_memory=device.type == "cuda"))
         sums: dict[str, float] = {}
         correct, seen = 0, 0
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+        bar = tqdm(batches, total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False)
         for i, (images, labels, n_unlabeled) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
+            step = epoch * plan.steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = scheduled_lr(cfg, step / total_steps)
             strength = isda_strength(cfg.lambda0, step / total_steps) if uses_estimator else 0.0
-            global_labeled = labeled_batch if semi else min(cfg.batch_size, len(train_set) - i * cfg.batch_size)
+            global_labeled = plan.labeled_batch if semi else min(cfg.batch_size, len(train_set) - i * cfg.batch_size)
             views = _views(images, labels, n_unlabeled, global_labeled, generator, pad, in_memory,
-                           cfg.ssl != "none", to_input)
-            views.y = views.y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                if cfg.ssl == "pi":  # both augmentations in one forward pass (one DDP forward per backward)
-                    features = net(torch.cat([views.x, views.second]))
-                else:
-                    features = net(views.x)
-                with torch.no_grad():
-                    teacher_logits = teacher(views.second) if teacher is not None else None
-            if amp is not None:
-                features = features.float()  # ISDA's statistics and quadratic forms stay in float32/float64
-            target_logits = teacher_logits.float() if teacher_logits is not None else None
-            if cfg.ssl == "pi":
-                features, second_features = features[:len(views.x)], features[len(views.x):]
-                target_logits = model.fc(second_features)
+                           cfg.ssl != "none", to_input, device)
+            features, target_logits = _forward(net, model.fc, teacher, views, cfg.ssl, device, amp)
             ramp = sigmoid_rampup(step / total_steps, cfg.rampup) if semi else 1.0
             loss, terms, labeled_logits = training_loss(cfg, model.fc, estimator, features, views, strength, ramp,
                                                         target_logits, sampler)
@@ -527,7 +558,7 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
             "epoch": epoch + 1, "config": dataclasses.asdict(cfg), "class_names": class_names,
             "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
             "input": {"channels": spec.channels, "size": spec.image_size},
-            **({"labeled_indices": labeled_idx} if semi else {}),
+            **({"labeled_indices": plan.labeled_idx} if semi else {}),
             **({"teacher": {k: v.contiguous() for k, v in teacher.state_dict().items()}} if teacher else {}),
         }, ckpt_path)
         append_jsonl(record, out / "metrics.jsonl")
