@@ -1,4 +1,5 @@
-"""`isda-viz train`: train a classifier with the ISDA loss (or cross-entropy)."""
+"""`isda-viz train`: train a classifier with the ISDA loss (or cross-entropy, or explicit SDA), supervised or
+semi-supervised."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import click
 from isda_viz.data import DATASET_NAMES
 from isda_viz.models import ARCH_NAMES
 from isda_viz.recipes import RECIPE_NAMES, apply_recipe
-from isda_viz.train import TrainConfig, fit
+from isda_viz.train import LOSSES, SSL_METHODS, TrainConfig, fit
 
 from .common import device_option, seed_option
 
@@ -17,7 +18,10 @@ from .common import device_option, seed_option
 @click.option("--data-root", type=click.Path(), default=None,
               help="Dataset folder (default: Debian's Fashion-MNIST, else a cache that torchvision downloads into).")
 @click.option("--arch", type=click.Choice(ARCH_NAMES), default=None, help="Default: resnet32 (resnet50 for ImageNet).")
-@click.option("--loss", type=click.Choice(["isda", "ce"]), default="isda", show_default=True)
+@click.option("--loss", type=click.Choice(LOSSES), default="isda", show_default=True,
+              help="isda: Eq. 7; ce: cross-entropy; explicit: Eq. 5 with --samples sampled features per image.")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--loss explicit: augmented features sampled per image and step (M).")
 @click.option("--lambda0", type=float, default=0.5, show_default=True, help="Final augmentation strength lambda0.")
 @click.option("--covariance", type=click.Choice(["full", "diagonal"]), default=None,
               help="Default: full (diagonal for ImageNet-sized features).")
@@ -35,6 +39,27 @@ from .common import device_option, seed_option
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
               help="CUDA mixed precision (default bf16 where the GPU has it; CPU: off).")
 @click.option("--sync-bn", is_flag=True, help="Under torchrun: batch-norm statistics of the global batch.")
+@click.option("--labeled", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Semi-supervised: keep N labels (class-balanced, seeded by --seed); the rest is unlabeled.")
+@click.option("--labeled-batch", type=click.IntRange(min=1), default=None,
+              help="--labeled: labeled images per global batch; the rest of --batch-size is unlabeled "
+                   "(default: half).")
+@click.option("--ssl", type=click.Choice(SSL_METHODS), default="none", show_default=True,
+              help="--labeled: base consistency method (Π-model or mean teacher).")
+@click.option("--eta1", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="--labeled: weight of the ISDA consistency term on unlabeled images (Eq. 15); 0: off.")
+@click.option("--eta2", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="--labeled: weight of the base method's consistency term.")
+@click.option("--rampup", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="--labeled: sigmoid ramp-up of both consistency weights over this fraction of training.")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.99, show_default=True,
+              help="--ssl mean-teacher: decay of the teacher's moving average.")
+@click.option("--track-bound", is_flag=True,
+              help="Log per epoch the ISDA loss (bound) and a Monte-Carlo expected cross-entropy on fixed images.")
+@click.option("--bound-samples", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="--track-bound: Monte-Carlo draws per image.")
+@click.option("--bound-subset", type=click.IntRange(min=1), default=500, show_default=True,
+              help="--track-bound: fixed (labeled) training images, a seeded random subset.")
 @seed_option
 @device_option
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory to write.")

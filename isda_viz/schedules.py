@@ -35,6 +35,15 @@ def isda_strength(lambda0: float, progress: float) -> float:
     return lambda0 * progress
 
 
+def sigmoid_rampup(progress: float, length: float) -> float:
+    """Weight in (0, 1] of a consistency term at `progress` = t/T: exp(-5 (1 - t / length)^2) during the first
+    `length` fraction of the run, then 1 (the ramp-up of Laine & Aila's Π-model and Tarvainen & Valpola's mean
+    teacher). `length` = 0: 1 throughout."""
+    if length <= 0 or progress >= length:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - max(progress, 0.0) / length) ** 2)
+
+
 def learning_rate(schedule: str, base: float, step: float, total: float = 1.0, *,
                   milestones: tuple[float, ...] = STEP_MILESTONES, every: int | None = None) -> float:
     """The learning rate after `step` of `total` steps (or at the fraction `step` of the run, `total` = 1).

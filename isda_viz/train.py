@@ -1,4 +1,5 @@
-"""`fit`: train a classifier with the ISDA loss (or plain cross-entropy), resumably.
+"""`fit`: train a classifier with the ISDA loss (or plain cross-entropy, or explicit SDA), resumably,
+supervised or semi-supervised.
 
 The schedule follows the paper's Appendix A: SGD with Nesterov momentum 0.9,
 learning rate by cosine (default) or step decay, and lambda = lambda0 * t / T,
@@ -6,10 +7,41 @@ with t/T the fraction of training done (per iteration, so short runs augment too
 Every epoch ends with an atomic checkpoint; the shuffling and augmentation of
 epoch e are drawn from a generator seeded by (seed, e), so a run killed and
 resumed ends bit-identical to one that was never interrupted.
+
+Losses (`training_loss`, one step's policy): `isda` is Eq. 7, `ce` plain
+cross-entropy, `explicit` Eq. 5 with `samples` sampled features per image; all
+three use the same online covariance estimator and lambda schedule.
+
+Semi-supervised runs (`labeled` = N): N class-balanced labels are kept
+(`data.labeled_subset`, seeded by `seed`; the indices are saved in the
+checkpoint), the rest of the training set is unlabeled. An epoch is one pass
+over the unlabeled images; every global batch holds `labeled_batch` labeled
+images (drawn from seeded random orders of the labeled set, laid end to end)
+followed by `batch_size - labeled_batch` unlabeled ones (`ssl_batches`). The
+loss is Eq. 19:
+
+    L = L_sup(labeled) + r(t) * (eta1 * L_ISDA-U(unlabeled) + eta2 * L_base(all images)),
+
+with L_sup the supervised loss above, L_ISDA-U the bound of Eq. 15
+(`isda.semi_supervised_isda_loss`) and L_base the base method's consistency:
+`pi` (Laine & Aila's Π-model: mean squared difference, averaged over classes,
+between the softmax outputs of two augmentations of every image of the batch,
+gradients through both) or `mean-teacher` (Tarvainen & Valpola: the same
+between the student on one augmentation and an exponential moving average of
+the student, the teacher, on another; the teacher gets no gradient). r(t) is
+the sigmoid ramp-up exp(-5 (1 - t / rampup)^2) over the first `rampup`
+fraction of training, on both unlabeled terms. The prediction p that Eq. 15
+holds constant is the base method's target: the teacher's softmax (mean
+teacher), the softmax of the other augmentation (Π), or the model's own
+detached softmax of the same view (`none`; Eq. 15 then has zero gradient at
+lambda = 0 and acts only through the augmentation). The pseudo label is
+argmax p (Eq. 12). The covariance estimator sees labeled features only, so
+Sigma of a pseudo label is estimated from labeled data.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -17,18 +49,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__, distributed
-from .data import augment_batch, dataset_spec, iterate_batches, load_split, normalize
+from .data import (TensorImages, augment_batch, dataset_spec, iterate_batches, labeled_subset, load_split,
+                   normalize)
 from .devices import pick_device
 from .errors import IsdaVizError
-from .isda import ISDALoss
+from .estimator import CovarianceEstimator
+from .isda import (expected_cross_entropy_mc, explicit_sda_loss, isda_augmented_logits,
+                   semi_supervised_isda_loss)
 from .models import build_model
 from .runs import (CHECKPOINT, append_jsonl, open_run_dir, read_jsonl, save_atomic, truncate_metrics,
                    write_json_atomic)
-from .schedules import isda_strength, learning_rate, step_lr
+from .schedules import isda_strength, learning_rate, sigmoid_rampup, step_lr
+
+LOSSES = ("isda", "ce", "explicit")
+SSL_METHODS = ("none", "pi", "mean-teacher")
 
 
 @dataclass
@@ -39,7 +78,7 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     data_root: str | None = None
     arch: str | None = None            # None: the dataset's default (resnet32; resnet50 for ImageNet)
-    loss: str = "isda"                 # "isda" or "ce"
+    loss: str = "isda"                 # "isda" (Eq. 7), "ce" or "explicit" (Eq. 5, `samples` per image)
     lambda0: float = 0.5
     covariance: str | None = None      # "full" | "diagonal"; None: the dataset's default
     epochs: int = 5
@@ -58,6 +97,19 @@ class TrainConfig:
     workers: int = 0
     amp: str | None = None             # "bf16" | "fp16" | "off"; None: bf16 on CUDA where supported, else off
     sync_bn: bool = False              # under torchrun: batch-norm statistics of the global batch
+    samples: int = 1                   # explicit SDA: augmented features sampled per image and step
+    # semi-supervised (see the module docstring)
+    labeled: int | None = None         # keep this many labels (class-balanced); None: supervised
+    labeled_batch: int | None = None   # labeled images per global batch; None: half of batch_size
+    ssl: str = "none"                  # base consistency method: "none" | "pi" | "mean-teacher"
+    eta1: float = 1.0                  # weight of the ISDA consistency term (Eq. 15 in Eq. 19)
+    eta2: float = 10.0                 # weight of the base method's consistency term
+    rampup: float = 0.3                # sigmoid ramp-up of both unlabeled terms over this fraction of training
+    ema_decay: float = 0.99            # mean teacher: teacher = decay * teacher + (1 - decay) * student
+    # bound tightness (Fig. 9)
+    track_bound: bool = False          # log `bound` and `expected_ce_mc` per epoch
+    bound_samples: int = 1000          # Monte-Carlo draws per image
+    bound_subset: int = 500            # fixed (labeled) training images, a seeded random subset
 
     def resolved(self) -> "TrainConfig":
         spec = dataset_spec(self.dataset, self.data_root)
@@ -110,7 +162,10 @@ def _open_run_dir(cfg: TrainConfig, resume: bool, num_classes: int, log) -> tupl
     epochs and this machine's settings) and the checkpoint.
     """
     out = Path(cfg.out)
-    ckpt = open_run_dir(out, CHECKPOINT, resume, {"arch": cfg.arch, "dataset": cfg.dataset, "loss": cfg.loss})
+    match = {"arch": cfg.arch, "dataset": cfg.dataset, "loss": cfg.loss}
+    if cfg.labeled is not None:
+        match.update(labeled=cfg.labeled, ssl=cfg.ssl)
+    ckpt = open_run_dir(out, CHECKPOINT, resume, match)
     if ckpt is not None:
         if len(ckpt.get("class_names", [])) != num_classes:
             raise IsdaVizError(f"{out / CHECKPOINT} holds a run with {len(ckpt.get('class_names', []))} classes, "
@@ -125,6 +180,237 @@ def _open_run_dir(cfg: TrainConfig, resume: bool, num_classes: int, log) -> tupl
     return cfg, ckpt
 
 
+def _check_config(cfg: TrainConfig, in_memory: bool) -> None:
+    """One-line `IsdaVizError`s for option values and combinations `fit` cannot run."""
+    if cfg.loss not in LOSSES:
+        raise IsdaVizError(f"unknown loss '{cfg.loss}'; choose {', '.join(LOSSES)}")
+    if cfg.covariance not in ("full", "diagonal"):
+        raise IsdaVizError(f"unknown covariance '{cfg.covariance}'; choose full or diagonal")
+    if cfg.schedule not in ("cosine", "step"):
+        raise IsdaVizError(f"unknown schedule '{cfg.schedule}'; choose cosine or step")
+    if cfg.ssl not in SSL_METHODS:
+        raise IsdaVizError(f"unknown --ssl '{cfg.ssl}'; choose {', '.join(SSL_METHODS)}")
+    if cfg.samples < 1:
+        raise IsdaVizError(f"--samples must be at least 1, got {cfg.samples}")
+    if cfg.labeled is None and cfg.ssl != "none":
+        raise IsdaVizError(f"--ssl {cfg.ssl} is semi-supervised: give --labeled N, the number of labels to keep")
+    if cfg.labeled is not None:
+        if not in_memory:
+            raise IsdaVizError("--labeled works with the in-memory datasets (fashion-mnist, cifar10, cifar100)")
+        if not 1 <= labeled_batch_size(cfg) < cfg.batch_size:
+            raise IsdaVizError(f"--labeled-batch must be between 1 and --batch-size - 1 ({cfg.batch_size - 1}), "
+                               f"got {labeled_batch_size(cfg)}")
+        if not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.rampup <= 1 or cfg.eta1 < 0 or cfg.eta2 < 0:
+            raise IsdaVizError("--ema-decay must lie in [0, 1), --rampup in [0, 1], --eta1 and --eta2 be >= 0")
+    if cfg.track_bound:
+        if cfg.loss == "ce":
+            raise IsdaVizError("--track-bound compares the ISDA loss with the expectation it bounds; "
+                               "use it with --loss isda or explicit")
+        if cfg.bound_samples < 2 or cfg.bound_subset < 1:
+            raise IsdaVizError("--bound-samples must be at least 2 and --bound-subset at least 1")
+
+
+def labeled_batch_size(cfg: TrainConfig) -> int:
+    """Labeled images per global batch of a semi-supervised run (the rest of `batch_size` is unlabeled)."""
+    return cfg.labeled_batch if cfg.labeled_batch is not None else cfg.batch_size // 2
+
+
+def ssl_batches(dataset: TensorImages, labeled_idx: torch.Tensor, unlabeled_idx: torch.Tensor, labeled_batch: int,
+                unlabeled_batch: int, generator: torch.Generator):
+    """One epoch of semi-supervised global batches: `(images (B_l + b_u, C, H, W) uint8, labels (B_l,), b_u)`.
+
+    The epoch is one pass over `unlabeled_idx` in a random order, `unlabeled_batch` per step (the last
+    step may hold fewer); each step's `labeled_batch` labeled images come first, taken in turn from random
+    orders of `labeled_idx` laid end to end (a fresh order whenever the set is used up). Both orders are
+    drawn from `generator` before the first batch, so the epoch is fixed by its seed.
+    """
+    steps = math.ceil(len(unlabeled_idx) / unlabeled_batch)
+    unlabeled_order = unlabeled_idx[torch.randperm(len(unlabeled_idx), generator=generator)]
+    passes = math.ceil(steps * labeled_batch / len(labeled_idx))
+    labeled_order = torch.cat([labeled_idx[torch.randperm(len(labeled_idx), generator=generator)]
+                               for _ in range(passes)])
+    for step in range(steps):
+        lab = labeled_order[step * labeled_batch:(step + 1) * labeled_batch]
+        unl = unlabeled_order[step * unlabeled_batch:(step + 1) * unlabeled_batch]
+        yield dataset.images[torch.cat([lab, unl])], dataset.labels[lab], len(unl)
+
+
+@dataclass
+class BatchPlan:
+    """How an epoch is cut into global batches: supervised (every training image, `batch_size` at a time) or
+    semi-supervised (`labeled_batch` labeled + `unlabeled_batch` unlabeled images per step, see `ssl_batches`)."""
+
+    labeled_idx: torch.Tensor               # (N_l,) training indices whose labels are used
+    unlabeled_idx: torch.Tensor | None      # (N_u,) the others; None in supervised runs
+    labeled_batch: int
+    unlabeled_batch: int
+    steps_per_epoch: int
+
+
+def _batch_plan(cfg: TrainConfig, train_set, num_classes: int) -> BatchPlan:
+    """The run's `BatchPlan`; `IsdaVizError` when a batch would leave some rank without images."""
+    world = distributed.world_size()
+    if cfg.labeled is None:
+        if world > len(train_set) % cfg.batch_size > 0:
+            raise IsdaVizError(f"the last batch would hold {len(train_set) % cfg.batch_size} images for "
+                               f"{world} ranks; change --batch-size or --limit-train")
+        return BatchPlan(torch.arange(len(train_set)), None, cfg.batch_size, 0,
+                         math.ceil(len(train_set) / cfg.batch_size))
+    labeled_idx, unlabeled_idx = labeled_subset(train_set.labels, cfg.labeled, cfg.seed, num_classes)
+    labeled_batch = labeled_batch_size(cfg)
+    unlabeled_batch = cfg.batch_size - labeled_batch
+    if len(unlabeled_idx) == 0:
+        raise IsdaVizError(f"--labeled {cfg.labeled} keeps every training image labeled; nothing is unlabeled")
+    if world > labeled_batch or world > unlabeled_batch or world > len(unlabeled_idx) % unlabeled_batch > 0:
+        raise IsdaVizError(f"every one of the {world} ranks needs labeled and unlabeled images in every batch; "
+                           "change --batch-size, --labeled-batch or --limit-train")
+    return BatchPlan(labeled_idx, unlabeled_idx, labeled_batch, unlabeled_batch,
+                     math.ceil(len(unlabeled_idx) / unlabeled_batch))
+
+
+@dataclass
+class Views:
+    """This rank's part of one global training batch, normalised on the device: labeled rows first."""
+
+    x: torch.Tensor                 # (n_l + n_u, C, H, W)
+    y: torch.Tensor                 # (n_l,) labels of the labeled rows
+    second: torch.Tensor | None     # (n_l + n_u, C, H, W): another augmentation of the same images (Π, mean teacher)
+    global_labeled: int             # labeled and unlabeled images in the whole global batch (all ranks)
+    global_unlabeled: int
+
+    @property
+    def n_labeled(self) -> int:
+        return len(self.y)
+
+
+def _views(images, labels, n_unlabeled: int, global_labeled: int, generator, pad: int, in_memory: bool,
+           second_view: bool, to_input, device: torch.device) -> Views:
+    """Augment and cut one batch. In-memory sets arrive as the whole global batch (`n_unlabeled` unlabeled rows
+    last): every rank augments all of it with the same randomness as one process, then keeps its part of the
+    labeled and of the unlabeled rows. Folders arrive as this rank's part, already loaded, and are not augmented."""
+    second = None
+    if in_memory:
+        n_l = len(images) - n_unlabeled
+        x = augment_batch(images, generator, pad)
+        if second_view:
+            second = augment_batch(images, generator, pad)
+        keep = torch.cat([torch.arange(n_l)[distributed.shard(n_l)],
+                          n_l + torch.arange(n_unlabeled)[distributed.shard(n_unlabeled)]])
+        x, labels = x[keep], labels[distributed.shard(n_l)]
+        second = second[keep] if second is not None else None
+    else:
+        x = images
+    return Views(to_input(x), labels.to(device, non_blocking=True), to_input(second) if second is not None else None,
+                 global_labeled, n_unlabeled)
+
+
+def _forward(net, fc: nn.Linear, teacher: nn.Module | None, views: Views, ssl: str, device: torch.device,
+             amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The student's features `(n, A)` of `views.x` (float32 or wider) and the base method's target logits
+    `(n, C)`: Π, the student on the second augmentation (both in one forward pass, so DDP sees one forward per
+    backward; gradients flow through both); mean teacher, the teacher on the second augmentation (no gradient);
+    none: None."""
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        if ssl == "pi":
+            features = net(torch.cat([views.x, views.second]))
+        else:
+            features = net(views.x)
+        with torch.no_grad():
+            teacher_logits = teacher(views.second) if teacher is not None else None
+    if amp is not None:
+        features = features.float()  # ISDA's statistics and quadratic forms stay in float32/float64
+    if ssl == "pi":
+        features, second = features[:len(views.x)], features[len(views.x):]
+        return features, fc(second)
+    return features, teacher_logits.float() if teacher_logits is not None else None
+
+
+def training_loss(cfg: TrainConfig, fc: nn.Linear, estimator: CovarianceEstimator | None, features: torch.Tensor,
+                  views: Views, strength: float, ramp: float = 1.0, target_logits: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """One step's loss: the supervised loss of the labeled rows and, in semi-supervised runs, Eq. 19's terms.
+
+    `features (n, A)` of `views.x` (labeled rows first), `fc` the final layer, `estimator` the online
+    covariance estimator (None for plain CE runs), updated here with the labeled features ONLY;
+    `strength` = lambda of this step, `ramp` in [0, 1] the consistency ramp-up; `target_logits (n, C)`
+    the base method's target (Π: the other augmentation, with gradient; mean teacher: the teacher's);
+    `generator` the draws of explicit SDA. Returns the loss to back-propagate (each term's mean
+    weighted by `distributed.loss_weight`, so DDP's gradient average is the global batch's), the terms'
+    values on this rank's rows (floats: `loss`, `supervised`, and `unlabeled_isda`, `consistency` when
+    used) and the labeled rows' logits.
+    """
+    n_l, y = views.n_labeled, views.y
+    logits = fc(features)
+    labeled_logits = logits[:n_l]
+    if estimator is not None:  # Sigma of a class (and of a pseudo label) from labeled features only
+        estimator.update(features[:n_l].detach(), y)
+    if cfg.loss == "isda" and strength > 0:
+        supervised = F.cross_entropy(isda_augmented_logits(labeled_logits, fc.weight, y, estimator, strength), y)
+    elif cfg.loss == "explicit" and strength > 0:
+        supervised = explicit_sda_loss(features[:n_l], fc, y, estimator, strength, cfg.samples, generator)
+    else:  # CE, and ISDA/explicit at lambda = 0
+        supervised = F.cross_entropy(labeled_logits, y)
+    total = supervised * distributed.loss_weight(n_l, views.global_labeled)
+    value = supervised.item()
+    terms = {"supervised": value}
+    if views.global_unlabeled:
+        unlabeled = logits[n_l:]
+        if cfg.eta1 > 0:
+            # Eq. 15 with p the base method's target (held constant), pseudo label argmax p (Eq. 12)
+            reference = target_logits[n_l:] if target_logits is not None else unlabeled
+            isda_u = semi_supervised_isda_loss(unlabeled, fc.weight, F.softmax(reference.detach(), 1), estimator,
+                                               strength)
+            total = total + (ramp * cfg.eta1 * distributed.loss_weight(len(unlabeled), views.global_unlabeled)) * isda_u
+            terms["unlabeled_isda"] = isda_u.item()
+            value += ramp * cfg.eta1 * terms["unlabeled_isda"]
+        if cfg.ssl != "none" and cfg.eta2 > 0:
+            consistency = (F.softmax(logits, 1) - F.softmax(target_logits, 1)).pow(2).mean(1).mean()
+            global_n = views.global_labeled + views.global_unlabeled
+            total = total + (ramp * cfg.eta2 * distributed.loss_weight(len(logits), global_n)) * consistency
+            terms["consistency"] = consistency.item()
+            value += ramp * cfg.eta2 * terms["consistency"]
+    terms["loss"] = value
+    return total, terms, labeled_logits
+
+
+@torch.no_grad()
+def update_teacher(teacher: nn.Module, student: nn.Module, decay: float, step: int) -> None:
+    """Mean teacher after optimisation step `step` (0-based): teacher = a * teacher + (1 - a) * student for each
+    parameter, a = min(1 - 1 / (step + 1), decay), so early steps follow the student closely (Tarvainen & Valpola).
+    Buffers (batch-norm statistics) are the teacher's own, from its forward passes."""
+    a = min(1.0 - 1.0 / (step + 1), decay)
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(a).add_(s.detach(), alpha=1 - a)
+
+
+@torch.no_grad()
+def bound_tightness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, estimator: CovarianceEstimator,
+                    strength: float, samples: int, generator: torch.Generator, batch_size: int = 250) -> dict:
+    """Fig. 9 on fixed images: the ISDA loss (Eq. 7, the bound) and the Monte-Carlo expected cross-entropy over
+    ã ~ N(a, strength Sigma_y) that it bounds, on the same features, lambda and Sigma; model in eval mode.
+
+    `images (N, C, H, W)` normalised float input on the model's device, `labels (N,)`, `samples` draws per
+    image. Returns `{"bound", "expected_ce_mc", "expected_ce_mc_stderr"}` in nats (means over the images).
+    """
+    model.eval()
+    features = torch.cat([model.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    features = features.float()
+    logits = model.fc(features)
+    bound = F.cross_entropy(isda_augmented_logits(logits, model.fc.weight, labels, estimator, strength), labels)
+    mc, stderr = expected_cross_entropy_mc(features, model.fc, labels, estimator, strength, samples, generator)
+    return {"bound": bound.item(), "expected_ce_mc": mc, "expected_ce_mc_stderr": stderr}
+
+
+def _bound_images(train_set, pool: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed images of `--track-bound`: `bound_subset` of `pool` (indices of labeled images), seeded."""
+    chosen = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.bound_subset]]
+    chosen = chosen.sort().values
+    if isinstance(train_set, TensorImages):
+        return train_set.images[chosen], train_set.labels[chosen]
+    items = [train_set[i] for i in chosen.tolist()]
+    return torch.stack([im for im, _ in items]), torch.tensor([lab for _, lab in items])
+
+
 def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
     """Train per `cfg`, writing the run directory `cfg.out`; returns the last epoch's metrics.
 
@@ -137,12 +423,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
 
 def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, log) -> dict:
     cfg = cfg.resolved()
-    if cfg.loss not in ("isda", "ce"):
-        raise IsdaVizError(f"unknown loss '{cfg.loss}'; choose isda or ce")
-    if cfg.covariance not in ("full", "diagonal"):
-        raise IsdaVizError(f"unknown covariance '{cfg.covariance}'; choose full or diagonal")
-    if cfg.schedule not in ("cosine", "step"):
-        raise IsdaVizError(f"unknown schedule '{cfg.schedule}'; choose cosine or step")
+    in_memory = cfg.dataset not in ("imagenet", "folder")
+    _check_config(cfg, in_memory)
     main = distributed.is_main()
     if not main:
         progress, log = False, (lambda *a, **k: None)
@@ -153,28 +435,35 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
     test_set = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test)
     class_names = list(train_set.classes)
     num_classes = len(class_names)
-    if distributed.world_size() > len(train_set) % cfg.batch_size > 0:
-        raise IsdaVizError(f"the last batch would hold {len(train_set) % cfg.batch_size} images for "
-                           f"{distributed.world_size()} ranks; change --batch-size or --limit-train")
+    _batch_plan(cfg, train_set, num_classes)  # refuse impossible batch sizes before writing anything
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes, spec.channels).to(device)
-    criterion = ISDALoss(model.feature_dim, num_classes, cfg.covariance)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     amp = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients need scaling
     # Rank 0 reads and writes the run directory; every rank gets the (possibly resumed) config and state.
     cfg, ckpt = distributed.from_main(lambda: _open_run_dir(cfg, resume, num_classes, log))
+    plan = _batch_plan(cfg, train_set, num_classes)  # a resumed run's own settings
+    semi = cfg.labeled is not None
+    uses_estimator = cfg.loss in ("isda", "explicit") or (semi and cfg.eta1 > 0)
+    estimator = CovarianceEstimator(model.feature_dim, num_classes, cfg.covariance == "diagonal") \
+        if uses_estimator else None
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("estimator"):
-            criterion.set_extra_state(ckpt["estimator"])
+        if ckpt.get("estimator") and estimator is not None:
+            estimator.load_state_dict(ckpt["estimator"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if semi and not torch.equal(ckpt.get("labeled_indices", torch.empty(0)), plan.labeled_idx):
+            raise IsdaVizError(f"{ckpt_path} was trained on another labeled subset (the training set changed); "
+                               "choose another --out")
         start_epoch = ckpt["epoch"]
+    if estimator is not None:
+        estimator.to(device)
     if cfg.sync_bn and distributed.active():  # same parameters and names: the optimizer and checkpoints still fit
         model = distributed.convert_sync_batchnorm(model, device)
 
@@ -182,76 +471,100 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
     channels_last = device.type in ("cpu", "cuda")
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    teacher = None
+    if cfg.ssl == "mean-teacher":  # every rank holds the same teacher: the same student, the same averages
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        if ckpt is not None:
+            teacher.load_state_dict(ckpt["teacher"])
     net = distributed.wrap(model, device)   # model.features, DDP-wrapped under torchrun
-    in_memory = cfg.dataset not in ("imagenet", "folder")
     # Folders load only this rank's part of each global batch; in-memory sets are augmented as whole global
-    # batches (the same randomness as one process) and cut below.
+    # batches (the same randomness as one process) and cut in `_views`.
     shard = (distributed.rank(), distributed.world_size()) if distributed.active() and not in_memory else None
     pad = max(2, spec.image_size // 8)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.epochs * plan.steps_per_epoch
+
+    def to_input(images):
+        x = normalize(images.to(device, non_blocking=True).float() / 255, spec.mean, spec.std)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    if cfg.track_bound:
+        bound_x, bound_y = _bound_images(train_set, plan.labeled_idx, cfg)
+        bound_x, bound_y = to_input(bound_x), bound_y.to(device)
     record: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
         model.train()
+        if teacher is not None:
+            teacher.train()
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(iterate_batches(train_set, cfg.batch_size, True, generator, cfg.workers, shard,
-                                   pin_memory=device.type == "cuda"), total=steps_per_epoch,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for i, (images, labels) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
+        # explicit SDA's draws: per rank (shards differ in size), apart from the shared augmentation generator
+        sampler = torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) * 1_009 + 1 + distributed.rank())
+        if semi:
+            batches = ssl_batches(train_set, plan.labeled_idx, plan.unlabeled_idx, plan.labeled_batch,
+                                  plan.unlabeled_batch, generator)
+        else:
+            batches = ((images, labels, 0) for images, labels in iterate_batches(
+                train_set, cfg.batch_size, True, generator, cfg.workers, shard, pin_memory=device.type == "cuda"))
+        sums: dict[str, float] = {}
+        correct, seen = 0, 0
+        bar = tqdm(batches, total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False)
+        for i, (images, labels, n_unlabeled) in enumerate(bar):
+            step = epoch * plan.steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = scheduled_lr(cfg, step / total_steps)
-            strength = isda_strength(cfg.lambda0, step / total_steps) if cfg.loss == "isda" else 0.0
-            global_n = min(cfg.batch_size, len(train_set) - i * cfg.batch_size)
-            x = augment_batch(images, generator, pad) if in_memory else images
-            if in_memory:  # this rank's part of the global batch (all of it in one process)
-                part = distributed.shard(global_n)
-                x, labels = x[part], labels[part]
-            x = normalize(x.to(device, non_blocking=True).float() / 255, spec.mean, spec.std)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                features = net(x)
-            if amp is not None:
-                features = features.float()  # ISDA's statistics and quadratic forms stay in float32/float64
-            if cfg.loss == "isda":
-                loss = criterion(features, model.fc, y, strength)
-            else:
-                loss = F.cross_entropy(model.fc(features), y)
+            strength = isda_strength(cfg.lambda0, step / total_steps) if uses_estimator else 0.0
+            global_labeled = plan.labeled_batch if semi else min(cfg.batch_size, len(train_set) - i * cfg.batch_size)
+            views = _views(images, labels, n_unlabeled, global_labeled, generator, pad, in_memory,
+                           cfg.ssl != "none", to_input, device)
+            features, target_logits = _forward(net, model.fc, teacher, views, cfg.ssl, device, amp)
+            ramp = sigmoid_rampup(step / total_steps, cfg.rampup) if semi else 1.0
+            loss, terms, labeled_logits = training_loss(cfg, model.fc, estimator, features, views, strength, ramp,
+                                                        target_logits, sampler)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss * distributed.loss_weight(len(y), global_n)).backward()
+            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if teacher is not None:
+                update_teacher(teacher, model, cfg.ema_decay, step)
             with torch.no_grad():
-                correct += (model.fc(features).argmax(1) == y).sum().item()
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                correct += (labeled_logits.argmax(1) == views.y).sum().item()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value * views.n_labeled
+            seen += views.n_labeled
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
-        loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen])
+        names = sorted(sums)
+        *totals, correct, seen = distributed.all_sum([sums[n] for n in names] + [correct, seen])
+        means = {n: t / seen for n, t in zip(names, totals)}
         distributed.broadcast_buffers(model)  # without --sync-bn each rank's running statistics differ: use rank 0's
         test_acc = evaluate(model, test_set, spec.mean, spec.std, device, amp=amp)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-                  "test_accuracy": test_acc,
-                  "lambda": isda_strength(cfg.lambda0, (epoch + 1) / cfg.epochs) if cfg.loss == "isda" else 0.0,
+        epoch_strength = isda_strength(cfg.lambda0, (epoch + 1) / cfg.epochs) if uses_estimator else 0.0
+        record = {"epoch": epoch + 1, "train_loss": means["loss"], "train_accuracy": correct / seen,
+                  "test_accuracy": test_acc, "lambda": epoch_strength,
                   "lr": scheduled_lr(cfg, (epoch + 1) / cfg.epochs), "seconds": time.time() - started}
+        if semi:  # the terms of Eq. 19, per labeled image of this epoch
+            record.update({f"train_{n}_loss": means[n] for n in names if n != "loss"})
         if not main:
             continue
+        if cfg.track_bound:  # rank 0 alone: no collective in eval mode, the same model and statistics as all ranks
+            record.update(bound_tightness(model, bound_x, bound_y, estimator, epoch_strength, cfg.bound_samples,
+                                          torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)))
         save_atomic({
             "model": {k: v.contiguous() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
-            "estimator": criterion.estimator.state_dict() if cfg.loss == "isda" else None,
+            "estimator": estimator.state_dict() if estimator is not None else None,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "epoch": epoch + 1, "config": dataclasses.asdict(cfg), "class_names": class_names,
             "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
             "input": {"channels": spec.channels, "size": spec.image_size},
+            **({"labeled_indices": plan.labeled_idx} if semi else {}),
+            **({"teacher": {k: v.contiguous() for k, v in teacher.state_dict().items()}} if teacher else {}),
         }, ckpt_path)
         append_jsonl(record, out / "metrics.jsonl")
+        bound = f"  bound {record['bound']:.4f} >= MC {record['expected_ce_mc']:.4f}" if cfg.track_bound else ""
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.4f}"
-            f"  test acc {test_acc:.4f}  {record['seconds']:.0f}s")
+            f"  test acc {test_acc:.4f}{bound}  {record['seconds']:.0f}s")
     if not main:
         return {}  # the run's record is rank 0's to report
     if not record:

@@ -69,3 +69,13 @@ def test_isda_strength_grows_linearly_to_lambda0():
 def test_unknown_schedule_is_a_one_line_error():
     with pytest.raises(IsdaVizError, match="unknown schedule 'warm'"):
         learning_rate("warm", 0.1, 0, 10)
+
+
+def test_sigmoid_rampup_rises_from_exp_minus_5_to_1_and_stays():
+    from isda_viz.schedules import sigmoid_rampup
+
+    assert sigmoid_rampup(0.0, 0.3) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(0.15, 0.3) == pytest.approx(math.exp(-5 * 0.25))
+    values = [sigmoid_rampup(t / 100, 0.3) for t in range(101)]
+    assert all(a <= b for a, b in zip(values, values[1:])) and values[30:] == [1.0] * 71
+    assert sigmoid_rampup(0.0, 0.0) == 1.0
