@@ -74,6 +74,13 @@ CASES = {
         ["train-gan", "--data-root", "{in}/nowhere", "--out", "gan"], {}, "does not exist"),
     "audit, a missing query image": (
         ["audit", "--images", "{in}/missing.png", "--dataset", "fashion-mnist", "--out", "audit"], {}, "not found"),
+    "augment, --classifier FILE that is no checkpoint of its --classifier-arch": (
+        ["augment", "--image", "{in}/image.png", "--classifier", "{in}/corrupt/checkpoint.pt",
+         "--classifier-arch", "resnet32", "--out", "out"], {}, "checkpoint.pt"),
+    "train --amp bf16 on a CPU": (
+        ["train", "--amp", "bf16", "--device", "cpu", "--limit-train", "64", "--out", "run"], {}, "needs a CUDA device"),
+    "plot, a folder that is no run": (
+        ["plot", "{in}/empty", "--out", "fig.png"], {}, "empty"),
     "demo, --device cuda without CUDA": (
         ["demo", "--device", "cuda", "--out", "demo"], {"CUDA_VISIBLE_DEVICES": ""}, "CUDA is not available"),
 }
