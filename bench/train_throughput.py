@@ -36,6 +36,7 @@ NETWORKS = {
     "wrn28_10": (128, 32, 100, "full"),
     "resnet50": (256, 224, 1000, "diagonal"),
 }
+DEFAULT_ITERS = {"resnet32": 20, "wrn28_10": 4, "resnet50": 10}
 
 
 def _step_fn(model, criterion, optimizer, amp, loss):
@@ -127,7 +128,10 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None)
     parser.add_argument("--batch", type=int, default=None, help="Override the batch size of every network.")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=None,
+                        help="Timed steps per loss (default: enough for a stable median: 20 for resnet32, 4 for "
+                             "wrn28_10 (30 s a step on 2 CPU cores), 10 for resnet50; with 5, ResNet-32's ISDA cost "
+                             "swung by 15 points between runs).")
     parser.add_argument("--quick", action="store_true", help="resnet32, batch 16, 2 iterations (a smoke run).")
     parser.add_argument("--no-ddp", action="store_true")
     args = parser.parse_args()
@@ -138,13 +142,13 @@ def main():
     print(f"device {device}, amp {amp}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'network':<10} {'batch':>5} {'CE img/s':>10} {'ISDA img/s':>11} {'ISDA cost':>10}")
     for arch in args.networks.split(","):
-        r = ce_vs_isda(arch, args.batch, args.iters, device, amp)
+        r = ce_vs_isda(arch, args.batch, args.iters or DEFAULT_ITERS[arch], device, amp)
         batch = args.batch or NETWORKS[arch][0]
         print(f"{arch:<10} {batch:>5} {r['ce']:>10.1f} {r['isda']:>11.1f} {100 * (r['ce'] / r['isda'] - 1):>9.2f}%")
     if device.type == "cpu" and not args.no_ddp:
         arch = args.networks.split(",")[0]
         batch = args.batch or NETWORKS[arch][0]
-        r = ddp_vs_single(arch, batch, args.iters)
+        r = ddp_vs_single(arch, batch, args.iters or DEFAULT_ITERS[arch])
         base = r["1 process x 1 thread"]
         print(f"\nISDA step, {arch}, global batch {batch}, CPU:")
         for name, ips in r.items():
