@@ -14,7 +14,7 @@ It also times `CovarianceEstimator.update` alone on random features of the same 
 so the share of the covariance update in the pass is visible. Each method runs
 `--repeats` times, alternating; the best time counts. The goal is ours within 10%.
 
-    python bench/class_statistics.py [--arch resnet50] [--classes 4] [--per-class 6] [--device cpu]
+    python bench/class_statistics.py [--arch resnet50] [--classes 4] [--per-class 40] [--device cpu]
 """
 
 from __future__ import annotations
