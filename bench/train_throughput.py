@@ -78,6 +78,30 @@ def ce_vs_isda(arch, batch, iters, device, amp):
     return {loss: n / statistics.median(t) for loss, t in times.items()}
 
 
+def head_extra_ms(arch, batch, device, repeats: int = 30) -> float:
+    """Milliseconds ISDA adds to a step's loss and its backward alone (estimator update included), on random
+    features of the network's size: the cost the step-level ratio measures through the noise of whole steps."""
+    n, _, classes, covariance = NETWORKS[arch]
+    n = batch or n
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(build_model(arch, classes, 3).feature_dim, classes).to(device)
+    criterion = ISDALoss(fc.in_features, classes, covariance)
+    features = torch.rand(n, fc.in_features, device=device, requires_grad=True)
+    y = torch.randint(0, classes, (n,), device=device)
+    losses = {"ce": lambda: F.cross_entropy(fc(features), y), "isda": lambda: criterion(features, fc, y, 0.5)}
+    times = {}
+    for name, loss in losses.items():
+        for _ in range(5):
+            loss().backward()
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            loss().backward()
+        _sync(device)
+        times[name] = (time.perf_counter() - started) / repeats
+    return 1e3 * (times["isda"] - times["ce"])
+
+
 def _ddp_worker(rank, world, port, arch, batch, iters, out):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -140,11 +164,17 @@ def main():
     device = torch.device(args.device)
     amp = amp_dtype(args.amp, device)
     print(f"device {device}, amp {amp}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'network':<10} {'batch':>5} {'CE img/s':>10} {'ISDA img/s':>11} {'ISDA cost':>10}")
+    print(f"{'network':<10} {'batch':>5} {'CE img/s':>10} {'ISDA img/s':>11} {'ISDA cost':>10} "
+          f"{'head ms':>8} {'head share':>11}")
     for arch in args.networks.split(","):
         r = ce_vs_isda(arch, args.batch, args.iters or DEFAULT_ITERS[arch], device, amp)
         batch = args.batch or NETWORKS[arch][0]
-        print(f"{arch:<10} {batch:>5} {r['ce']:>10.1f} {r['isda']:>11.1f} {100 * (r['ce'] / r['isda'] - 1):>9.2f}%")
+        extra = head_extra_ms(arch, args.batch, device)
+        share = extra / 1e3 / (batch / r["ce"])  # of a CE step's time
+        print(f"{arch:<10} {batch:>5} {r['ce']:>10.1f} {r['isda']:>11.1f} {100 * (r['ce'] / r['isda'] - 1):>9.2f}% "
+              f"{extra:>8.1f} {100 * share:>10.2f}%")
+    print("ISDA cost: whole steps side by side (noisy on a shared CPU); head ms: what the ISDA loss and its backward "
+          "add to CE's, timed alone; head share: that, as a share of a CE step")
     if device.type == "cpu" and not args.no_ddp:
         arch = args.networks.split(",")[0]
         batch = args.batch or NETWORKS[arch][0]
