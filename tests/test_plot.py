@@ -9,12 +9,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from isda_viz.classifier import load_classifier
 from isda_viz.cli.main import main
 from isda_viz.data import load_split
 from isda_viz.errors import IsdaVizError
 from isda_viz.plot import CURVE_METRICS, plot_runs
-from isda_viz.classifier import load_classifier
-from isda_viz.train import TrainConfig, fit
+
 
 # matplotlib's first two cycle colours (tab10): run 0 and run 1.
 C0, C1 = (31, 119, 180), (255, 127, 14)
@@ -98,16 +98,8 @@ def test_plot_command(fake_runs, tmp_path):
     assert result.exit_code == 1 and result.output.startswith("Error: run directory not found")
 
 
-@pytest.fixture(scope="module")
-def tiny_fit(tmp_path_factory):
-    out = tmp_path_factory.mktemp("plot") / "resnet8"
-    fit(TrainConfig(out=str(out), arch="resnet8", epochs=1, limit_train=256, limit_test=64, batch_size=64),
-        progress=False, log=lambda *a: None)
-    return out
-
-
-def test_pca_embedding_holds_the_classifiers_test_features(tiny_fit, fake_runs, tmp_path):
-    paths = plot_runs([tiny_fit, fake_runs[1]], tmp_path / "emb.png", embedding="pca", embedding_points=120,
+def test_pca_embedding_holds_the_classifiers_test_features(tiny_run, fake_runs, tmp_path):
+    paths = plot_runs([tiny_run, fake_runs[1]], tmp_path / "emb.png", embedding="pca", embedding_points=120,
                       seed=3, progress=False)
     summary = json.loads(paths["json"].read_text())
     emb = summary["runs"][0]["embedding"]
@@ -117,7 +109,7 @@ def test_pca_embedding_holds_the_classifiers_test_features(tiny_fit, fake_runs, 
     test = load_split("fashion-mnist", False)
     assert emb["label"] == test.labels[idx].tolist() and emb["class_names"][0] == "T-shirt/top"
     # The coordinates are the run's own features projected on their two leading principal axes.
-    clf = load_classifier(tiny_fit)
+    clf = load_classifier(tiny_run)
     with torch.no_grad():
         feats = clf.model.features(clf.preprocess(test.images[idx].float() / 255)).double().numpy()
     centred = feats - feats.mean(0)
@@ -131,10 +123,10 @@ def test_pca_embedding_holds_the_classifiers_test_features(tiny_fit, fake_runs, 
     assert sum(_pixels_near(image, c, tol=4) > 5 for c in [(148, 103, 189), (140, 86, 75), (227, 119, 194)]) >= 2
 
 
-def test_tsne_embedding_is_seeded(tiny_fit, tmp_path):
+def test_tsne_embedding_is_seeded(tiny_run, tmp_path):
     pytest.importorskip("sklearn")
-    first = plot_runs([tiny_fit], tmp_path / "a.png", embedding="tsne", embedding_points=60, progress=False)
-    second = plot_runs([tiny_fit], tmp_path / "b.png", embedding="tsne", embedding_points=60, progress=False)
+    first = plot_runs([tiny_run], tmp_path / "a.png", embedding="tsne", embedding_points=60, progress=False)
+    second = plot_runs([tiny_run], tmp_path / "b.png", embedding="tsne", embedding_points=60, progress=False)
     one, two = (json.loads(p["json"].read_text())["runs"][0]["embedding"] for p in (first, second))
     assert one["method"] == "tsne" and len(one["x"]) == 60 and np.isfinite(one["x"] + one["y"]).all()
     assert one["x"] == two["x"] and one["y"] == two["y"]
