@@ -89,21 +89,19 @@ def read_class_map(path, classifier, generator_classes: int) -> torch.Tensor:
     generator classes by index), or text with two columns per line (tab, comma or spaces between
     them; `#` starts a comment). Unknown classes and out-of-range generator indices are errors.
     """
-    import json
     from pathlib import Path
 
+    from .classifier import read_json_or_lines
+
     path = Path(str(path)).expanduser()
-    if not path.is_file():
-        raise IsdaVizError(f"--class-map file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
+    data, lines = read_json_or_lines(path, "--class-map")
+    if lines is None:
         if not isinstance(data, dict):
             raise IsdaVizError(f"--class-map {path}: a JSON class map is an object {{classifier_class: generator_class}}")
         pairs = [(str(k), v) for k, v in data.items()]
-    except json.JSONDecodeError:
+    else:
         pairs = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(lines, 1):
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue

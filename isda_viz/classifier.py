@@ -149,19 +149,27 @@ def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
+def read_json_or_lines(path: Path, option: str) -> tuple[object, list[str] | None]:
+    """A small file the user names with `option` (`--class-names`, `--class-map`): `(its JSON value, None)`,
+    or `(None, its lines)` when it is not JSON. A missing file is an `IsdaVizError`."""
+    if not path.is_file():
+        raise IsdaVizError(f"{option} file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError:
+        return None, text.splitlines()
+
+
 def read_class_names(spec) -> list[str]:
     """Class names from a list, or a file: one name per line, a JSON list, or a JSON object of index → name
     (an `imagenet_class_index.json`-style value `[wnid, name]` gives its last item)."""
     if isinstance(spec, (list, tuple)):
         return [str(c) for c in spec]
     path = Path(str(spec)).expanduser()
-    if not path.is_file():
-        raise IsdaVizError(f"--class-names file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+    data, lines = read_json_or_lines(path, "--class-names")
+    if lines is not None:
+        names = [line.strip() for line in lines if line.strip()]
     else:
         if isinstance(data, dict) and all(str(k).isdigit() for k in data):
             data = [data[k] for k in sorted(data, key=int)]
