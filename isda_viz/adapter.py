@@ -63,14 +63,19 @@ CLASS_MAP_HELP = ("--class-map FILE (JSON {classifier_class: generator_class}, o
                   "to say which generator class draws each classifier class")
 
 
+def _require_conditional(generator) -> None:
+    if not generator.conditional:
+        raise IsdaVizError(f"--class-map maps classes to a class-conditional generator; {generator.name} has none")
+
+
 def check_compatible(generator, classifier, class_map: torch.Tensor | None = None) -> None:
     """Raise `IsdaVizError` when a class-conditional generator's classes cannot be the classifier's.
 
     Without `class_map` the class counts must match (class i of the classifier is class i of the
     generator); `class_map` is `read_class_map`'s `(num_classes,)` table.
     """
-    if class_map is not None and not generator.conditional:
-        raise IsdaVizError(f"--class-map maps classes to a class-conditional generator; {generator.name} has none")
+    if class_map is not None:
+        _require_conditional(generator)
     if generator.conditional and class_map is None and generator.num_classes != classifier.num_classes:
         raise IsdaVizError(
             f"generator {generator.name} has {generator.num_classes} classes, the classifier in "
@@ -82,8 +87,9 @@ def check_compatible(generator, classifier, class_map: torch.Tensor | None = Non
                            f"{classifier.source} (only RGB→grayscale and grayscale→any)")
 
 
-def read_class_map(path, classifier, generator_classes: int) -> torch.Tensor:
-    """`--class-map FILE` → int64 `(classifier.num_classes,)`: the generator class of each classifier class, -1 if none.
+def read_class_map(path, classifier, generator) -> torch.Tensor:
+    """`--class-map FILE` → int64 `(classifier.num_classes,)`: the class of the class-conditional `generator`
+    that draws each classifier class, -1 if none.
 
     FILE is JSON, `{classifier_class: generator_class}` (classifier classes by name or index,
     generator classes by index), or text with two columns per line (tab, comma or spaces between
@@ -93,6 +99,7 @@ def read_class_map(path, classifier, generator_classes: int) -> torch.Tensor:
 
     from .classifier import read_json_or_lines
 
+    _require_conditional(generator)
     path = Path(str(path)).expanduser()
     data, lines = read_json_or_lines(path, "--class-map")
     if lines is None:
@@ -111,6 +118,7 @@ def read_class_map(path, classifier, generator_classes: int) -> torch.Tensor:
                 raise IsdaVizError(f"--class-map {path} line {number}: expected two columns, "
                                    f"classifier class and generator class")
             pairs.append((" ".join(parts[:-1]), parts[-1]))
+    generator_classes = generator.num_classes
     table = torch.full((classifier.num_classes,), -1, dtype=torch.long)
     for source, target in pairs:
         try:

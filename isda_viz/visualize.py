@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adapter import GeneratorAdapter
+from .adapter import GeneratorAdapter, read_class_map
 from .classifier import Classifier, class_statistics, load_classifier
 from .data import load_image_file, load_split
 from .devices import pick_device
@@ -100,14 +100,12 @@ class VisualizeOptions:
         device = pick_device(self.device)
         judge = self.judge if self.judge is not None or self.classifier is not None else default_judge()
         extra = {} if self.truncation is None else {"truncation": self.truncation}
-        from .adapter import read_class_map
-
         classifier = load_classifier(self.classifier or default_classifier(), device, arch=self.classifier_arch,
                                      class_names=self.class_names, data_root=self.data_root)
         generator = load_generator(str(self.generator or default_generator()), device, **extra)
         class_map = None
         if self.class_map is not None:
-            class_map = read_class_map(self.class_map, classifier, generator.num_classes or 0)
+            class_map = read_class_map(self.class_map, classifier, generator)
         return Models(classifier, generator, load_classifier(judge, device) if judge else None, class_map)
 
 

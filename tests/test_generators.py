@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from isda_viz.adapter import LUMINANCE, GeneratorAdapter, check_compatible, map_channels, resize, to_classifier_input
+from isda_viz.adapter import (LUMINANCE, GeneratorAdapter, check_compatible, map_channels, read_class_map, resize,
+                              to_classifier_input)
 from isda_viz.classifier import load_classifier
 from isda_viz.cli.common import device_option
 from isda_viz.cli.main import IsdaVizGroup, main
@@ -203,6 +204,16 @@ def test_class_count_and_channel_mismatch_are_errors():
     rgb_wgan = WGANGenerator(channels=3, image_size=32)
     with pytest.raises(IsdaVizError, match="3-channel"):
         check_compatible(rgb_wgan, _FakeClassifier(2, 32))
+
+
+def test_class_map_for_an_unconditional_generator_says_so(tmp_path):
+    class_map = tmp_path / "map.tsv"
+    class_map.write_text("0\t3\n")
+    unconditional = WGANGenerator(num_classes=None)
+    for check in (lambda: read_class_map(class_map, _FakeClassifier(1, 28), unconditional),
+                  lambda: check_compatible(unconditional, _FakeClassifier(1, 28), torch.zeros(10, dtype=torch.long))):
+        with pytest.raises(IsdaVizError, match="class-conditional generator; .* has none"):
+            check()
 
 
 # ----------------------------------------------------------------------------------------------------- train-gan
