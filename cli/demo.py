@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from isda_viz.demo import check_out_dir, run_demo, summary_table
+from isda_viz.demo import run_demo, summary_table
 from isda_viz.html import page_path
 
 from .common import device_option, embed_option
@@ -20,8 +20,8 @@ from .common import device_option, embed_option
 @embed_option
 def demo_command(out, device, quick, from_scratch, seed, embed):
     """Figure grid + FAISS audit on Fashion-MNIST; a stage whose output exists in --out is reused."""
-    check_out_dir(out)
-    summary = run_demo(out, device, quick, from_scratch, seed, log=click.echo, embed=embed)
+    summary = run_demo(out, device=device, quick=quick, from_scratch=from_scratch, seed=seed, log=click.echo,
+                       embed=embed)
     click.echo(f"\nfigure: {out}/figure.png (report {out}/figure.json)\naudit: {out}/audit/audit.png "
                f"(report {out}/audit/audit.json)\nsummary: {out}/summary.json\npage: {page_path(out)}\n"
                f"{summary_table(summary)}")

@@ -64,6 +64,7 @@ def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: 
     from .devices import pick_device
     from .html import write_html
 
+    _check_out_dir(out)
     pick_device(device)  # a device that is not there fails before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,7 @@ def summary_table(summary: dict) -> str:
     return "\n".join(f"  {name:<{width}}  {fmt(value)}" for name, value in rows)
 
 
-def check_out_dir(out) -> None:
+def _check_out_dir(out) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IsdaVizError(f"--out {out} is a file; give a folder")

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from isda_viz.cli.main import main
+from isda_viz.demo import run_demo
+from isda_viz.errors import IsdaVizError
 
 
 def test_quick_demo_from_scratch_runs_every_stage_then_reuses_them(tmp_path):
@@ -35,3 +38,11 @@ def test_quick_demo_from_scratch_runs_every_stage_then_reuses_them(tmp_path):
     again = json.loads((out / "summary.json").read_text())
     assert again["step1_median_feature_error"] == summary["step1_median_feature_error"]
     assert again["seconds"] == summary["seconds"]
+
+
+def test_run_demo_refuses_a_file_as_its_folder(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    with pytest.raises(IsdaVizError, match="is a file; give a folder"):
+        run_demo(taken, device="cpu", quick=True)
+    assert taken.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [taken]
