@@ -58,10 +58,11 @@ class VisualizeOptions:
     folder or name; `class_map`: a `--class-map` file (`adapter.read_class_map`) when the
     generator's classes are not the classifier's. Left None, the shipped Fashion-MNIST weights are
     used, and with the shipped classifier also the shipped CE judge. `covariance`: full or diagonal
-    class covariances for classifiers without statistics of their own. `truncation` is BigGAN's (None: its default). `strength` is λ: a~ = a + eps,
-    eps ~ N(0, λ Σ_y); `num_augmented` is K per image. `InversionOptions.make` turns the command
-    line's knobs into `inversion`. `embed`: the output's HTML page carries its images inline
-    (`data:` URIs) instead of referencing the PNG files.
+    class covariances for classifiers without statistics of their own. `truncation` is BigGAN's
+    (None: its default). `strength` is λ: a~ = a + eps, eps ~ N(0, λ Σ_y); `num_augmented` is K
+    per image. `InversionOptions.make` turns the command line's knobs into `inversion`. `embed`:
+    the output's HTML page carries its images inline (`data:` URIs) instead of referencing the PNG
+    files.
     """
 
     classifier: str | None = None
