@@ -184,9 +184,8 @@ def read_class_names(spec) -> list[str]:
 
 def _dataset_class_names(dataset: str) -> list[str]:
     from .data import SPECS
-    from .public_models import CIFAR100_CLASSES
 
-    return list(CIFAR100_CLASSES) if dataset == "cifar100" else list(SPECS[dataset].class_names)
+    return list(SPECS[dataset].class_names)
 
 
 def _class_names_for(num_classes: int, class_names, data_root, dataset: str | None, path: Path,

@@ -40,26 +40,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import CIFAR10_CLASSES  # noqa: F401  (re-exported: the public code's CIFAR-10 labels)
+from .data import CIFAR10_CLASSES, CIFAR100_CLASSES  # noqa: F401  (re-exported: the public code's labels)
 from .errors import IsdaVizError
 
 PUBLIC_CIFAR_MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
 PUBLIC_CIFAR_STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
 PUBLIC_INPUT_SIZE = 32
-
-CIFAR100_CLASSES = [
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
-    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
-    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
-    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
-    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
-    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
-    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
-    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
-    "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
-]
-"""CIFAR-100's fine labels in label order (torchvision's `CIFAR100.classes`)."""
 
 RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)
 """Depths the public code builds from basic blocks (`resnet{depth}_cifar`)."""
