@@ -435,7 +435,7 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
     test_set = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test)
     class_names = list(train_set.classes)
     num_classes = len(class_names)
-    _batch_plan(cfg, train_set, num_classes)  # refuse impossible batch sizes before writing anything
+    plan = _batch_plan(cfg, train_set, num_classes)  # refuse impossible batch sizes before writing anything
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes, spec.channels).to(device)
@@ -445,7 +445,8 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients need scaling
     # Rank 0 reads and writes the run directory; every rank gets the (possibly resumed) config and state.
     cfg, ckpt = distributed.from_main(lambda: _open_run_dir(cfg, resume, num_classes, log))
-    plan = _batch_plan(cfg, train_set, num_classes)  # a resumed run's own settings
+    if ckpt is not None:
+        plan = _batch_plan(cfg, train_set, num_classes)  # a resumed run's own settings
     semi = cfg.labeled is not None
     uses_estimator = cfg.loss in ("isda", "explicit") or (semi and cfg.eta1 > 0)
     estimator = CovarianceEstimator(model.feature_dim, num_classes, cfg.covariance == "diagonal") \
