@@ -275,8 +275,8 @@ class Views:
     x: torch.Tensor                 # (n_l + n_u, C, H, W)
     y: torch.Tensor                 # (n_l,) labels of the labeled rows
     second: torch.Tensor | None     # (n_l + n_u, C, H, W): another augmentation of the same images (Π, mean teacher)
-    global_labeled: int             # labeled and unlabeled images in the whole global batch (all ranks)
-    global_unlabeled: int
+    global_labeled: int             # labeled images in the whole global batch (all ranks)
+    global_unlabeled: int           # unlabeled images in the whole global batch (0 in supervised runs)
 
     @property
     def n_labeled(self) -> int:
