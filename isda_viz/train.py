@@ -497,9 +497,10 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
         model.train()
         if teacher is not None:
             teacher.train()
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        epoch_seed = cfg.seed * 100_003 + epoch
+        generator = torch.Generator().manual_seed(epoch_seed)
         # explicit SDA's draws: per rank (shards differ in size), apart from the shared augmentation generator
-        sampler = torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) * 1_009 + 1 + distributed.rank())
+        sampler = torch.Generator().manual_seed(epoch_seed * 1_009 + 1 + distributed.rank())
         if semi:
             batches = ssl_batches(train_set, plan.labeled_idx, plan.unlabeled_idx, plan.labeled_batch,
                                   plan.unlabeled_batch, generator)
@@ -550,7 +551,7 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
             continue
         if cfg.track_bound:  # rank 0 alone: no collective in eval mode, the same model and statistics as all ranks
             record.update(bound_tightness(model, bound_x, bound_y, estimator, epoch_strength, cfg.bound_samples,
-                                          torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)))
+                                          torch.Generator().manual_seed(epoch_seed)))
         save_atomic({
             "model": {k: v.contiguous() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
