@@ -1,16 +1,16 @@
 """`fit`: train a classifier with the ISDA loss (or plain cross-entropy, or explicit SDA), resumably,
 supervised or semi-supervised.
 
-The schedule follows the paper's Appendix A: SGD with Nesterov momentum 0.9,
-learning rate by cosine (default) or step decay, and lambda = lambda0 * t / T,
+The schedule follows the paper's Appendix A: SGD with momentum 0.9 (Nesterov by
+default), learning rate by cosine (default) or step decay, and lambda = lambda0 * t / T,
 with t/T the fraction of training done (per iteration, so short runs augment too).
 Every epoch ends with an atomic checkpoint; the shuffling and augmentation of
 epoch e are drawn from a generator seeded by (seed, e), so a run killed and
 resumed ends bit-identical to one that was never interrupted.
 
 Losses (`training_loss`, one step's policy): `isda` is Eq. 7, `ce` plain
-cross-entropy, `explicit` Eq. 5 with `samples` sampled features per image; all
-three use the same online covariance estimator and lambda schedule.
+cross-entropy, `explicit` Eq. 5 with `samples` sampled features per image; `isda`
+and `explicit` use the same online covariance estimator and lambda schedule.
 
 Semi-supervised runs (`labeled` = N): N class-balanced labels are kept
 (`data.labeled_subset`, seeded by `seed`; the indices are saved in the
