@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from isda_viz import __version__
-from isda_viz.errors import IsdaVizError
 from isda_viz.devices import pick_device
+from isda_viz.errors import IsdaVizError
 from isda_viz.runs import (append_jsonl, open_run_dir, read_jsonl, save_atomic, save_image_atomic,
                            truncate_metrics, write_json_atomic)
 from isda_viz.schedules import learning_rate
@@ -61,12 +61,10 @@ def class_agreement(generator: Generator, classifier, per_class: int, rng: torch
     correct = 0
     for start in range(0, len(y), batch_size):
         yb = y[start:start + batch_size]
-        with torch.no_grad():
-            images = generator.generate(z[start:start + batch_size].to(generator.device), yb.to(generator.device))
-            unit = to_classifier_pixels(images, generator.output_range, classifier).to(classifier.device)
+        images = generator.generate(z[start:start + batch_size].to(generator.device), yb.to(generator.device))
+        unit = to_classifier_pixels(images, generator.output_range, classifier).to(classifier.device)
         correct += (classifier.predict(unit) == yb).sum().item()
     return correct / len(y)
-
 
 
 @dataclass
@@ -100,7 +98,6 @@ class GanConfig:
     device: str | None = None          # not part of the run's identity
 
 
-
 class _BatchSampler:
     """Random training batches `(N, C, S, S)` in [-1, 1] and labels `(N,)`, drawn from a seeded generator."""
 
@@ -121,10 +118,9 @@ class _BatchSampler:
         return x, self.labels[idx].to(self.device)
 
 
-
-
 # What a resumed run may change; everything else is taken from the run being resumed.
-RESUME_OVERRIDES = ("iterations", "classifier", "classifier_arch", "class_names", "agreement_per_class", "sample_every", "log_every", "device", "out")
+RESUME_OVERRIDES = ("iterations", "classifier", "classifier_arch", "class_names", "agreement_per_class", "sample_every",
+                    "log_every", "device", "out")
 
 
 def _resumed_config(saved: dict, cfg: GanConfig) -> GanConfig:
@@ -142,8 +138,8 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     """
     from tqdm import tqdm
 
-    from isda_viz.data import dataset_spec, load_split
     from isda_viz.classifier import load_classifier
+    from isda_viz.data import dataset_spec, load_split
 
     if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.n_critic < 1:
         raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")

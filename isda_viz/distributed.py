@@ -26,7 +26,6 @@ import datetime
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist

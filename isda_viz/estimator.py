@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import distributed
+
 # Full covariance with A >= this: rows wait in a per-class buffer of A // _FEATURES_PER_BUFFERED_ROW rows
 # and classes merge one at a time, in place; buffered rows add at most 2 / _FEATURES_PER_BUFFERED_ROW to the
 # cost of the ISDA product. Smaller A: every update merges at once, batched over classes.
@@ -39,10 +41,6 @@ _DEFER_MIN_FEATURES = 256
 _FEATURES_PER_BUFFERED_ROW = 32
 # Upper bound on the batched path's temporary (k, A, A) float64 products, in bytes.
 _CHUNK_BYTES = 16 * 2**20
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class CovarianceEstimator:
@@ -89,7 +87,7 @@ class CovarianceEstimator:
         y = targets.to(self.device)
         counts = torch.bincount(y, minlength=self.num_classes).to(torch.float64)
         sums = torch.zeros_like(self._mean).index_add_(0, y, x)
-        if _distributed():
+        if distributed.active():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         classes = torch.nonzero(counts).flatten()
@@ -104,7 +102,7 @@ class CovarianceEstimator:
         slot = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.device)
         slot[classes] = torch.arange(len(classes), device=self.device)
         centred = x - batch_mean[slot[y]]
-        rank0 = not _distributed() or dist.get_rank() == 0
+        rank0 = distributed.is_main()
         total = n + m
         self.count[classes] = total
         self._mean[classes] += (m / total)[:, None] * (batch_mean - self._mean[classes])
@@ -112,7 +110,7 @@ class CovarianceEstimator:
         if self.diagonal:
             scatter = torch.zeros(len(classes), self.num_features, dtype=torch.float64, device=self.device)
             scatter.index_add_(0, slot[y], centred * centred)
-            if _distributed():
+            if distributed.active():
                 dist.all_reduce(scatter)
             self._m2[classes] += scatter + cross[:, None] * delta * delta
             self._refresh(classes)
@@ -129,7 +127,7 @@ class CovarianceEstimator:
         k, a = len(classes), self.num_features
         per_class = torch.bincount(slot_of_row, minlength=k)
         longest = int(per_class.max()) + 1
-        if _distributed():
+        if distributed.active():
             longest_t = torch.tensor([longest], device=self.device)
             dist.all_reduce(longest_t, op=dist.ReduceOp.MAX)
             longest = int(longest_t)
@@ -142,10 +140,10 @@ class CovarianceEstimator:
         if rank0:  # the delta term belongs to the merge once, not once per rank
             rows[:, -1] = delta_row
             valid[:, -1] = 1
-        if _distributed():
-            gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        if distributed.active():
+            gathered = [torch.empty_like(rows) for _ in range(distributed.world_size())]
             dist.all_gather(gathered, rows)
-            gathered_valid = [torch.empty_like(valid) for _ in range(dist.get_world_size())]
+            gathered_valid = [torch.empty_like(valid) for _ in range(distributed.world_size())]
             dist.all_gather(gathered_valid, valid)
             rows, valid = torch.cat(gathered, dim=1), torch.cat(gathered_valid, dim=1)   # (K, world * L, A)
         return rows, valid.bool()

@@ -2,7 +2,9 @@
 
 A classifier run directory (written by `isda-viz train`) holds
 `checkpoint.pt` (plain tensors and dicts: model, optimizer, estimator state,
-epoch, config, class names, normalisation), `config.json` and `metrics.jsonl`.
+epoch, config, class names, normalisation, input size; where used, the fp16
+gradient scaler, the labeled indices and the mean teacher), `config.json` and
+`metrics.jsonl`.
 Everything is written to a temporary file in the same folder and renamed into
 place, so a kill never leaves a half-written file.
 """
@@ -107,6 +109,8 @@ def resolve_run_dir(path) -> Path:
     """A run directory, or the checkpoint file inside one."""
     path = Path(path)
     return path.parent if path.is_file() else path
+
+
 # ------------------------------------------------------------------------------------------------ resuming a run
 
 

@@ -1,16 +1,16 @@
 """`fit`: train a classifier with the ISDA loss (or plain cross-entropy, or explicit SDA), resumably,
 supervised or semi-supervised.
 
-The schedule follows the paper's Appendix A: SGD with Nesterov momentum 0.9,
-learning rate by cosine (default) or step decay, and lambda = lambda0 * t / T,
+The schedule follows the paper's Appendix A: SGD with momentum 0.9 (Nesterov by
+default), learning rate by cosine (default) or step decay, and lambda = lambda0 * t / T,
 with t/T the fraction of training done (per iteration, so short runs augment too).
 Every epoch ends with an atomic checkpoint; the shuffling and augmentation of
 epoch e are drawn from a generator seeded by (seed, e), so a run killed and
 resumed ends bit-identical to one that was never interrupted.
 
 Losses (`training_loss`, one step's policy): `isda` is Eq. 7, `ce` plain
-cross-entropy, `explicit` Eq. 5 with `samples` sampled features per image; all
-three use the same online covariance estimator and lambda schedule.
+cross-entropy, `explicit` Eq. 5 with `samples` sampled features per image; `isda`
+and `explicit` use the same online covariance estimator and lambda schedule.
 
 Semi-supervised runs (`labeled` = N): N class-balanced labels are kept
 (`data.labeled_subset`, seeded by `seed`; the indices are saved in the
@@ -275,8 +275,8 @@ class Views:
     x: torch.Tensor                 # (n_l + n_u, C, H, W)
     y: torch.Tensor                 # (n_l,) labels of the labeled rows
     second: torch.Tensor | None     # (n_l + n_u, C, H, W): another augmentation of the same images (Π, mean teacher)
-    global_labeled: int             # labeled and unlabeled images in the whole global batch (all ranks)
-    global_unlabeled: int
+    global_labeled: int             # labeled images in the whole global batch (all ranks)
+    global_unlabeled: int           # unlabeled images in the whole global batch (0 in supervised runs)
 
     @property
     def n_labeled(self) -> int:
@@ -435,7 +435,7 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
     test_set = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test)
     class_names = list(train_set.classes)
     num_classes = len(class_names)
-    _batch_plan(cfg, train_set, num_classes)  # refuse impossible batch sizes before writing anything
+    plan = _batch_plan(cfg, train_set, num_classes)  # refuse impossible batch sizes before writing anything
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes, spec.channels).to(device)
@@ -445,7 +445,8 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients need scaling
     # Rank 0 reads and writes the run directory; every rank gets the (possibly resumed) config and state.
     cfg, ckpt = distributed.from_main(lambda: _open_run_dir(cfg, resume, num_classes, log))
-    plan = _batch_plan(cfg, train_set, num_classes)  # a resumed run's own settings
+    if ckpt is not None:
+        plan = _batch_plan(cfg, train_set, num_classes)  # a resumed run's own settings
     semi = cfg.labeled is not None
     uses_estimator = cfg.loss in ("isda", "explicit") or (semi and cfg.eta1 > 0)
     estimator = CovarianceEstimator(model.feature_dim, num_classes, cfg.covariance == "diagonal") \
@@ -496,9 +497,10 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
         model.train()
         if teacher is not None:
             teacher.train()
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        epoch_seed = cfg.seed * 100_003 + epoch
+        generator = torch.Generator().manual_seed(epoch_seed)
         # explicit SDA's draws: per rank (shards differ in size), apart from the shared augmentation generator
-        sampler = torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) * 1_009 + 1 + distributed.rank())
+        sampler = torch.Generator().manual_seed(epoch_seed * 1_009 + 1 + distributed.rank())
         if semi:
             batches = ssl_batches(train_set, plan.labeled_idx, plan.unlabeled_idx, plan.labeled_batch,
                                   plan.unlabeled_batch, generator)
@@ -549,7 +551,7 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
             continue
         if cfg.track_bound:  # rank 0 alone: no collective in eval mode, the same model and statistics as all ranks
             record.update(bound_tightness(model, bound_x, bound_y, estimator, epoch_strength, cfg.bound_samples,
-                                          torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)))
+                                          torch.Generator().manual_seed(epoch_seed)))
         save_atomic({
             "model": {k: v.contiguous() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
