@@ -42,10 +42,9 @@ from urllib.parse import quote
 
 from . import __version__
 from .errors import IsdaVizError
-from .report import REPORT
 from .runs import write_bytes_atomic
 
-AUDIT, SUMMARY = "audit.json", "summary.json"
+REPORT, AUDIT, SUMMARY = "report.json", "audit.json", "summary.json"
 PAGE = "index.html"
 DEMO_FIGURE, DEMO_AUDIT = "figure.json", Path("audit") / AUDIT  # where `isda-viz demo` writes them
 TILE_PX, THUMB_PX = 128, 56          # shown sizes: images are enlarged by whole factors up to these
