@@ -97,7 +97,7 @@ def read_class_map(path, classifier, generator) -> torch.Tensor:
     """
     from pathlib import Path
 
-    from .classifier import read_json_or_lines
+    from .data import read_json_or_lines
 
     _require_conditional(generator)
     path = Path(str(path)).expanduser()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .data import CACHE_ROOT
+from .data import CACHE_ROOT, read_json_or_lines
 from .errors import IsdaVizError
 from .estimator import CovarianceEstimator
 from .models import build_model
@@ -147,18 +147,6 @@ class Classifier:
 
 def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
-
-
-def read_json_or_lines(path: Path, option: str) -> tuple[object, list[str] | None]:
-    """A small file the user names with `option` (`--class-names`, `--class-map`): `(its JSON value, None)`,
-    or `(None, its lines)` when it is not JSON. A missing file is an `IsdaVizError`."""
-    if not path.is_file():
-        raise IsdaVizError(f"{option} file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError:
-        return None, text.splitlines()
 
 
 def read_class_names(spec) -> list[str]:

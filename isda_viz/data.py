@@ -10,6 +10,7 @@ through a DataLoader.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 import struct
@@ -384,6 +385,18 @@ def load_image_file(path, channels: int, size: int) -> torch.Tensor:
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
     return TF.pil_to_tensor(img).float() / 255
+
+
+def read_json_or_lines(path: Path, option: str) -> tuple[object, list[str] | None]:
+    """A small file the user names with `option` (`--class-names`, `--class-map`): `(its JSON value, None)`,
+    or `(None, its lines)` when it is not JSON. A missing file is an `IsdaVizError`."""
+    if not path.is_file():
+        raise IsdaVizError(f"{option} file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError:
+        return None, text.splitlines()
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
