@@ -345,7 +345,7 @@ def statistics_data(classifier: Classifier, data_root, classes: list[int]) -> St
     (only the classifier's own training subset for isda-viz runs). Only files of the wanted classes
     are listed or read. A class's fingerprint hashes its files' names, sizes and modification times, or its pixels.
     """
-    from .data import FileImages, TensorImages, detect_dataset, image_files, load_split
+    from .data import FOLDER_DATASETS, FileImages, TensorImages, detect_dataset, image_files, load_split
 
     root = data_root or classifier.config.get("data_root")
     dataset = classifier.dataset if data_root is None or classifier.config.get("format") is None else None
@@ -355,7 +355,7 @@ def statistics_data(classifier: Classifier, data_root, classes: list[int]) -> St
         raise IsdaVizError(f"the classifier in {classifier.source} has no class statistics of its own: give "
                            "--data-root, its training data (a train/ folder of class folders, or torchvision's "
                            "CIFAR or Fashion-MNIST files), for one pass over the classes shown")
-    if dataset in ("folder", "imagenet"):
+    if dataset in FOLDER_DATASETS:
         train = Path(root).expanduser() / "train"
         paths, labels, fingerprints = [], [], {}
         for c in classes:

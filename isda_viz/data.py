@@ -78,6 +78,7 @@ SPECS = {
                           default_arch="resnet50", default_covariance="diagonal"),
 }
 DATASET_NAMES = list(SPECS)
+FOLDER_DATASETS = ("imagenet", "folder")  # streamed from image folders (ImageNet layout), not held in memory
 
 
 class TensorImages(Dataset):
@@ -334,7 +335,7 @@ def dataset_spec(name: str, data_root: str | Path | None = None) -> DatasetSpec:
     if name not in SPECS:
         raise IsdaVizError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASET_NAMES)}")
     spec = SPECS[name]
-    if name in ("folder", "imagenet") and data_root is not None:
+    if name in FOLDER_DATASETS and data_root is not None:
         classes = folder_class_names(data_root)
         if classes is not None:
             spec = DatasetSpec(**{**spec.__dict__, "num_classes": len(classes), "class_names": classes})

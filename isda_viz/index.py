@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .data import CACHE_ROOT, FolderImages, dataset_spec, iterate_batches, load_split
+from .data import CACHE_ROOT, FOLDER_DATASETS, FolderImages, dataset_spec, iterate_batches, load_split
 from .errors import IsdaVizError
 from .runs import write_json_atomic
 
@@ -324,7 +324,7 @@ def calibrate(nearest_distances: np.ndarray, flag_rate: float = FLAG_RATE) -> di
 
 def training_images(dataset: str, data_root=None, limit: int | None = None):
     """The training split as the audit indexes it: no random augmentation (folders: resize + centre crop)."""
-    if dataset in ("folder", "imagenet"):
+    if dataset in FOLDER_DATASETS:
         spec = dataset_spec(dataset, data_root)
         if data_root is None:
             raise IsdaVizError(f"--dataset {dataset} needs --data-root, a folder with train/ and val/ class folders")

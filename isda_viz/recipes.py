@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
+from .data import FOLDER_DATASETS
 from .errors import IsdaVizError
 
 RECIPE_NAMES = ["paper"]
@@ -65,7 +66,6 @@ IMAGENET = Recipe(300, 512, 0.2, None, 0.1, 1e-4, False, 7.5, "diagonal")
 CIFAR_FAMILY = {"resnet8": "resnet", "resnet20": "resnet", "resnet32": "resnet", "resnet110": "resnet",
                 "wrn28_10": "wideresnet"}
 CIFAR_DATASETS = ("cifar10", "cifar100")
-IMAGENET_DATASETS = ("imagenet", "folder")
 
 
 def imagenet_lambda0(arch: str) -> float:
@@ -79,7 +79,7 @@ def paper_recipe(arch: str, dataset: str) -> Recipe:
     """The paper's recipe for `arch` trained on `dataset`; `IsdaVizError` where the paper has none."""
     if dataset in CIFAR_DATASETS and arch in CIFAR_FAMILY:
         return CIFAR[CIFAR_FAMILY[arch]]
-    if dataset in IMAGENET_DATASETS and arch not in CIFAR_FAMILY:
+    if dataset in FOLDER_DATASETS and arch not in CIFAR_FAMILY:
         return dataclasses.replace(IMAGENET, lambda0=imagenet_lambda0(arch))
     raise IsdaVizError(f"--recipe paper has no recipe for --arch {arch} on --dataset {dataset}; it covers "
                        f"{', '.join(CIFAR_FAMILY)} on CIFAR-10/100 and the ImageNet models on imagenet/folder")

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__, distributed
-from .data import (TensorImages, augment_batch, dataset_spec, iterate_batches, labeled_subset, load_split,
-                   normalize)
+from .data import (FOLDER_DATASETS, TensorImages, augment_batch, dataset_spec, iterate_batches, labeled_subset,
+                   load_split, normalize)
 from .devices import pick_device
 from .errors import IsdaVizError
 from .estimator import CovarianceEstimator
@@ -423,7 +423,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
 
 def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, log) -> dict:
     cfg = cfg.resolved()
-    in_memory = cfg.dataset not in ("imagenet", "folder")
+    in_memory = cfg.dataset not in FOLDER_DATASETS
     _check_config(cfg, in_memory)
     main = distributed.is_main()
     if not main:
