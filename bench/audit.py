@@ -3,7 +3,7 @@
     python bench/audit.py [--million 1000000] [--skip-million] [--sweep]
 
 Part 1, Fashion-MNIST train (60,000 x 784 pixels in [0, 1]), 64 test-image
-queries, top-5: the flat index's build and search time (isda_viz.index's
+queries, top-5: the flat index's build and search time (isda_viz.audit.index's
 `NeighbourIndex`, FAISS candidates re-ranked in float64) beside a torch
 brute-force search, and whether their neighbours agree.
 
@@ -30,8 +30,8 @@ import time
 import numpy as np
 import torch
 
-from isda_viz.index import NeighbourIndex, choose_index_params
-from isda_viz.data import load_split
+from isda_viz.audit.index import NeighbourIndex, choose_index_params
+from isda_viz.data.datasets import load_split
 
 
 def timed(fn, repeat: int = 3):

@@ -6,7 +6,7 @@ same torchvision network (random weights) in eval mode:
 
   plain   `torchvision.datasets.ImageFolder` + `DataLoader` + `net(x)` under inference mode:
           what any evaluation script does, and a floor for any pass over the data.
-  ours    `isda_viz.classifier.class_statistics` on the classifier `load_classifier` made
+  ours    `isda_viz.classifiers.classifier.class_statistics` on the classifier `load_classifier` made
           from the saved weights: hook features, float64 full (or diagonal) covariance
           updates per class, the weights' and images' fingerprints and the cache write.
 
@@ -30,8 +30,9 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
-from isda_viz.classifier import class_statistics, load_classifier
-from isda_viz.estimator import CovarianceEstimator
+from isda_viz.classifiers.statistics import class_statistics
+from isda_viz.classifiers.classifier import load_classifier
+from isda_viz.isda.estimator import CovarianceEstimator
 
 
 def write_folder(root: Path, classes: int, per_class: int, size: int, seed: int) -> Path:

@@ -2,7 +2,7 @@
 
 Writes a synthetic ImageNet-layout tree (`train/<wnid>/*.JPEG`, 375x500 px like a typical
 ImageNet photo, JPEG quality 90) once, then streams one epoch of it through
-`isda_viz.data.iterate_batches` exactly as `train` does (random-resized crop to 224 px,
+`isda_viz.data.datasets.iterate_batches` exactly as `train` does (random-resized crop to 224 px,
 flip, uint8 batches) with 0, 1, 2, ... worker processes, pinned memory on or off.
 Each setting runs `--epochs` epochs over the same persistent loader (the first one
 includes starting the workers); the table gives images/s of the later epochs and
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isda_viz.data import iterate_batches, load_split
+from isda_viz.data.batches import iterate_batches
+from isda_viz.data.datasets import load_split
 
 
 def write_tree(root: Path, images: int, classes: int = 8, seed: int = 0) -> Path:

@@ -32,14 +32,15 @@ import time
 
 import torch
 
-from isda_viz.adapter import GeneratorAdapter
-from isda_viz.classifier import class_statistics, load_classifier
+from isda_viz.inversion.adapter import GeneratorAdapter
+from isda_viz.classifiers.statistics import class_statistics
+from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.generators import load_generator
-from isda_viz.inversion import (InversionOptions, invert_features, negative_target_floor, normalize_latent,
-                                sample_augmented_features)
+from isda_viz.inversion.optimizer import InversionOptions, invert_features, negative_target_floor, normalize_latent
+from isda_viz.isda.sampling import sample_augmented_features
 from isda_viz.pretrained import default_classifier, default_generator
-from isda_viz.report import summarize
-from isda_viz.visualize import Models, VisualizeOptions, invert_and_augment, test_images_per_class
+from isda_viz.outputs.report import summarize
+from isda_viz.inversion.pipelines import Models, VisualizeOptions, invert_and_augment, test_images_per_class
 
 
 def first_reaching(history, error):

@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isda_viz import ISDALoss
-from isda_viz.models import build_model
+from isda_viz.isda.loss import ISDALoss
+from isda_viz.classifiers.networks import build_model
 
 # name: (N, A, C, diagonal, what it is)
 CONFIGS = {

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from isda_viz.classifier import load_classifier
-from isda_viz.data import load_split
-from isda_viz.plot import plot_runs
+from isda_viz.classifiers.classifier import load_classifier
+from isda_viz.data.datasets import load_split
+from isda_viz.outputs.plot import plot_runs
 from isda_viz.runs import write_json_atomic
-from isda_viz.train import TrainConfig, evaluate, fit
+from isda_viz.training.loop import TrainConfig, evaluate, fit
 
 # method: (setting, TrainConfig options)
 METHODS = {

@@ -26,9 +26,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from isda_viz import ISDALoss, distributed
-from isda_viz.models import build_model
-from isda_viz.train import amp_dtype
+from isda_viz.isda.loss import ISDALoss
+from isda_viz import distributed
+from isda_viz.classifiers.networks import build_model
+from isda_viz.training.loop import amp_dtype
 
 # arch: (batch, image size, classes, covariance)
 NETWORKS = {

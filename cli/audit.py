@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from isda_viz.audit import AuditConfig, run_audit
-from isda_viz.data import DATASET_NAMES
-from isda_viz.html import page_path
+from isda_viz.audit.run import AuditConfig, run_audit
+from isda_viz.data.datasets import DATASET_NAMES
+from isda_viz.outputs.html import page_path
 
 from .common import classifier_options, device_option, embed_option
 

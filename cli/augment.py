@@ -6,9 +6,9 @@ import functools
 
 import click
 
-from isda_viz.inversion import InversionOptions
-from isda_viz.html import page_path
-from isda_viz.visualize import VisualizeOptions, augment_images, make_grid
+from isda_viz.inversion.optimizer import InversionOptions
+from isda_viz.inversion.pipelines import VisualizeOptions, augment_images, make_grid
+from isda_viz.outputs.html import page_path
 
 from .common import classifier_options, device_option, embed_option, seed_option, truncation_option
 

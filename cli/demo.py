@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from isda_viz.demo import run_demo, summary_table
-from isda_viz.html import page_path
+from isda_viz.outputs.html import page_path
 
 from .common import device_option, embed_option
 

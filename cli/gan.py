@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import click
+from isda_viz.generators.wgan_train import GanConfig, train_gan
 
-from isda_viz.data import DATASET_NAMES
-from isda_viz.generators import GanConfig, train_gan
+from isda_viz.data.datasets import DATASET_NAMES
 
 from .common import classifier_options, device_option, seed_option
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from isda_viz import __version__
+from isda_viz._version import __version__
 from isda_viz.errors import IsdaVizError
 
 from .audit import audit_command
@@ -17,7 +17,6 @@ from .train import train_command
 
 class IsdaVizGroup(click.Group):
     """A command group whose commands' `IsdaVizError`s end as `Error: <message>` on stderr, exit status 1."""
-
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

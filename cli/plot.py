@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from isda_viz.plot import EMBEDDINGS, plot_runs
+from isda_viz.outputs.plot import EMBEDDINGS, plot_runs
 
 from .common import device_option, seed_option
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import click
 
-from isda_viz.data import DATASET_NAMES
-from isda_viz.models import ARCH_NAMES
-from isda_viz.recipes import RECIPE_NAMES, apply_recipe
-from isda_viz.train import LOSSES, SSL_METHODS, TrainConfig, fit
+from isda_viz.classifiers.networks import ARCH_NAMES
+from isda_viz.data.datasets import DATASET_NAMES
+from isda_viz.training.loop import LOSSES, SSL_METHODS, TrainConfig, fit
+from isda_viz.training.recipes import RECIPE_NAMES, apply_recipe
 
 from .common import device_option, seed_option
 

@@ -4,6 +4,9 @@ A generator maps latent codes `z (N, latent_dim)` (and, when class-conditional,
 labels `y (N,)` of its own class indices) to images `(N, channels, image_size,
 image_size)` with values in `output_range` (e.g. (-1, 1)). It is frozen: in
 eval mode with no parameter gradients, but differentiable in z.
+
+Also here: generator output → classifier input (value range, size, channels),
+differentiable, so gradients flow from the classifier's features back to z.
 """
 
 from __future__ import annotations
@@ -11,12 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from isda_viz.adapter import to_unit
+from isda_viz.data.images import map_channels, resize
 
 
 class Generator(nn.Module):
     """Base class: subclasses set the attributes below and implement `generate`."""
-
     latent_dim: int
     num_classes: int | None          # None: unconditional
     image_size: int
@@ -47,3 +49,23 @@ class Generator(nn.Module):
     def freeze(self) -> "Generator":
         self.eval().requires_grad_(False)
         return self
+
+
+def to_unit(images: torch.Tensor, output_range: tuple[float, float]) -> torch.Tensor:
+    """Images with values in `output_range` → [0, 1], clamped like a saved image would be."""
+    lo, hi = output_range
+    return ((images - lo) / (hi - lo)).clamp(0, 1)
+
+
+def to_classifier_input(images: torch.Tensor, output_range: tuple[float, float], classifier) -> torch.Tensor:
+    """Generator images `(N, C, H, W)` with values in `output_range` → the classifier's normalised input.
+
+    `classifier` is an `isda_viz.classifiers.classifier.Classifier` (anything with `channels`,
+    `image_size` and `preprocess`). Values are clamped to [0, 1] like a saved image would be.
+    """
+    return classifier.preprocess(to_classifier_pixels(images, output_range, classifier))
+
+
+def to_classifier_pixels(images: torch.Tensor, output_range: tuple[float, float], classifier) -> torch.Tensor:
+    """Generator images → `(N, classifier channels, size, size)` in [0, 1]: what is saved and measured."""
+    return map_channels(resize(to_unit(images, output_range), classifier.image_size), classifier.channels)

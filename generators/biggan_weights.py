@@ -15,12 +15,14 @@ Weights are a folder in `pytorch_pretrained_biggan`'s format, `config.json` + `p
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import urllib.request
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from isda_viz.errors import IsdaVizError
 from isda_viz.runs import write_bytes_atomic
@@ -61,8 +63,6 @@ def _package_cache_copy(name: str) -> dict[str, Path] | None:
 
 def _download(name: str, target: Path, timeout: float = 30.0) -> None:
     """Fetch config and weights of `name` into `target` (each file lands whole or not at all)."""
-    from tqdm import tqdm
-
     for file, url in _urls(name).items():
         with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
@@ -148,8 +148,6 @@ def load_biggan_model(spec: str):
 
 def save_biggan(model, folder) -> None:
     """Write a `pytorch_pretrained_biggan.BigGAN` as `folder/config.json` + `folder/pytorch_model.bin`."""
-    import io
-
     folder = Path(folder)
     write_bytes_atomic(model.config.to_json_string().encode(), folder / CONFIG_NAME)
     buf = io.BytesIO()

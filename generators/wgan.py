@@ -36,7 +36,6 @@ STATE_FILE = "training_state.pt"  # critic, optimisers, RNG: what --resume needs
 
 class ConditionalBatchNorm2d(nn.Module):
     """Batch-norm whose affine scale and shift are looked up per class (plain affine when `num_classes` is None)."""
-
     def __init__(self, channels: int, num_classes: int | None):
         super().__init__()
         self.num_classes = num_classes
@@ -57,7 +56,6 @@ class ConditionalBatchNorm2d(nn.Module):
 
 class UpBlock(nn.Module):
     """Nearest 2x upsampling, 3x3 conv, conditional batch-norm, ReLU."""
-
     def __init__(self, in_channels: int, out_channels: int, num_classes: int | None):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False)
@@ -69,7 +67,6 @@ class UpBlock(nn.Module):
 
 class WGANGenerator(Generator):
     """Class-conditional (or unconditional) generator: `(N, latent_dim)`, `(N,)` → `(N, C, S, S)` in [-1, 1]."""
-
     name = "wgan"
     output_range = (-1.0, 1.0)
 
@@ -109,7 +106,6 @@ class WGANGenerator(Generator):
 
 class WGANCritic(nn.Module):
     """Critic `(N, C, S, S)` in [-1, 1], `(N,)` → `(N,)` scores; projection head when class-conditional."""
-
     def __init__(self, num_classes: int | None = 10, channels: int = 1, width: int = 32):
         super().__init__()
         self.num_classes = num_classes
@@ -129,7 +125,6 @@ class WGANCritic(nn.Module):
         if self.embed is not None:
             out = out + (self.embed(y) * h).sum(1)
         return out
-
 
 
 # ------------------------------------------------------------------------------------------------- saving, loading
@@ -187,20 +182,3 @@ def recompute_batchnorm_statistics(generator: WGANGenerator, batches: int, batch
     generator.train(was_training)
 
 
-def sample_grid(generator: Generator, z: torch.Tensor, class_names: list[str] | None, scale: int = 2):
-    """A PIL image: one row per class (columns share latent codes), class names on the left.
-
-    `z (K, latent_dim)`: K columns. Unconditional generators give one row per K codes.
-    """
-    from isda_viz.figures import sample_grid as draw_sample_grid
-
-    k = len(z)
-    with torch.no_grad():
-        if generator.conditional:
-            rows = generator.num_classes
-            y = torch.arange(rows).repeat_interleave(k).to(generator.device)
-            images = generator.generate(z.repeat(rows, 1), y)
-        else:
-            images = generator.generate(z)
-    labels = class_names if generator.conditional else None
-    return draw_sample_grid(generator.to_unit(images).cpu(), k, labels, scale)

@@ -22,17 +22,35 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from isda_viz.generators.base import to_classifier_pixels
+from isda_viz.outputs.figures import sample_grid
+from tqdm import tqdm
 
-from isda_viz import __version__
+from isda_viz._version import __version__
+from isda_viz.classifiers.classifier import load_classifier
+from isda_viz.data.datasets import dataset_spec, load_split
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
-from isda_viz.runs import (append_jsonl, open_run_dir, read_jsonl, save_atomic, save_image_atomic,
-                           truncate_metrics, write_json_atomic)
-from isda_viz.schedules import learning_rate
+from isda_viz.isda.schedules import learning_rate
+from isda_viz.runs import (
+    append_jsonl,
+    open_run_dir,
+    read_jsonl,
+    save_atomic,
+    save_image_atomic,
+    truncate_metrics,
+    write_json_atomic,
+)
 
 from .base import Generator
-from .wgan import (GENERATOR_FILE, STATE_FILE, WGANCritic, WGANGenerator, recompute_batchnorm_statistics, sample_grid,
-                   save_generator)
+from .wgan import (
+    GENERATOR_FILE,
+    STATE_FILE,
+    WGANCritic,
+    WGANGenerator,
+    recompute_batchnorm_statistics,
+    save_generator,
+)
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor | None,
@@ -52,9 +70,8 @@ def class_agreement(generator: Generator, classifier, per_class: int, rng: torch
     """Fraction in [0, 1] of class-conditional samples the classifier labels as their conditioning class.
 
     `per_class` samples per class, latent codes drawn from `rng`; images reach the
-    classifier (an `isda_viz.classifier.Classifier`) through `isda_viz.adapter.to_classifier_pixels`.
+    classifier (an `isda_viz.classifiers.classifier.Classifier`) through `isda_viz.generators.base.to_classifier_pixels`.
     """
-    from isda_viz.adapter import to_classifier_pixels
 
     y = torch.arange(generator.num_classes).repeat_interleave(per_class)
     z = torch.randn(len(y), generator.latent_dim, generator=rng)
@@ -70,7 +87,6 @@ def class_agreement(generator: Generator, classifier, per_class: int, rng: torch
 @dataclass
 class GanConfig:
     """Everything that defines a `train-gan` run; saved as the GAN_DIR's `config.json`."""
-
     out: str
     dataset: str = "fashion-mnist"
     data_root: str | None = None
@@ -90,7 +106,7 @@ class GanConfig:
     seed: int = 0
     limit_train: int | None = None
     classifier: str | None = None      # a `train` run or weights file: measure class agreement with it
-    classifier_arch: str | None = None # what a weights file holds (see isda_viz.classifier.load_classifier)
+    classifier_arch: str | None = None # what a weights file holds (see isda_viz.classifiers.classifier.load_classifier)
     class_names: str | None = None     # file naming a weights file's classes
     agreement_per_class: int = 50
     sample_every: int = 200            # iterations between samples.png / generator.pt / agreement
@@ -100,7 +116,6 @@ class GanConfig:
 
 class _BatchSampler:
     """Random training batches `(N, C, S, S)` in [-1, 1] and labels `(N,)`, drawn from a seeded generator."""
-
     def __init__(self, dataset, image_size: int, rng: torch.Generator, device):
         self.dataset, self.image_size, self.rng, self.device = dataset, image_size, rng, device
         self.images = getattr(dataset, "images", None)  # in-memory datasets: index, don't load
@@ -136,10 +151,7 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     optimisers, RNG: for `resume`), `samples.png`, `metrics.jsonl` and `config.json`.
     With `cfg.classifier`, measures class agreement every `sample_every` iterations.
     """
-    from tqdm import tqdm
 
-    from isda_viz.classifier import load_classifier
-    from isda_viz.data import dataset_spec, load_split
 
     if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.n_critic < 1:
         raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")
@@ -209,7 +221,7 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
             agreement = class_agreement(generator, classifier, cfg.agreement_per_class,
                                         torch.Generator().manual_seed(cfg.seed + 2))
         save_generator(generator, out / GENERATOR_FILE, iteration, cfg.dataset)
-        save_image_atomic(sample_grid(generator, grid_z, class_names if cfg.conditional else None),
+        save_image_atomic(samples_picture(generator, grid_z, class_names if cfg.conditional else None),
                           out / "samples.png")
         generator.train()
         return agreement
@@ -289,3 +301,21 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
         history = read_jsonl(out / "metrics.jsonl")
         record = history[-1] if history else {}
     return record
+
+
+def samples_picture(generator: Generator, z: torch.Tensor, class_names: list[str] | None, scale: int = 2):
+    """A PIL image: one row per class (columns share latent codes), class names on the left.
+
+    `z (K, latent_dim)`: K columns. Unconditional generators give one row per K codes.
+    """
+
+    k = len(z)
+    with torch.no_grad():
+        if generator.conditional:
+            rows = generator.num_classes
+            y = torch.arange(rows).repeat_interleave(k).to(generator.device)
+            images = generator.generate(z.repeat(rows, 1), y)
+        else:
+            images = generator.generate(z)
+    labels = class_names if generator.conditional else None
+    return sample_grid(generator.to_unit(images).cpu(), k, labels, scale)

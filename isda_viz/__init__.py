@@ -3,17 +3,18 @@
 Public names: the ISDA maths (`ISDALoss`, `isda_augmented_logits`,
 `CovarianceEstimator`), the classifier a run holds (`Classifier`,
 `load_classifier`), and the Appendix E inverter (`invert_features`,
-`reconstruct` for Step I, `augment` for Step II). The pipelines are in
-`isda_viz.visualize`, training in `isda_viz.train`.
+`reconstruct` for Step I, `augment` for Step II). The subpackages follow the
+data's one-way path: `isda` (the paper's maths) and `data` → `classifiers` →
+`training` / `inversion` (the pipelines) / `audit` → `outputs` (reports, figures,
+pages, plots); `generators` and `cli` sit beside them.
 """
 
-__version__ = "0.1.0"
+from isda_viz._version import __version__
+from isda_viz.classifiers.classifier import Classifier, load_classifier
+from isda_viz.errors import IsdaVizError
+from isda_viz.inversion.optimizer import augment, invert_features, reconstruct
+from isda_viz.isda.estimator import CovarianceEstimator
+from isda_viz.isda.loss import ISDALoss, class_quadratic_forms, isda_augmented_logits
 
-from .classifier import Classifier, load_classifier  # noqa: E402
-from .errors import IsdaVizError  # noqa: E402
-from .estimator import CovarianceEstimator  # noqa: E402
-from .inversion import augment, invert_features, reconstruct  # noqa: E402
-from .isda import ISDALoss, class_quadratic_forms, isda_augmented_logits  # noqa: E402
-
-__all__ = ["Classifier", "CovarianceEstimator", "ISDALoss", "IsdaVizError", "augment", "class_quadratic_forms",
-           "invert_features", "isda_augmented_logits", "load_classifier", "reconstruct"]
+__all__ = ["Classifier", "CovarianceEstimator", "ISDALoss", "IsdaVizError", "__version__", "augment",
+           "class_quadratic_forms", "invert_features", "isda_augmented_logits", "load_classifier", "reconstruct"]

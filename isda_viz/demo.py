@@ -6,7 +6,7 @@ Stages (each skipped, with a status line saying so, when DIR already holds its f
   4.   the figure grid: one test image per class, its reconstruction, K augmented, random same-class samples.
   5.   the FAISS audit of the augmented images against the training set.
   6.   `summary.json` and a table of the figures, and the page `index.html` joining the figure's
-       images to their audit neighbours (`isda_viz.html`).
+       images to their audit neighbours (`isda_viz.outputs.html`).
 """
 
 from __future__ import annotations
@@ -16,16 +16,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import IsdaVizError
-from .inversion import InversionOptions
-from .report import Report, read_report
-from .runs import CHECKPOINT, load_checkpoint, read_jsonl, write_json_atomic
+from isda_viz.audit.run import AuditConfig, run_audit
+from isda_viz.devices import pick_device
+from isda_viz.errors import IsdaVizError
+from isda_viz.generators.wgan_train import GanConfig, train_gan
+from isda_viz.inversion.optimizer import InversionOptions
+from isda_viz.inversion.pipelines import VisualizeOptions, make_grid
+from isda_viz.outputs.html import write_html
+from isda_viz.outputs.report import Report, read_report
+from isda_viz.pretrained import default_classifier, default_generator, default_judge
+from isda_viz.runs import CHECKPOINT, load_checkpoint, read_jsonl, write_json_atomic
+from isda_viz.training.loop import TrainConfig, fit
 
 
 @dataclass
 class DemoPlan:
     """Sizes of each stage: the full demo, or the CI-sized `quick` one."""
-
     classifier_epochs: int = 4
     judge_epochs: int = 2
     classifier_arch: str = "resnet32"
@@ -61,8 +67,6 @@ def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: 
              seed: int = 0, log=print, progress: bool = True, embed: bool = False) -> dict:
     """Run every stage into `out`; returns the summary (also written as `out/summary.json`), and
     writes the page `out/index.html` (`embed`: its images inline, as the grid's and audit's pages)."""
-    from .devices import pick_device
-    from .html import write_html
 
     _check_out_dir(out)
     pick_device(device)  # a device that is not there fails before anything is written
@@ -94,14 +98,11 @@ def _timed(seconds: dict, name: str, fn):
 def _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds) -> dict:
     """Paths of the classifier, judge and generator: trained here, or the shipped ones."""
     if not from_scratch:
-        from .pretrained import default_classifier, default_generator, default_judge
 
         models = {"classifier": default_classifier(), "judge": default_judge(), "generator": default_generator()}
         _status(log, "models", f"using the shipped weights in {models['classifier'].parent}")
         return models
-    from .generators import GanConfig, train_gan
 
-    from .train import TrainConfig, fit
 
     runs = {"classifier": out / "classifier", "judge": out / "judge", "generator": out / "gan"}
     jobs = [("classifier", "isda", seed, plan.classifier_epochs), ("judge", "ce", seed + 1, plan.judge_epochs)]
@@ -131,7 +132,6 @@ def _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
 
 
 def _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed) -> Report:
-    from .visualize import VisualizeOptions, make_grid
 
     figure = out / "figure.png"
     if figure.exists() and figure.with_suffix(".json").exists():
@@ -146,7 +146,6 @@ def _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed) 
 
 
 def _audit_stage(out, plan, device, log, progress, seconds, embed) -> dict:
-    from .audit import AuditConfig, run_audit
 
     audit_dir = out / "audit"
     if (audit_dir / "audit.json").exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import IsdaVizError
+from isda_viz.errors import IsdaVizError
 
 
 def pick_device(device: str | None) -> torch.device:

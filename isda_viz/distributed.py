@@ -30,8 +30,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .errors import IsdaVizError
+from isda_viz.errors import IsdaVizError
 
 TIMEOUT_ENV = "ISDA_VIZ_DIST_TIMEOUT"
 
@@ -269,7 +270,6 @@ def wrap(model: nn.Module, device: torch.device):
     """`model.features` as a callable: DDP-wrapped under a process group, the bare method otherwise."""
     if not active():
         return model.features
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(FeatureNet(model), device_ids=ids)

@@ -11,6 +11,8 @@ place, so a kill never leaves a half-written file.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import IsdaVizError
+from isda_viz.errors import IsdaVizError
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -44,8 +46,6 @@ def _atomic_write(path: Path, write) -> None:
 
 def file_sha256(path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks (what identifies a weights file in caches)."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -68,8 +68,6 @@ def write_bytes_atomic(data: bytes, path) -> None:
 
 def save_image_atomic(image, path) -> None:
     """Save a PIL image (format from the suffix) atomically."""
-    import io
-
     buf = io.BytesIO()
     image.save(buf, format=Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG"))
     write_bytes_atomic(buf.getvalue(), path)

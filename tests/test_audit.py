@@ -19,9 +19,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from isda_viz import audit, index
+from isda_viz.audit import index
+from isda_viz.audit import run as audit
 from isda_viz.cli.main import main
-from isda_viz.data import DEBIAN_FASHION_MNIST, load_split
+from isda_viz.data.datasets import DEBIAN_FASHION_MNIST, load_split
 from test_index import brute_force
 
 N_TRAIN, N_TEST = 2000, 1000
@@ -83,7 +84,7 @@ def pixel_audit(queries, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory):
-    from isda_viz.train import TrainConfig, fit
+    from isda_viz.training.loop import TrainConfig, fit
 
     out = tmp_path_factory.mktemp("run") / "resnet8"
     fit(TrainConfig(out=str(out), arch="resnet8", epochs=1, limit_train=512, limit_test=256, device="cpu"),
@@ -173,7 +174,7 @@ def _square_sides(page: np.ndarray, colours: list) -> list[int]:
 
 @pytest.mark.parametrize("n, k, size", [(16, 5, 28), (16, 20, 32), (3, 2, 28)])
 def test_audit_page_draws_every_query_and_neighbour_within_2000_px(n, k, size):
-    from isda_viz.figures import audit_page
+    from isda_viz.outputs.figures import audit_page
 
     # colours with green != blue, which no text (black, grey or red on white) produces
     queries = [(70 + 7 * i, 20, 240) for i in range(n)]
@@ -239,7 +240,7 @@ def test_index_is_rebuilt_when_the_training_images_change(splits, queries, tmp_p
 
 def test_index_is_rebuilt_when_the_classifier_changes_and_spaces_keep_their_own(
         queries, classifier_run, tmp_path, monkeypatch):
-    from isda_viz.train import TrainConfig, fit
+    from isda_viz.training.loop import TrainConfig, fit
 
     monkeypatch.setattr(index, "AUDIT_CACHE", tmp_path / "cache")
     base = ["--images", str(queries / "planted_exact.png"), "--dataset", "fashion-mnist", "--device", "cpu",

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from isda_viz.testing import write_cifar10
-from isda_viz import train
-from isda_viz.train import TrainConfig, fit
+from isda_viz.data.synthetic import write_cifar10
+from isda_viz.training import loop as train
+from isda_viz.training.loop import TrainConfig, fit
 
 # 60 images, global batches of 25: 25, 25, 10 images, so the ranks' shards are 13/12 (unequal) and 5/5.
 RUN = dict(dataset="cifar10", arch="resnet8", limit_test=20, batch_size=25, seed=5, lr=0.05)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from isda_viz.estimator import CovarianceEstimator
+from isda_viz.isda.estimator import CovarianceEstimator
 
 
 def _free_port() -> int:

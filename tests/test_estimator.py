@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from isda_viz.estimator import CovarianceEstimator
+from isda_viz.isda.estimator import CovarianceEstimator
 
 
 def _stream(seed, batches, n, a, c, absent=()):

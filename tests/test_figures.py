@@ -1,4 +1,4 @@
-"""The PIL drawings of isda_viz.figures: pixels where they should be, and one font for every caption."""
+"""The PIL drawings of isda_viz.outputs.figures: pixels where they should be, and one font for every caption."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import ImageFont
 
-from isda_viz.figures import font, sample_grid
+from isda_viz.outputs.figures import font, sample_grid
 
 
 def test_sample_grid_places_each_image_enlarged_in_its_cell_with_white_padding():

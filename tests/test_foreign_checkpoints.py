@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 
 from isda_viz.errors import IsdaVizError
-from isda_viz.estimator import CovarianceEstimator
-from isda_viz.foreign import load_torchvision_classifier, read_public_isda_checkpoint
-from isda_viz.public_models import PUBLIC_CIFAR_MEAN, build_public_network
-from isda_viz.safe_load import PickledEstimatorCV, PickledISDALoss, load_torch_file
+from isda_viz.isda.estimator import CovarianceEstimator
+from isda_viz.classifiers.foreign import load_torchvision_classifier, read_public_isda_checkpoint
+from isda_viz.classifiers.public import PUBLIC_CIFAR_MEAN, build_public_network
+from isda_viz.classifiers.safe_load import PickledEstimatorCV, PickledISDALoss, load_torch_file
 
 FORMATS = {"zip": True, "legacy": False}  # value: _use_new_zipfile_serialization
 
@@ -265,7 +265,7 @@ def _build_on_global(module: str, name: str, attribute: str) -> bytes:
 def test_allowed_globals_cannot_be_altered_by_a_file(tmp_path, target):
     import io
 
-    from isda_viz.safe_load import ALLOWED_GLOBALS, AllowListUnpickler
+    from isda_viz.classifiers.safe_load import ALLOWED_GLOBALS, AllowListUnpickler
 
     module, name, attribute = target
     obj = ALLOWED_GLOBALS[(module, name)]

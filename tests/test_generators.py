@@ -14,16 +14,21 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from isda_viz.adapter import (LUMINANCE, GeneratorAdapter, check_compatible, map_channels, read_class_map, resize,
-                              to_classifier_input)
-from isda_viz.classifier import load_classifier
+from isda_viz.data.images import LUMINANCE, map_channels, resize
+from isda_viz.generators.base import to_classifier_input
+from isda_viz.inversion.adapter import GeneratorAdapter, check_compatible, read_class_map
+from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.cli.common import device_option
 from isda_viz.cli.main import IsdaVizGroup, main
-from isda_viz.data import normalize
+from isda_viz.data.images import normalize
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
-from isda_viz.generators import BigGANGenerator, GanConfig, WGANGenerator, load_generator, save_biggan, train_gan
-from isda_viz.generators.wgan import sample_grid
+from isda_viz.generators.biggan import BigGANGenerator
+from isda_viz.generators.wgan_train import GanConfig, train_gan
+from isda_viz.generators.wgan import WGANGenerator
+from isda_viz.generators import load_generator
+from isda_viz.generators.biggan_weights import save_biggan
+from isda_viz.generators.wgan_train import samples_picture
 
 TINY_GAN = ["--limit-train", 256, "--batch-size", 16, "--n-critic", 1, "--sample-every", 2]
 
@@ -154,7 +159,7 @@ def test_biggan_latents_are_truncated_normal(biggan_dir):
 
 
 class _FakeClassifier:
-    """What the adapter reads from an isda_viz.classifier.Classifier."""
+    """What the adapter reads from an isda_viz.classifiers.classifier.Classifier."""
 
     def __init__(self, channels, image_size, num_classes=10, mean=(0.5,), std=(0.25,)):
         self.channels, self.image_size, self.num_classes = channels, image_size, num_classes
@@ -242,7 +247,7 @@ def test_train_gan_writes_what_it_should(gan_dir):
     # It shows the saved generator: rows are classes, columns share the latent codes drawn from seed + 1.
     generator = load_generator(str(gan_dir), "cpu")
     z = torch.randn(10, 128, generator=torch.Generator().manual_seed(0 + 1))
-    expected = sample_grid(generator, z, ckpt["config"]["class_names"])
+    expected = samples_picture(generator, z, ckpt["config"]["class_names"])
     assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(expected))
     cells = np.asarray(picture.convert("L"), dtype=np.float32)[4:, 90 + 4:]
     assert cells.std() > 1

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from isda_viz.errors import IsdaVizError
-from isda_viz.html import HtmlView, html_fragment, write_html
+from isda_viz.outputs.html import HtmlView, html_fragment, write_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH: install Debian's "
@@ -101,20 +101,20 @@ def render(page: Path, tmp_path: Path, fragment: str = "") -> Node:
 def models():
     from isda_viz.generators import load_generator
     from isda_viz.pretrained import default_classifier, default_generator, default_judge
-    from isda_viz.classifier import load_classifier
+    from isda_viz.classifiers.classifier import load_classifier
 
     return {"classifier": load_classifier(default_classifier()), "judge": load_classifier(default_judge()),
             "generator": load_generator(str(default_generator()), "cpu")}
 
 
 def _fast():
-    from isda_viz.inversion import InversionOptions
+    from isda_viz.inversion.optimizer import InversionOptions
 
     return InversionOptions(reconstruct_iterations=10, augment_iterations=15, restarts=1)
 
 
 def _options(**kwargs):
-    from isda_viz.visualize import VisualizeOptions
+    from isda_viz.inversion.pipelines import VisualizeOptions
 
     return VisualizeOptions(inversion=_fast(), progress=False, **kwargs)
 
@@ -123,8 +123,8 @@ def _options(**kwargs):
 def augment_report(tmp_path_factory, models):
     """`augment_images` of two Fashion-MNIST test images of different classes (PNG files), two augmentations
     each: the Report it returns (its page written beside it)."""
-    from isda_viz.data import load_split
-    from isda_viz.visualize import Models, augment_images
+    from isda_viz.data.datasets import load_split
+    from isda_viz.inversion.pipelines import Models, augment_images
 
     folder = tmp_path_factory.mktemp("augment")
     test = load_split("fashion-mnist", False, limit=2)
@@ -146,10 +146,10 @@ def demo_run(tmp_path_factory, models):
     random samples each), audit/ (FAISS audit of figure_files against 2,000 training images) and
     summary.json; with the Report of `make_grid` and the AuditResult of `run_audit`."""
     from isda_viz import demo
-    from isda_viz.audit import AuditConfig, run_audit
+    from isda_viz.audit.run import AuditConfig, run_audit
     from isda_viz.pretrained import default_classifier, default_generator, default_judge
     from isda_viz.runs import write_json_atomic
-    from isda_viz.visualize import Models, make_grid
+    from isda_viz.inversion.pipelines import Models, make_grid
 
     out = tmp_path_factory.mktemp("demo")
     report = make_grid(out=out / "figure.png", classes=[0, 8], num_samples=2, options=_options(num_augmented=2),
@@ -276,7 +276,7 @@ def _shown_neighbours(tile: Node) -> list[dict]:
 
 def _assert_neighbour_files_are_the_training_images(audit: dict, audit_dir: Path):
     """Each neighbour's `file` is its training image at dataset resolution, pixel for pixel."""
-    from isda_viz.data import load_split
+    from isda_viz.data.datasets import load_split
 
     train = load_split("fashion-mnist", True, limit=2000)
     files = set()
@@ -480,7 +480,7 @@ def test_results_display_their_page_inline_in_notebooks(augment_report, demo_run
 
 def test_old_reports_without_the_new_keys_still_read(augment_dir, tmp_path):
     """Reports written before `original`, `samples` and `class_names` read back, and write back without them."""
-    from isda_viz.report import Report, read_report
+    from isda_viz.outputs.report import Report, read_report
 
     data = json.loads((augment_dir / "report.json").read_text())
     del data["class_names"]

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from isda_viz.data import DEBIAN_FASHION_MNIST, load_split
-from isda_viz.index import NeighbourIndex, calibrate, choose_index_params, copy_score
+from isda_viz.data.datasets import DEBIAN_FASHION_MNIST, load_split
+from isda_viz.audit.index import NeighbourIndex, calibrate, choose_index_params, copy_score
 
 N_TRAIN = 2000
 

@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 
 from isda_viz.errors import IsdaVizError
-from isda_viz.estimator import CovarianceEstimator
-from isda_viz.classifier import Classifier
-from isda_viz.data import load_image_file as load_image
-from isda_viz.inversion import (InversionOptions, augment, invert_features, negative_target_floor, normalize_latent,
-                                reconstruct, sample_augmented_features)
+from isda_viz.isda.estimator import CovarianceEstimator
+from isda_viz.classifiers.classifier import Classifier
+from isda_viz.data.images import load_image_file as load_image
+from isda_viz.inversion.optimizer import InversionOptions, augment, invert_features, negative_target_floor, normalize_latent, reconstruct
+from isda_viz.isda.sampling import sample_augmented_features
 
 
 def test_normalize_latent_has_zero_mean_unit_std_per_code():

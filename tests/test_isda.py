@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isda_viz import ISDALoss, isda_augmented_logits
-from isda_viz.estimator import CovarianceEstimator
+from isda_viz.isda.loss import ISDALoss, isda_augmented_logits
+from isda_viz.isda.estimator import CovarianceEstimator
 
 
 def _brute_force(logits, weight, targets, covariance, strength):

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from isda_viz.cli.main import main
-from isda_viz.data import load_split
+from isda_viz.data.datasets import load_split
 from isda_viz.errors import IsdaVizError
-from isda_viz.recipes import apply_recipe
-from isda_viz.testing import write_cifar10, write_cifar100, write_image_folders
-from isda_viz.train import TrainConfig, scheduled_lr
+from isda_viz.training.recipes import apply_recipe
+from isda_viz.data.synthetic import write_cifar10, write_cifar100, write_image_folders
+from isda_viz.training.loop import TrainConfig, scheduled_lr
 
 
 def _invoke(*args):

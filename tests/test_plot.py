@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from isda_viz.classifier import load_classifier
+from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.cli.main import main
-from isda_viz.data import load_split
+from isda_viz.data.datasets import load_split
 from isda_viz.errors import IsdaVizError
-from isda_viz.plot import CURVE_METRICS, plot_runs
+from isda_viz.outputs.plot import CURVE_METRICS, plot_runs
 
 
 # matplotlib's first two cycle colours (tab10): run 0 and run 1.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from isda_viz.errors import IsdaVizError
-from isda_viz.schedules import cosine_lr, isda_strength, learning_rate, linear_lr, step_lr
+from isda_viz.isda.schedules import cosine_lr, isda_strength, learning_rate, linear_lr, step_lr
 
 
 def _torch_rates(scheduler_class, total, base=0.1, **kwargs):
@@ -72,7 +72,7 @@ def test_unknown_schedule_is_a_one_line_error():
 
 
 def test_sigmoid_rampup_rises_from_exp_minus_5_to_1_and_stays():
-    from isda_viz.schedules import sigmoid_rampup
+    from isda_viz.isda.schedules import sigmoid_rampup
 
     assert sigmoid_rampup(0.0, 0.3) == pytest.approx(math.exp(-5))
     assert sigmoid_rampup(0.15, 0.3) == pytest.approx(math.exp(-5 * 0.25))

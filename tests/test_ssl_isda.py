@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isda_viz.data import labeled_subset
+from isda_viz.data.batches import labeled_subset
 from isda_viz.errors import IsdaVizError
-from isda_viz.estimator import CovarianceEstimator
-from isda_viz.isda import (explicit_sda_loss, expected_cross_entropy_mc, isda_augmented_logits,
-                           semi_supervised_augmented_logits, semi_supervised_isda_loss)
+from isda_viz.isda.estimator import CovarianceEstimator
+from isda_viz.isda.sampling import explicit_sda_loss, expected_cross_entropy_mc
+from isda_viz.isda.loss import isda_augmented_logits
+from isda_viz.isda.semi import semi_supervised_augmented_logits, semi_supervised_isda_loss
 
 # Monte-Carlo comparisons allow this many standard errors (a false failure ~1e-4 per comparison).
 Z = 4.0

@@ -7,8 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from isda_viz.cli.main import main
-from isda_viz.classifier import load_classifier
-from isda_viz.train import TrainConfig, fit
+from isda_viz.classifiers.classifier import load_classifier
+from isda_viz.training.loop import TrainConfig, fit
 
 TINY = ["--arch", "resnet8", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64"]
 

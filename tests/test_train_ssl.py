@@ -17,14 +17,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from click.testing import CliRunner
 
-from isda_viz import train
+from isda_viz.training import loop as train
 from isda_viz.cli.main import main
-from isda_viz.data import TensorImages, labeled_subset, load_split
-from isda_viz.estimator import CovarianceEstimator
-from isda_viz.models import build_model
-from isda_viz.plot import plot_runs
-from isda_viz.testing import write_cifar10
-from isda_viz.train import TrainConfig, bound_tightness, fit
+from isda_viz.data.datasets import TensorImages, load_split
+from isda_viz.data.batches import labeled_subset
+from isda_viz.isda.estimator import CovarianceEstimator
+from isda_viz.classifiers.networks import build_model
+from isda_viz.outputs.plot import plot_runs
+from isda_viz.data.synthetic import write_cifar10
+from isda_viz.training.loop import TrainConfig, bound_tightness, fit
 from test_ddp import _float64  # float64 training: two ranks and one process then agree to rounding
 
 SSL = dict(arch="resnet8", limit_train=256, limit_test=64, batch_size=64, labeled=64, labeled_batch=16)

@@ -11,13 +11,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from isda_viz.cli.main import main
-from isda_viz.data import load_split
+from isda_viz.data.datasets import load_split
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators.wgan import WGANGenerator, recompute_batchnorm_statistics, save_generator
-from isda_viz.classifier import STATISTICS_DIR, class_statistics, load_classifier
-from isda_viz.inversion import InversionOptions, negative_target_floor
-from isda_viz.report import read_report
-from isda_viz.visualize import VisualizeOptions, augment_images
+from isda_viz.classifiers.statistics import STATISTICS_DIR, class_statistics
+from isda_viz.classifiers.classifier import load_classifier
+from isda_viz.inversion.optimizer import InversionOptions, negative_target_floor
+from isda_viz.outputs.report import read_report
+from isda_viz.inversion.pipelines import VisualizeOptions, augment_images
 
 FAST = ["--iterations", "8", "--restarts", "2", "--num-augmented", "2"]
 
@@ -147,7 +148,7 @@ def test_ce_run_statistics_are_computed_once_and_cached(tiny_ce_run, monkeypatch
     for c in (0, 9):
         expected = np.cov(features[labels == c].T, bias=True)
         np.testing.assert_allclose(statistics.covariance(c).numpy(), expected, rtol=1e-4, atol=1e-5)
-    monkeypatch.setattr("isda_viz.classifier._statistics_pass", None)  # a cached result must not iterate
+    monkeypatch.setattr("isda_viz.classifiers.statistics._statistics_pass", None)  # a cached result must not iterate
     cached = class_statistics(classifier, classes=[9, 0], progress=False)
     assert cached.classes == [0, 9] and torch.equal(cached.covariance(9), statistics.covariance(9))
 

@@ -23,13 +23,16 @@ from test_foreign_checkpoints import _public_checkpoint, _public_isda_module, _r
 from test_foreign_checkpoints import _torchvision_features
 from test_generators import tiny_biggan
 
-import isda_viz.classifier as classifier_module
-import isda_viz.visualize as visualize_module
-from isda_viz.classifier import class_statistics, load_classifier
+import isda_viz.classifiers.classifier as classifier_module
+import isda_viz.classifiers.statistics as statistics_module
+import isda_viz.inversion.pipelines as visualize_module
+from isda_viz.classifiers.statistics import class_statistics
+from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.cli.main import main
-from isda_viz.data import eval_transform, load_image_file, normalize
+from isda_viz.data.images import eval_transform, load_image_file, normalize
 from isda_viz.errors import IsdaVizError
-from isda_viz.generators import BigGANGenerator, save_biggan
+from isda_viz.generators.biggan import BigGANGenerator
+from isda_viz.generators.biggan_weights import save_biggan
 from isda_viz.generators.wgan import WGANGenerator, recompute_batchnorm_statistics, save_generator
 
 
@@ -192,8 +195,8 @@ def test_statistics_pass_matches_brute_force_and_is_cached(resnet18_file, image_
     path, net = resnet18_file
     image_folder = Path(shutil.copytree(image_folder, tmp_path / "data"))  # this test changes an image
     passes = []
-    real_pass = classifier_module._statistics_pass
-    monkeypatch.setattr(classifier_module, "_statistics_pass", lambda *a, **k: passes.append(a[2]) or real_pass(*a, **k))
+    real_pass = statistics_module._statistics_pass
+    monkeypatch.setattr(statistics_module, "_statistics_pass", lambda *a, **k: passes.append(a[2]) or real_pass(*a, **k))
 
     clf = load_classifier(path, arch="torchvision:resnet18", data_root=image_folder)
     assert (clf.class_names, clf.dataset, clf.image_size, clf.feature_dim) == (CLASSES, "folder", 224, 512)

@@ -19,12 +19,10 @@ import json
 import subprocess
 from pathlib import Path
 
-import torch
-
-from isda_viz.generators import GanConfig
+from isda_viz.generators.wgan_train import GanConfig
 from isda_viz.pretrained import CLASSIFIER, GENERATOR, HERE, JUDGE
 from isda_viz.runs import load_checkpoint, read_jsonl, save_atomic, write_json_atomic
-from isda_viz.train import TrainConfig
+from isda_viz.training.loop import TrainConfig
 
 
 def _half(state: dict) -> dict:

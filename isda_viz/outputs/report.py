@@ -25,8 +25,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import IsdaVizError
-from .runs import write_json_atomic
+from isda_viz.errors import IsdaVizError
+from isda_viz.outputs.html import html_fragment
+from isda_viz.runs import write_json_atomic
 
 REPORT = "report.json"
 
@@ -34,7 +35,6 @@ REPORT = "report.json"
 @dataclass(kw_only=True)
 class ReconstructionEntry:
     """Step I for one image: `feature_error` = ||f(G(z_hat*)) - a|| / ||a||, `psnr` (dB) against the image."""
-
     file: str
     feature_error: float
     psnr: float
@@ -60,7 +60,6 @@ class AugmentedEntry:
 @dataclass(kw_only=True)
 class ImageFile:
     """An image saved beside the report without numbers of its own (the original, a random sample)."""
-
     file: str
 
 
@@ -86,7 +85,6 @@ class ImageEntry:
 @dataclass(kw_only=True)
 class Summary:
     """Medians and rates over a report's images: the figures the README states."""
-
     images: int
     step1_median_feature_error: float | None
     step1_median_psnr: float | None
@@ -101,7 +99,6 @@ class Summary:
 @dataclass(kw_only=True)
 class Settings:
     """How a report was made: λ (`strength`), K, seed, the inversion options, the classifier and judge sources."""
-
     strength: float
     num_augmented: int
     seed: int
@@ -113,7 +110,7 @@ class Settings:
 @dataclass(kw_only=True)
 class Report:
     """A report, and `path`: the JSON file it was written to or read from (not part of the JSON; None
-    while only in memory). Displayed in Jupyter as the page of `isda_viz.html` when `path` is set."""
+    while only in memory). Displayed in Jupyter as the page of `isda_viz.outputs.html` when `path` is set."""
 
     images: list[ImageEntry]
     summary: Summary
@@ -153,7 +150,6 @@ class Report:
         """Jupyter's view: the page of the written report, images inlined (None: not written, plain repr)."""
         if self.path is None:
             return None
-        from .html import html_fragment
 
         return html_fragment(self.path, embed=True)
 

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import torch
+import torchvision.utils as vutils
 from PIL import Image, ImageDraw, ImageFont
 
 AUDIT_MAX_SIDE = 2000   # px: an audit page is at most this wide and this tall
@@ -77,7 +78,6 @@ def sample_grid(images: torch.Tensor, columns: int, row_labels: list[str] | None
     Images are separated by 2 px of white; with `row_labels` (one per row, e.g. class
     names) a 90 px margin on the left names each row.
     """
-    import torchvision.utils as vutils
 
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)

@@ -40,9 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from . import __version__
-from .errors import IsdaVizError
-from .runs import write_bytes_atomic
+from PIL import Image, UnidentifiedImageError
+
+from isda_viz._version import __version__
+from isda_viz.errors import IsdaVizError
+from isda_viz.runs import write_bytes_atomic
 
 REPORT, AUDIT, SUMMARY = "report.json", "audit.json", "summary.json"
 PAGE = "index.html"
@@ -121,7 +123,6 @@ def html_fragment(path, embed: bool = True, audit=None) -> str:
 
 class HtmlView:
     """Displays an output folder inline in Jupyter: `HtmlView("out/shirt")` as a cell's last line."""
-
     def __init__(self, path, audit=None):
         self.path, self.audit = Path(path), audit
 
@@ -252,7 +253,6 @@ def _data_value(value) -> str:
 
 class _Names:
     """Class index → name: the report's or audit's class list, else the names the report itself mentions."""
-
     def __init__(self, report: dict | None, audit: dict | None):
         names = (report or {}).get("class_names") or (audit or {}).get("class_names") or []
         self.names = {i: str(n) for i, n in enumerate(names)}
@@ -269,7 +269,6 @@ class _Names:
 @dataclass
 class _Ctx:
     """How images are written into this page."""
-
     html_dir: Path
     embed: bool
 
@@ -299,8 +298,6 @@ class _Ctx:
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image file, from its header; (TILE_PX, TILE_PX) where PIL cannot read it."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return im.size
@@ -343,7 +340,6 @@ def _file_key(path: Path) -> tuple[str, str]:
 
 class _Queries:
     """An audit's queries, found by the image file they were made from."""
-
     def __init__(self, audit: dict | None, audit_dir: Path | None):
         self.audit, self.audit_dir = audit or {}, audit_dir
         self.by_file: dict = {}

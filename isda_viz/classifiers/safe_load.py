@@ -50,12 +50,11 @@ import torch
 import torch._utils
 from torch.serialization import StorageType
 
-from .errors import IsdaVizError
+from isda_viz.errors import IsdaVizError
 
 
 class _ReadOnlyClass(type):
     """Metaclass of the stand-ins: a pickle that BUILDs on the class object itself cannot change it."""
-
     def __setattr__(cls, name, value):
         raise AttributeError(f"{cls.__name__} is read-only")
 
@@ -81,25 +80,21 @@ class PickledObject(metaclass=_ReadOnlyClass):
 
 class PickledISDALoss(PickledObject):
     """`ISDA.ISDALoss` of the public code: `.estimator`, `.class_num`, `.cross_entropy`."""
-
     pickled_as = "ISDA.ISDALoss"
 
 
 class PickledEstimatorCV(PickledObject):
     """`ISDA.EstimatorCV`: `.CoVariance (C, A, A)`, `.Ave (C, A)`, `.Amount (C,)`, `.class_num`."""
-
     pickled_as = "ISDA.EstimatorCV"
 
 
 class PickledCrossEntropyLoss(PickledObject):
     """`torch.nn.CrossEntropyLoss` inside the public `ISDALoss` (never called)."""
-
     pickled_as = "torch.nn.modules.loss.CrossEntropyLoss"
 
 
 class _RebuildTensor:
     """Calls `torch._utils._rebuild_tensor_v2`; unlike the function object, it has no attribute to overwrite."""
-
     __slots__ = ()
 
     def __call__(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
@@ -109,7 +104,6 @@ class _RebuildTensor:
 
 class _RebuildParameter:
     """Calls `torch._utils._rebuild_parameter` (an `nn.Parameter` around a rebuilt tensor)."""
-
     __slots__ = ()
 
     def __call__(self, data, requires_grad, backward_hooks):
@@ -136,7 +130,6 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
 
 class ForbiddenGlobal(pickle.UnpicklingError):
     """A pickle named a global outside `ALLOWED_GLOBALS`; `.name` is "module.name"."""
-
     def __init__(self, name: str):
         super().__init__(name)
         self.name = name
@@ -144,7 +137,6 @@ class ForbiddenGlobal(pickle.UnpicklingError):
 
 class AllowListUnpickler(pickle.Unpickler):
     """`pickle.Unpickler` whose `find_class` resolves `ALLOWED_GLOBALS` only."""
-
     def find_class(self, module: str, name: str):
         try:
             found = ALLOWED_GLOBALS[(module, name)]

@@ -1,63 +1,20 @@
-"""Generator output → classifier input: value range, size, channels, normalisation.
+"""A generator and a classifier as one differentiable map z → features, and the checks that they fit.
 
-A generator and a classifier need not agree on image size or channels (a 128 px
-RGB BigGAN can feed a 28 px grayscale Fashion-MNIST classifier). Every step here
-is differentiable, so gradients flow from the classifier's features back to the
-generator's latent code.
+They need not agree on image size or channels (a 128 px RGB BigGAN can feed a
+28 px grayscale Fashion-MNIST classifier): `isda_viz.generators.base.to_classifier_input`
+converts, and gradients flow from the classifier's features back to the latent code.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .errors import IsdaVizError
-
-# ITU-R BT.601 luma weights, as in PIL's convert("L") and torchvision's rgb_to_grayscale.
-LUMINANCE = (0.299, 0.587, 0.114)
-
-
-def map_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """`(N, C, H, W)` → `(N, channels, H, W)`: RGB → gray by luminance, gray → RGB by repetition."""
-    c = x.shape[1]
-    if c == channels:
-        return x
-    if c == 3 and channels == 1:
-        weights = torch.tensor(LUMINANCE, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x * weights).sum(dim=1, keepdim=True)
-    if c == 1:
-        return x.expand(-1, channels, -1, -1)
-    raise IsdaVizError(f"cannot map {c}-channel generator images to a {channels}-channel classifier "
-                       "(only RGB→grayscale and grayscale→any)")
-
-
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """`(N, C, H, W)` → `(N, C, size, size)`, bilinear with antialiasing (no aliasing when shrinking 128 → 28)."""
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
-def to_classifier_input(images: torch.Tensor, output_range: tuple[float, float], classifier) -> torch.Tensor:
-    """Generator images `(N, C, H, W)` with values in `output_range` → the classifier's normalised input.
-
-    `classifier` is an `isda_viz.classifier.Classifier` (anything with `channels`,
-    `image_size` and `preprocess`). Values are clamped to [0, 1] like a saved image would be.
-    """
-    return classifier.preprocess(to_classifier_pixels(images, output_range, classifier))
-
-
-def to_unit(images: torch.Tensor, output_range: tuple[float, float]) -> torch.Tensor:
-    """Images with values in `output_range` → [0, 1], clamped like a saved image would be."""
-    lo, hi = output_range
-    return ((images - lo) / (hi - lo)).clamp(0, 1)
-
-
-def to_classifier_pixels(images: torch.Tensor, output_range: tuple[float, float], classifier) -> torch.Tensor:
-    """Generator images → `(N, classifier channels, size, size)` in [0, 1]: what is saved and measured."""
-    return map_channels(resize(to_unit(images, output_range), classifier.image_size), classifier.channels)
-
+from isda_viz.data.datasets import read_json_or_lines
+from isda_viz.errors import IsdaVizError
+from isda_viz.generators.base import to_classifier_input, to_classifier_pixels
 
 CLASS_MAP_HELP = ("--class-map FILE (JSON {classifier_class: generator_class}, or two columns per line) "
                   "to say which generator class draws each classifier class")
@@ -95,9 +52,7 @@ def read_class_map(path, classifier, generator) -> torch.Tensor:
     generator classes by index), or text with two columns per line (tab, comma or spaces between
     them; `#` starts a comment). Unknown classes and out-of-range generator indices are errors.
     """
-    from pathlib import Path
 
-    from .data import read_json_or_lines
 
     _require_conditional(generator)
     path = Path(str(path)).expanduser()

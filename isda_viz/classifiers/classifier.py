@@ -1,7 +1,7 @@
 """A trained classifier, frozen, with what it takes to feed it; loading it; its per-class feature statistics.
 
 `Classifier` wraps a network that has `features(x) -> (N, A)` and a linear
-`fc` (every model of `isda_viz.models`), together with its class names and
+`fc` (every model of `isda_viz.classifiers.networks`), together with its class names and
 input normalisation. Its methods take images as the user holds them, uint8
 `(N, C, H, W)` in [0, 255] or float in [0, 1] at the classifier's size, and
 normalise them themselves; `model` takes the normalised input (and keeps its
@@ -11,7 +11,7 @@ gradients: the inverter differentiates through `model.features`).
 weights: a run directory written by `isda-viz train` (arch None), a checkpoint
 of the public ISDA CIFAR code (`arch` resnet32, resnet110, wrn28_10, ...) or a
 torchvision weights file (`arch` "torchvision:NAME"); the foreign formats are
-read by `isda_viz.foreign` without running code the files carry.
+read by `isda_viz.classifiers.foreign` without running code the files carry.
 
 `class_statistics` gives the per-class feature means and covariances
 (Eqs. 1-3) the augmentation samples from: the classifier's own (ISDA runs,
@@ -22,24 +22,24 @@ by the weights' hash, the classes and each class's images.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .data import CACHE_ROOT, read_json_or_lines
-from .errors import IsdaVizError
-from .estimator import CovarianceEstimator
-from .models import build_model
-from .runs import CHECKPOINT, file_sha256, load_checkpoint, resolve_run_dir, save_atomic, write_json_atomic
+from isda_viz.classifiers.foreign import load_torchvision_classifier, read_public_isda_checkpoint
+from isda_viz.classifiers.networks import build_model
+from isda_viz.classifiers.public import parse_public_arch
+from isda_viz.data.datasets import CACHE_ROOT, SPECS, detect_dataset, folder_class_names, read_json_or_lines
+from isda_viz.data.images import map_channels, normalize, resize
+from isda_viz.errors import IsdaVizError
+from isda_viz.isda.estimator import CovarianceEstimator
+from isda_viz.runs import CHECKPOINT, file_sha256, load_checkpoint, resolve_run_dir
 
 CLASSIFIER_CACHE = CACHE_ROOT / "classifiers"
 """Caches of classifiers given as weights files, one folder per file's sha256 (`Classifier.cache_dir`)."""
-STATISTICS_DIR = "class-statistics"
 """Folder in `Classifier.cache_dir` holding computed class statistics (`.pt`, with a `.json` key beside)."""
 PUBLIC_ARCHS = ("resnet32", "resnet110", "wrn28_10")
 ARCH_HELP = "resnet32|resnet110|wrn28_10 (public ISDA CIFAR checkpoints) or torchvision:NAME"
@@ -88,7 +88,6 @@ class Classifier:
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """`(N, C, H, W)` in [0, 1] at the classifier's size → normalised input (differentiable)."""
-        from .data import normalize
 
         return normalize(x, self.mean, self.std)
 
@@ -97,9 +96,8 @@ class Classifier:
 
         Images already of the classifier's shape are returned as they are; others go to the
         classifier's device as [0, 1] floats, resized (bilinear, antialiased) and channel-mapped
-        like generator output (`isda_viz.adapter`).
+        like generator output (`isda_viz.inversion.adapter`).
         """
-        from .adapter import map_channels, resize
 
         if images.shape[1:] == (self.channels, self.image_size, self.image_size):
             return images
@@ -171,7 +169,6 @@ def read_class_names(spec) -> list[str]:
 
 
 def _dataset_class_names(dataset: str) -> list[str]:
-    from .data import SPECS
 
     return list(SPECS[dataset].class_names)
 
@@ -179,8 +176,6 @@ def _dataset_class_names(dataset: str) -> list[str]:
 def _class_names_for(num_classes: int, class_names, data_root, dataset: str | None, path: Path,
                      log: Callable[[str], None]) -> list[str]:
     """The class names of a weights file: `--class-names`, else the data root's, else indices for 1000 classes."""
-    from .data import folder_class_names
-
     if class_names is not None:
         names, where = read_class_names(class_names), "--class-names"
     elif dataset == "folder":
@@ -231,7 +226,6 @@ def load_classifier(spec, device="cpu", arch: str | None = None, class_names=Non
         raise IsdaVizError(f"--data-root {data_root} does not exist")
     if arch.startswith("torchvision:"):
         return _load_torchvision(path, arch.split(":", 1)[1], class_names, data_root, device, log)
-    from .public_models import parse_public_arch
 
     try:
         parse_public_arch(arch)
@@ -247,8 +241,6 @@ def _weights_cache(path: Path) -> tuple[str, Path]:
 
 def _load_public(path: Path, arch: str, class_names, data_root, device, log) -> Classifier:
     """A checkpoint of the public ISDA CIFAR code; its `isda_criterion` statistics become the estimator."""
-    from .foreign import read_public_isda_checkpoint
-
     ck = read_public_isda_checkpoint(path, arch)
     names = read_class_names(class_names) if class_names is not None else ck.class_names
     if len(names) != ck.num_classes:
@@ -265,9 +257,6 @@ def _load_public(path: Path, arch: str, class_names, data_root, device, log) -> 
 
 def _load_torchvision(path: Path, name: str, class_names, data_root, device, log) -> Classifier:
     """A torchvision network with the weights in `path`; features from a hook on its final linear layer."""
-    from .data import detect_dataset
-    from .foreign import load_torchvision_classifier
-
     model = load_torchvision_classifier(path, name)
     dataset = detect_dataset(data_root) if data_root is not None else None
     if data_root is not None and dataset is None:
@@ -304,180 +293,3 @@ def _load_run(run_dir: Path, device) -> Classifier:
 # ---------------------------------------------------------------- class statistics
 
 
-@dataclass
-class ClassStatistics:
-    """Per-class feature statistics (Eqs. 1-3) of some of a classifier's classes.
-
-    `estimator` has `len(classes)` slots: slot i holds class `classes[i]` (every class, in order,
-    for a classifier's own statistics).
-    """
-
-    estimator: CovarianceEstimator
-    classes: list[int]
-
-    def slots(self, labels: torch.Tensor) -> torch.Tensor:
-        """Class indices `(N,)` → the estimator's slots `(N,)`, on `labels`' device."""
-        position = {c: i for i, c in enumerate(self.classes)}
-        missing = sorted({int(c) for c in labels.tolist()} - set(position))
-        if missing:
-            raise IsdaVizError(f"no class statistics for class {missing[0]} (computed for {self.classes[:10]})")
-        return torch.tensor([position[int(c)] for c in labels.tolist()], dtype=torch.long, device=labels.device)
-
-    def covariance(self, c: int) -> torch.Tensor:
-        """Σ_c, `(A, A)` (or its diagonal `(A,)`) float32."""
-        return self.estimator.covariance[self.classes.index(c)]
-
-
-@dataclass
-class StatisticsData:
-    """The training images of some classes, and what identifies each class's images (for the cache)."""
-
-    images: object                    # a Dataset of (uint8 (C, H, W), class index)
-    class_fingerprints: dict[int, str]
-    description: str
-
-
-def statistics_data(classifier: Classifier, data_root, classes: list[int]) -> StatisticsData:
-    """The training images of `classes` under `data_root` (default: where the classifier was trained).
-
-    Layouts: a `train/` of class folders named like the classifier's classes (read with the
-    evaluation crop at the classifier's size), or torchvision's CIFAR / Fashion-MNIST files
-    (only the classifier's own training subset for isda-viz runs). Only files of the wanted classes
-    are listed or read. A class's fingerprint hashes its files' names, sizes and modification times, or its pixels.
-    """
-    from .data import FOLDER_DATASETS, FileImages, TensorImages, detect_dataset, image_files, load_split
-
-    root = data_root or classifier.config.get("data_root")
-    dataset = classifier.dataset if data_root is None or classifier.config.get("format") is None else None
-    if dataset is None and root is not None:
-        dataset = detect_dataset(root)
-    if dataset is None:
-        raise IsdaVizError(f"the classifier in {classifier.source} has no class statistics of its own: give "
-                           "--data-root, its training data (a train/ folder of class folders, or torchvision's "
-                           "CIFAR or Fashion-MNIST files), for one pass over the classes shown")
-    if dataset in FOLDER_DATASETS:
-        train = Path(root).expanduser() / "train"
-        paths, labels, fingerprints = [], [], {}
-        for c in classes:
-            folder = train / classifier.class_names[c]
-            files = image_files(folder) if folder.is_dir() else []
-            if not files:
-                raise IsdaVizError(f"no training images of class {c} ({classifier.class_names[c]}): "
-                                   f"{folder} is missing or holds no image files")
-            digest = hashlib.sha256()
-            for f in files:
-                stat = f.stat()
-                digest.update(f"{f.relative_to(folder)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-            paths += files
-            labels += [c] * len(files)
-            fingerprints[c] = digest.hexdigest()
-        return StatisticsData(FileImages(paths, labels, classifier.image_size, classifier.channels), fingerprints,
-                              str(train))
-    split = load_split(dataset, True, root, classifier.config.get("limit_train"))
-    if len(split.classes) != classifier.num_classes:
-        raise IsdaVizError(f"{dataset} has {len(split.classes)} classes, the classifier in {classifier.source} "
-                           f"{classifier.num_classes}; give the --data-root it was trained on")
-    keep = torch.isin(split.labels, torch.tensor(classes))
-    images, labels = split.images[keep], split.labels[keep]
-    fingerprints = {c: hashlib.sha256(images[labels == c].contiguous().numpy().tobytes()).hexdigest()
-                    for c in classes}
-    return StatisticsData(TensorImages(images, labels, split.classes), fingerprints, f"{dataset} training split")
-
-
-def class_statistics(classifier: Classifier, data_root=None, classes: Sequence[int] | None = None,
-                     covariance: str = "full", progress: bool = True, batch_size: int | None = None,
-                     workers: int | None = None) -> ClassStatistics:
-    """Per-class feature means and covariances (Eqs. 1-3) of `classes` (default: all).
-
-    The classifier's own statistics when it has them (ISDA runs, public ISDA checkpoints), whatever
-    `covariance` says. Otherwise one streamed pass over the training images of `classes` only
-    (`statistics_data`), float64 accumulation, `covariance` "full" (`(A, A)` per class: 32 MiB for
-    A = 2048) or "diagonal"; the result is cached in `classifier.cache_dir` and reused by any later
-    call for the same weights and covariance type whose classes it covers with the same images.
-    `workers`: DataLoader processes for image files (default: up to 8 for more than 2,000 files).
-    """
-    if covariance not in ("full", "diagonal"):
-        raise IsdaVizError(f"--covariance must be full or diagonal, not {covariance}")
-    if classifier.estimator is not None:
-        return ClassStatistics(classifier.estimator, list(range(classifier.num_classes)))
-    classes = sorted({int(c) for c in (range(classifier.num_classes) if classes is None else classes)})
-    if not classes or classes[0] < 0 or classes[-1] >= classifier.num_classes:
-        raise IsdaVizError(f"class statistics asked for classes {classes[:5]}, not classes of the classifier")
-    data = statistics_data(classifier, data_root, classes)
-    cached = _cached_statistics(classifier, data, classes, covariance)
-    if cached is not None:
-        return cached
-    estimator = _statistics_pass(classifier, data, classes, covariance == "diagonal", progress, batch_size, workers)
-    _save_statistics(classifier, data, classes, covariance, estimator)
-    return ClassStatistics(estimator, classes)
-
-
-def _statistics_pass(classifier: Classifier, data: StatisticsData, classes: list[int], diagonal: bool,
-                     progress: bool, batch_size: int | None, workers: int | None) -> CovarianceEstimator:
-    """One pass of `classifier.features` over `data.images`, merged into a float64 estimator slot per class."""
-    import os
-
-    from tqdm import tqdm
-
-    from .data import TensorImages, iterate_batches
-
-    device = classifier.device
-    batch_size = batch_size or (500 if classifier.image_size <= 64 else 64)
-    files = not isinstance(data.images, TensorImages)
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1) if files and len(data.images) > 2000 else 0
-    slot = torch.full((classifier.num_classes,), -1, dtype=torch.long)
-    slot[classes] = torch.arange(len(classes))
-    estimator = CovarianceEstimator(classifier.feature_dim, len(classes), diagonal=diagonal, device=device)
-    with tqdm(total=len(data.images), desc=f"class statistics ({len(classes)} classes)", unit="img",
-              disable=not progress, leave=False) as bar:
-        for images, labels in iterate_batches(data.images, batch_size, shuffle=False, num_workers=workers):
-            estimator.update(classifier.features(classifier.fit_images(images)), slot[labels].to(device))
-            bar.update(len(labels))
-    return estimator
-
-
-def _statistics_key(classifier: Classifier, data: StatisticsData, classes: list[int], covariance: str) -> dict:
-    return {"weights": classifier.fingerprint, "covariance": covariance, "classes": classes,
-            "data": {str(c): data.class_fingerprints[c] for c in classes}}
-
-
-def _cached_statistics(classifier: Classifier, data: StatisticsData, classes: list[int],
-                       covariance: str) -> ClassStatistics | None:
-    """Statistics cached for these weights and covariance type whose classes cover `classes` with the same images."""
-    if classifier.cache_dir is None or classifier.fingerprint is None:
-        return None
-    for key_file in sorted((classifier.cache_dir / STATISTICS_DIR).glob(f"{covariance}-*.json")):
-        try:
-            key = json.loads(key_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if key.get("weights") != classifier.fingerprint:
-            continue
-        held = {int(c): fp for c, fp in key.get("data", {}).items()}
-        if all(held.get(c) == data.class_fingerprints[c] for c in classes):
-            state = load_checkpoint(key_file.with_suffix(".pt"), "class statistics cache")
-            rows = torch.tensor([key["classes"].index(c) for c in classes])
-            state = {**state, "num_classes": len(classes),
-                     **{k: state[k][rows] for k in ("m2", "mean64", "count")}}
-            return ClassStatistics(CovarianceEstimator.from_state_dict(state, device=classifier.device), classes)
-    return None
-
-
-def _save_statistics(classifier: Classifier, data: StatisticsData, classes: list[int], covariance: str,
-                     estimator: CovarianceEstimator) -> None:
-    """`<covariance>-<hash of the key>.pt` and its key as `.json` (written last: a key means a complete file)."""
-    if classifier.cache_dir is None or classifier.fingerprint is None:
-        return
-    key = _statistics_key(classifier, data, classes, covariance)
-    name = f"{covariance}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
-    folder = classifier.cache_dir / STATISTICS_DIR
-    try:
-        for old in folder.glob("*.json"):  # statistics of weights this folder no longer holds (a retrained run)
-            if json.loads(old.read_text()).get("weights") != classifier.fingerprint:
-                old.with_suffix(".pt").unlink(missing_ok=True)
-                old.unlink()
-        save_atomic(estimator.state_dict(), folder / f"{name}.pt")
-        write_json_atomic(key, folder / f"{name}.json")
-    except (OSError, json.JSONDecodeError) as e:  # a read-only cache (e.g. installed weights): the pass just is not kept
-        _note(f"class statistics not cached in {folder} ({type(e).__name__})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import IsdaVizError
+from isda_viz.errors import IsdaVizError
 
 SCHEDULES = ("cosine", "step", "linear", "constant")
 STEP_MILESTONES = (0.5, 0.75)  # the paper's step schedule: x0.1 at 50% and at 75% of training

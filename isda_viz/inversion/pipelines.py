@@ -2,7 +2,7 @@
 
 Data flows one way: images → classifier features a → Step I, `inversion.reconstruct` (z*)
 → a~ = a + eps (`inversion.sample_augmented_features`) → Step II, `inversion.augment` (z')
-→ images, predictions and errors → PNGs + the report (`isda_viz.report`).
+→ images, predictions and errors → PNGs + the report (`isda_viz.outputs.report`).
 
 Both pipelines take one `VisualizeOptions`, which also names the models; Python callers get
 the command line's defaults (shipped weights, the shipped judge, Step II = 3/2 × Step I).
@@ -20,25 +20,38 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adapter import GeneratorAdapter, read_class_map
-from .classifier import Classifier, class_statistics, load_classifier
-from .data import load_image_file, load_split
-from .devices import pick_device
-from .errors import IsdaVizError
-from .figures import labelled_grid, to_pil
-from .html import write_html
-from .inversion import InversionOptions, augment, normalize_latent, reconstruct, sample_augmented_features
-from .report import (REPORT, AugmentedEntry, ImageEntry, ImageFile, ReconstructionEntry, Report, Settings, summarize,
-                     write_report)
+from isda_viz.classifiers.classifier import Classifier, load_classifier
+from isda_viz.classifiers.statistics import class_statistics
+from isda_viz.data.datasets import load_split
+from isda_viz.data.images import load_image_file
+from isda_viz.devices import pick_device
+from isda_viz.errors import IsdaVizError
+from isda_viz.generators import load_generator
+from isda_viz.inversion.adapter import GeneratorAdapter, read_class_map
+from isda_viz.inversion.optimizer import InversionOptions, augment, normalize_latent, reconstruct
+from isda_viz.isda.sampling import sample_augmented_features
+from isda_viz.outputs.figures import labelled_grid, to_pil
+from isda_viz.outputs.html import write_html
+from isda_viz.outputs.report import (
+    REPORT,
+    AugmentedEntry,
+    ImageEntry,
+    ImageFile,
+    ReconstructionEntry,
+    Report,
+    Settings,
+    summarize,
+    write_report,
+)
+from isda_viz.pretrained import default_classifier, default_generator, default_judge
 
 if TYPE_CHECKING:
-    from .generators import Generator
+    from isda_viz.generators.base import Generator
 
 
 @dataclass
 class Models:
     """The frozen networks a pipeline drives."""
-
     classifier: Classifier
     generator: Generator
     judge: Classifier | None = None
@@ -95,8 +108,6 @@ class VisualizeOptions:
 
     def load_models(self) -> Models:
         """The classifier, generator and judge these options name, frozen, on the chosen device."""
-        from .generators import load_generator
-        from .pretrained import default_classifier, default_generator, default_judge
 
         device = pick_device(self.device)
         judge = self.judge if self.judge is not None or self.classifier is not None else default_judge()
@@ -122,7 +133,6 @@ def check_models(models: Models) -> None:
 @dataclass
 class AugmentationResult:
     """Everything one batch produced. Images are `(·, C, H, W)` in [0, 1] at the classifier's size."""
-
     originals: torch.Tensor          # (N, C, H, W)
     labels: torch.Tensor             # (N,)
     reconstructions: torch.Tensor    # (N, C, H, W)

@@ -41,10 +41,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__
-from .data import CACHE_ROOT, FOLDER_DATASETS, FolderImages, dataset_spec, iterate_batches, load_split
-from .errors import IsdaVizError
-from .runs import write_json_atomic
+from isda_viz._version import __version__
+from isda_viz.data.batches import iterate_batches
+from isda_viz.data.datasets import CACHE_ROOT, FOLDER_DATASETS, FolderImages, dataset_spec, load_split
+from isda_viz.errors import IsdaVizError
+from isda_viz.runs import write_json_atomic
 
 SPACES = ("pixel", "feature")
 INDEX_KINDS = ("flat", "ivfpq", "auto")
@@ -372,7 +373,6 @@ def default_index_dir(dataset: str, space: str, classifier_cache=None, data_root
 @dataclass
 class AuditIndex:
     """A built index directory: the searchable vectors, their labels and positions, the calibration."""
-
     directory: Path
     manifest: dict
     neighbours: NeighbourIndex

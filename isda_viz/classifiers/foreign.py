@@ -17,11 +17,19 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torchvision
 
-from .errors import IsdaVizError
-from .public_models import (CIFAR10_CLASSES, CIFAR100_CLASSES, PUBLIC_CIFAR_MEAN, PUBLIC_CIFAR_STD,
-                            PUBLIC_INPUT_SIZE, PublicModel, build_public_network, parse_public_arch)
-from .safe_load import PickledObject, load_torch_file
+from isda_viz.classifiers.public import (
+    PUBLIC_CIFAR_MEAN,
+    PUBLIC_CIFAR_STD,
+    PUBLIC_INPUT_SIZE,
+    PublicModel,
+    build_public_network,
+    parse_public_arch,
+)
+from isda_viz.classifiers.safe_load import PickledObject, load_torch_file
+from isda_viz.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES
+from isda_viz.errors import IsdaVizError
 
 PUBLIC_CHECKPOINT_KEYS = ("state_dict", "fc")
 """Keys that mark a checkpoint of the public ISDA CIFAR `train.py` (it also has
@@ -194,7 +202,6 @@ def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None)
 # ---------------------------------------------------------------- torchvision classifiers
 
 def _torchvision_builder(name: str):
-    import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
@@ -221,8 +228,6 @@ def _last_linear(net: nn.Module, name: str) -> str:
 
 def torchvision_preprocessing(name: str) -> tuple[list[float], list[float], int]:
     """`(mean, std, input size)` of the default weights' eval transform (ImageNet's), without downloading."""
-    import torchvision
-
     try:
         transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
         return list(transform.mean), list(transform.std), int(transform.crop_size[0])

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import TensorImages, load_split
-from .errors import IsdaVizError
-from .classifier import load_classifier
-from .devices import pick_device
-from .runs import read_jsonl, write_bytes_atomic, write_json_atomic
+from isda_viz.classifiers.classifier import load_classifier
+from isda_viz.data.datasets import TensorImages, load_split
+from isda_viz.devices import pick_device
+from isda_viz.errors import IsdaVizError
+from isda_viz.runs import read_jsonl, write_bytes_atomic, write_json_atomic
 
 EMBEDDINGS = ("none", "pca", "tsne")
 # Metrics drawn when present, in the order they go to the CSV.
@@ -39,7 +39,6 @@ _LEGEND_KEYS = (("loss", "loss"), ("lambda0", "λ0"), ("samples", "M"), ("labele
 @dataclass
 class Run:
     """One run directory: its `config.json` (empty if absent) and `metrics.jsonl` lines."""
-
     name: str
     path: Path
     config: dict

@@ -25,16 +25,14 @@ statistics leak between images).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from .errors import IsdaVizError
-from .estimator import CovarianceEstimator
-from .schedules import learning_rate
+from isda_viz.errors import IsdaVizError
+from isda_viz.isda.schedules import learning_rate
 
 
 @dataclass
@@ -232,30 +230,3 @@ def negative_target_floor(wanted: torch.Tensor, shift: torch.Tensor) -> torch.Te
     return wanted.clamp(max=0).norm(dim=1) / shift.norm(dim=1).clamp_min(1e-12)
 
 
-def sample_augmented_features(features: torch.Tensor, labels: torch.Tensor, estimator: CovarianceEstimator,
-                              strength: float, k: int, generator: torch.Generator) -> torch.Tensor:
-    """a~ = a + eps, eps ~ N(0, strength * Sigma_y): `features (N, A)`, `labels (N,)` → `(N, K, A)`.
-
-    Full covariances are factorised by Cholesky with growing jitter (they are
-    often singular: A can exceed the number of features seen); diagonal ones by
-    per-dimension standard deviation. Noise is drawn on the CPU from `generator`.
-    """
-    n, a = features.shape
-    noise = torch.randn(n, k, a, generator=generator, dtype=torch.float64)
-    cov = estimator.covariance[labels.to(estimator.device)].detach().cpu().double()
-    if estimator.diagonal:
-        eps = noise * cov.clamp_min(0).sqrt()[:, None, :]
-    else:
-        eps = torch.einsum("nab,nkb->nka", _cholesky(cov), noise)
-    return features[:, None] + (math.sqrt(strength) * eps).to(features)
-
-
-def _cholesky(cov: torch.Tensor) -> torch.Tensor:
-    """Lower factors L with L L^T = cov + jitter I, `(N, A, A)` float64, jitter the smallest that works."""
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
-    base = cov.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
-    for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4):
-        factor, info = torch.linalg.cholesky_ex(cov + jitter * base * eye)
-        if not info.any():
-            return factor
-    raise IsdaVizError("a class covariance is not positive semi-definite; the classifier run's statistics are broken")

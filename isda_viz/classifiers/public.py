@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import CIFAR10_CLASSES, CIFAR100_CLASSES  # noqa: F401  (re-exported: the public code's labels)
-from .errors import IsdaVizError
+from isda_viz.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES  # noqa: F401  (re-exported: the public code's labels)
+from isda_viz.errors import IsdaVizError
 
 PUBLIC_CIFAR_MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
 PUBLIC_CIFAR_STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
@@ -53,7 +53,6 @@ RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)
 
 class ResNetBlock(nn.Module):
     """Post-activation basic block; `downsample` (1x1 conv + BN) when the shape changes."""
-
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
@@ -74,7 +73,6 @@ class ResNetBlock(nn.Module):
 
 class PublicResNet(nn.Module):
     """The public `ResNet_Cifar` feature network: `(N, 3, 32, 32)` → `(N, 64)`."""
-
     def __init__(self, depth: int):
         super().__init__()
         if depth not in RESNET_DEPTHS:
@@ -101,7 +99,6 @@ class PublicResNet(nn.Module):
 
 class WideBlock(nn.Module):
     """Pre-activation wide block; when the shape changes, the 1x1 `convShortcut` reads the activated input."""
-
     def __init__(self, in_planes: int, planes: int, stride: int):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
@@ -121,7 +118,6 @@ class WideBlock(nn.Module):
 
 class WideStage(nn.Module):
     """The public `NetworkBlock`: its blocks live in `.layer`."""
-
     def __init__(self, blocks: int, in_planes: int, planes: int, stride: int):
         super().__init__()
         self.layer = nn.Sequential(*[WideBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
@@ -133,7 +129,6 @@ class WideStage(nn.Module):
 
 class PublicWideResNet(nn.Module):
     """The public `WideResNet(depth, _, widen_factor)` feature network: `(N, 3, 32, 32)` → `(N, 64·k)`."""
-
     def __init__(self, depth: int, widen_factor: int):
         super().__init__()
         if depth < 10 or (depth - 4) % 6 or widen_factor < 1:
@@ -154,7 +149,6 @@ class PublicWideResNet(nn.Module):
 
 class FullLayer(nn.Module):
     """The public `Full_layer`: `.fc = nn.Linear(A, C)`; logits `(N, C)` from features `(N, A)`."""
-
     def __init__(self, feature_num: int, class_num: int):
         super().__init__()
         self.class_num = class_num

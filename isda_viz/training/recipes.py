@@ -22,8 +22,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
-from .data import FOLDER_DATASETS
-from .errors import IsdaVizError
+from isda_viz.data.datasets import FOLDER_DATASETS
+from isda_viz.errors import IsdaVizError
 
 RECIPE_NAMES = ["paper"]
 
@@ -31,7 +31,6 @@ RECIPE_NAMES = ["paper"]
 @dataclass(frozen=True)
 class Recipe:
     """Hyper-parameters of one family; `milestones` in epochs (None: cosine schedule)."""
-
     epochs: int
     batch_size: int
     lr: float

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
-from .errors import IsdaVizError
+from isda_viz.errors import IsdaVizError
 
 
 class BasicBlock(nn.Module):
@@ -34,7 +35,6 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for small images; `features` gives `(N, 64)`."""
-
     def __init__(self, depth: int, num_classes: int, in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6:
@@ -83,7 +83,6 @@ class WideBlock(nn.Module):
 
 class WideResNet(nn.Module):
     """WRN-depth-width (pre-activation); `features` gives `(N, 64 * width)`."""
-
     def __init__(self, depth: int, width: int, num_classes: int, in_channels: int = 3):
         super().__init__()
         n = (depth - 4) // 6
@@ -112,10 +111,8 @@ class WideResNet(nn.Module):
 
 class TorchvisionClassifier(nn.Module):
     """A torchvision ImageNet model split into `features` and `fc`."""
-
     def __init__(self, name: str, num_classes: int, in_channels: int = 3):
         super().__init__()
-        import torchvision
 
         net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
         if in_channels != 3:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import distributed
+from isda_viz import distributed
 
 # Full covariance with A >= this: rows wait in a per-class buffer of A // _FEATURES_PER_BUFFERED_ROW rows
 # and classes merge one at a time, in place; buffered rows add at most 2 / _FEATURES_PER_BUFFERED_ROW to the
@@ -45,7 +45,6 @@ _CHUNK_BYTES = 16 * 2**20
 
 class CovarianceEstimator:
     """Running per-class mean `(C, A)`, covariance `(C, A, A)` (or `(C, A)` diagonal) and count `(C,)`."""
-
     def __init__(self, num_features: int, num_classes: int, diagonal: bool = False, device=None):
         self.num_features, self.num_classes, self.diagonal = num_features, num_classes, diagonal
         a, c = num_features, num_classes

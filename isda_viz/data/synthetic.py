@@ -19,6 +19,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def _images(n: int, num_classes: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -81,8 +82,6 @@ def write_cifar100(root, n_train: int = 50, n_test: int = 20, seed: int = 0, num
 def write_image_folders(root, classes=("n01440764", "n01443537", "n01484850"), per_class_train: int = 8,
                         per_class_val: int = 3, size: int = 48, seed: int = 0) -> Path:
     """ImageNet-style `root/train/<wnid>/*.JPEG` and `root/val/<wnid>/*.JPEG` of `size`-pixel JPEGs."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     for split, per_class in (("train", per_class_train), ("val", per_class_val)):
         images, labels = _images(per_class * len(classes), len(classes), size, rng)

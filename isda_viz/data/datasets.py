@@ -16,14 +16,15 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
+import torchvision.transforms as T
 from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 
-from . import distributed
-from .errors import IsdaVizError
+from isda_viz.data.images import open_rgb, eval_transform
+from isda_viz.errors import IsdaVizError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE_ROOT = Path(os.environ.get("ISDA_VIZ_CACHE", Path.home() / ".cache" / "isda-viz"))
@@ -55,7 +56,6 @@ CIFAR100_CLASSES = [
 @dataclass
 class DatasetSpec:
     """What a classifier and a generator must agree on about a dataset."""
-
     name: str
     num_classes: int
     channels: int
@@ -83,7 +83,6 @@ FOLDER_DATASETS = ("imagenet", "folder")  # streamed from image folders (ImageNe
 
 class TensorImages(Dataset):
     """Images held in memory: `images (N, C, H, W)` uint8, `labels (N,)` int64."""
-
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]):
         self.images, self.labels, self.classes = images, labels, class_names
 
@@ -100,25 +99,15 @@ class TensorImages(Dataset):
         return TensorImages(self.images[:n], self.labels[:n], self.classes)
 
 
-def eval_transform(image_size: int):
-    """PIL image → uint8 `(C, S, S)`: resize the short side to S·256/224, centre crop S (ImageNet's evaluation)."""
-    import torchvision.transforms as T
-
-    return T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.PILToTensor()])
-
-
 class FolderImages(Dataset):
     """An ImageFolder whose items are uint8 `(3, S, S)` tensors (resize + centre crop, or random crop)."""
-
     def __init__(self, root: Path, image_size: int, train: bool):
-        import torchvision.transforms as T
-        from torchvision.datasets import ImageFolder
 
         if train:
             tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
         else:
             tf = eval_transform(image_size)
-        self.folder = ImageFolder(str(root), transform=tf, loader=lambda p: _open_rgb(p))
+        self.folder = ImageFolder(str(root), transform=tf, loader=lambda p: open_rgb(p))
         self.classes = self.folder.classes
         self.labels = torch.tensor(self.folder.targets)
         self._indices: list[int] | None = None
@@ -140,38 +129,6 @@ class FolderImages(Dataset):
         self._indices = torch.randperm(len(self.folder), generator=g)[:n].sort().values.tolist()
         self.labels = self.labels[self._indices]
         return self
-
-
-class FileImages(Dataset):
-    """Image files with given labels, items uint8 `(channels, S, S)` by `eval_transform` (no randomness)."""
-
-    def __init__(self, paths: list[Path], labels: list[int], image_size: int, channels: int = 3):
-        self.paths, self.labels = list(paths), torch.tensor(labels, dtype=torch.int64)
-        self.transform, self.mode = eval_transform(image_size), {1: "L", 3: "RGB"}[channels]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        with open(self.paths[i], "rb") as f:
-            image = Image.open(f).convert(self.mode)
-        return self.transform(image), int(self.labels[i])
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder`, recursively, sorted (the extensions torchvision's ImageFolder reads)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-
-
-def _open_rgb(path):
-    from PIL import Image
-
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -205,7 +162,6 @@ def _fashion_mnist(train: bool, data_root: Path | None) -> TensorImages:
     # Fallback where Debian's package is not installed: torchvision's download.
     root = data_root or CACHE_ROOT
     try:
-        from torchvision.datasets import FashionMNIST
 
         ds = FashionMNIST(str(root), train=train, download=True)
     except Exception as e:  # no network, bad root
@@ -286,7 +242,6 @@ def _cifar(name: str, train: bool, data_root: Path | None) -> TensorImages:
     except FileNotFoundError:
         pass
     try:  # not there: torchvision's download (which verifies the official files' md5)
-        from torchvision.datasets import CIFAR10, CIFAR100
 
         (CIFAR10 if name == "cifar10" else CIFAR100)(str(root), train=train, download=True)
     except Exception as e:
@@ -361,33 +316,6 @@ def load_split(name: str, train: bool, data_root: str | Path | None = None, limi
     return ds.subset(limit)
 
 
-def load_image_file(path, channels: int, size: int) -> torch.Tensor:
-    """Any image file → `(channels, size, size)` in [0, 1]: mode converted (alpha over white), centre square
-    crop, resized to `size`. Missing or unreadable files raise `IsdaVizError`."""
-    import torchvision.transforms.functional as TF
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise IsdaVizError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = {1: "L", 3: "RGB"}.get(channels)
-            if mode is None:
-                raise IsdaVizError(f"the classifier takes {channels}-channel images; only 1 or 3 can be made from files")
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                background = Image.new("RGBA", img.size, "white")
-                img = Image.alpha_composite(background, img.convert("RGBA"))
-            img = img.convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise IsdaVizError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0][:100]}") from None
-    side = min(img.size)  # centre square, then PIL's antialiased bicubic resize
-    left, top = (img.width - side) // 2, (img.height - side) // 2
-    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-    return TF.pil_to_tensor(img).float() / 255
-
-
 def read_json_or_lines(path: Path, option: str) -> tuple[object, list[str] | None]:
     """A small file the user names with `option` (`--class-names`, `--class-map`): `(its JSON value, None)`,
     or `(None, its lines)` when it is not JSON. A missing file is an `IsdaVizError`."""
@@ -400,115 +328,3 @@ def read_json_or_lines(path: Path, option: str) -> tuple[object, list[str] | Non
         return None, text.splitlines()
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """`(N, C, H, W)` floats in [0, 1] → the classifier's input, `(x - mean) / std` per channel."""
-    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
-
-
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
-    """Random crop after zero padding by `pad` px, and random horizontal flip, per image.
-
-    `x (N, C, H, W)` uint8 or float; randomness drawn from `generator` (CPU) so a
-    seed fixes it whatever the device.
-    """
-    n, _, h, w = x.shape
-    flips = torch.rand(n, generator=generator) < 0.5
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(x.device)
-    idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-    idx_c = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
-    out = padded[idx_n, idx_c, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
-    flips = flips.to(x.device).view(n, 1, 1, 1)
-    return torch.where(flips, out.flip(3), out)
-
-
-class _GlobalBatchShards(torch.utils.data.Sampler):
-    """Index lists of a rank's part of each global batch of a given order (set per epoch with `set_order`)."""
-
-    def __init__(self, batch_size: int, shard: tuple[int, int] | None):
-        self.batch_size, self.shard, self.order = batch_size, shard, []
-
-    def set_order(self, order: list[int]) -> None:
-        self.order = order
-
-    def __iter__(self):
-        for start in range(0, len(self.order), self.batch_size):
-            batch = self.order[start:start + self.batch_size]
-            yield batch[_part(len(batch), self.shard)]
-
-    def __len__(self) -> int:
-        return -(-len(self.order) // self.batch_size)
-
-
-def _part(n: int, shard: tuple[int, int] | None) -> slice:
-    """Part `rank` of `world` of n items (see `distributed.shard`); everything without a shard."""
-    return slice(0, n) if shard is None else distributed.shard(n, *shard)
-
-
-def iterate_batches(dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-                    num_workers: int = 0, shard: tuple[int, int] | None = None,
-                    pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `(uint8 (B, C, H, W), int64 (B,))` batches; order drawn from `generator` when shuffling.
-
-    `shard=(rank, world)`: the order and the global batches of `batch_size` are the
-    same on every rank, each rank gets its contiguous part of each (for
-    distributed training and evaluation). Image folders stream through one
-    DataLoader per dataset and settings, kept across epochs: `num_workers`
-    processes decode JPEGs (kept alive between epochs), batches land in pinned
-    memory when `pin_memory` (for asynchronous copies to a GPU).
-    """
-    n = len(dataset)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    if isinstance(dataset, TensorImages):
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            idx = idx[_part(len(idx), shard)]
-            yield dataset.images[idx], dataset.labels[idx]
-        return
-    from torch.utils.data import DataLoader
-
-    key = (batch_size, shard, num_workers, pin_memory)
-    cache = dataset.__dict__.setdefault("_loaders", {})
-    if key not in cache:
-        sampler = _GlobalBatchShards(batch_size, shard)
-        extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers else {}
-        cache[key] = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                                **extra)
-    loader = cache[key]
-    loader.batch_sampler.set_order(order.tolist())
-    for images, labels in loader:
-        yield images, labels
-
-
-def labeled_subset(labels: torch.Tensor, n_labeled: int, seed: int,
-                   num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a training set into `n_labeled` labeled images and the rest, class-balanced and seeded.
-
-    `labels (N,)` int class indices in [0, num_classes). Each class keeps n_labeled // num_classes
-    labels and the first n_labeled % num_classes classes one more, chosen uniformly within the
-    class by a generator seeded with `seed`: same seed, same split. Returns `(labeled_idx,
-    unlabeled_idx)`, sorted int64 indices into `labels` that together cover it exactly once.
-    """
-    labels = torch.as_tensor(labels).long().cpu()
-    if not num_classes <= n_labeled <= len(labels):
-        raise IsdaVizError(f"--labeled must be between {num_classes} (one per class) and the {len(labels)} training "
-                           f"images, got {n_labeled}")
-    generator = torch.Generator().manual_seed(seed)
-    base, extra = divmod(n_labeled, num_classes)
-    chosen = []
-    for c in range(num_classes):
-        members = (labels == c).nonzero().squeeze(1)
-        quota = base + (c < extra)
-        if len(members) < quota:
-            raise IsdaVizError(f"class {c} has {len(members)} training images, fewer than the {quota} labels "
-                               f"a balanced --labeled {n_labeled} needs")
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:quota]])
-    labeled = torch.cat(chosen).sort().values
-    mask = torch.ones(len(labels), dtype=torch.bool)
-    mask[labeled] = False
-    return labeled, mask.nonzero().squeeze(1)

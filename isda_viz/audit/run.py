@@ -1,8 +1,8 @@
 """Nearest-neighbour audit: are generated images new, or copies of training images?
 
 For each query image we find its k nearest training images (the paper's
-Fig. 14) in pixel or feature space, with the index of `isda_viz.index`, and a
-copy score (`isda_viz.index.copy_score`)
+Fig. 14) in pixel or feature space, with the index of `isda_viz.audit.index`, and a
+copy score (`isda_viz.audit.index.copy_score`)
 
     copy_score = d(query, nearest training image) / median_t d(t, nearest training image)
 
@@ -12,9 +12,9 @@ held-out test images would be flagged.
 
 `run_audit` writes `audit.json` and the figure in pages of at most
 `QUERIES_PER_PAGE` queries: `audit.png`, then `audit_page2.png`, `audit_page3.png`, ...
-(drawn by `isda_viz.figures.audit_page`), listed under `pages` in audit.json; the
+(drawn by `isda_viz.outputs.figures.audit_page`), listed under `pages` in audit.json; the
 neighbours of the queries the figure shows as small PNGs in `audit_files/` (named under
-each neighbour's `file`), and last the page `index.html` (`isda_viz.html`).
+each neighbour's `file`), and last the page `index.html` (`isda_viz.outputs.html`).
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .data import dataset_spec, load_image_file, load_split
-from .errors import IsdaVizError
-from .figures import audit_page, to_pil
-from .html import html_fragment, write_html
-from .index import (CHUNK, SPACES, Embedder, copy_score, default_index_dir, prepare_index,
-                    training_images)
-from .classifier import load_classifier
-from .devices import pick_device
-from .report import read_report
-from .runs import save_image_atomic, write_json_atomic
+from isda_viz.audit.index import CHUNK, SPACES, Embedder, copy_score, default_index_dir, prepare_index, training_images
+from isda_viz.classifiers.classifier import load_classifier
+from isda_viz.data.datasets import dataset_spec, load_split
+from isda_viz.data.images import load_image_file
+from isda_viz.devices import pick_device
+from isda_viz.errors import IsdaVizError
+from isda_viz.outputs.figures import audit_page, to_pil
+from isda_viz.outputs.html import html_fragment, write_html
+from isda_viz.outputs.report import read_report
+from isda_viz.runs import save_image_atomic, write_json_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 QUERIES_PER_PAGE = 16        # queries drawn on one page of the figure
@@ -51,7 +51,6 @@ NEIGHBOUR_DIR = "audit_files"  # the shown queries' neighbours, one PNG per trai
 @dataclass
 class Query:
     """One image to audit: where it came from, and the image `(C, H, W)` uint8 at the dataset's size."""
-
     source: str
     image: torch.Tensor
     role: str = "image"          # "image", "augmented" or "reconstruction"
@@ -102,7 +101,6 @@ def queries_from_report(out_dir, channels: int, size: int) -> list[Query]:
 @dataclass
 class AuditConfig:
     """Everything that defines an audit; saved in audit.json."""
-
     out: str
     dataset: str = "fashion-mnist"
     images: list[str] = field(default_factory=list)   # files or folders
@@ -124,7 +122,6 @@ class AuditConfig:
 @dataclass
 class AuditResult:
     """What an audit wrote and found."""
-
     out: Path
     report: dict
     index_status: str

@@ -53,18 +53,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import __version__, distributed
-from .data import (FOLDER_DATASETS, TensorImages, augment_batch, dataset_spec, iterate_batches, labeled_subset,
-                   load_split, normalize)
-from .devices import pick_device
-from .errors import IsdaVizError
-from .estimator import CovarianceEstimator
-from .isda import (expected_cross_entropy_mc, explicit_sda_loss, isda_augmented_logits,
-                   semi_supervised_isda_loss)
-from .models import build_model
-from .runs import (CHECKPOINT, append_jsonl, open_run_dir, read_jsonl, save_atomic, truncate_metrics,
-                   write_json_atomic)
-from .schedules import isda_strength, learning_rate, sigmoid_rampup, step_lr
+from isda_viz import distributed
+from isda_viz._version import __version__
+from isda_viz.classifiers.networks import build_model
+from isda_viz.data.batches import augment_batch, iterate_batches, labeled_subset
+from isda_viz.data.datasets import FOLDER_DATASETS, TensorImages, dataset_spec, load_split
+from isda_viz.data.images import normalize
+from isda_viz.devices import pick_device
+from isda_viz.errors import IsdaVizError
+from isda_viz.isda.estimator import CovarianceEstimator
+from isda_viz.isda.loss import isda_augmented_logits
+from isda_viz.isda.sampling import expected_cross_entropy_mc, explicit_sda_loss
+from isda_viz.isda.schedules import isda_strength, learning_rate, sigmoid_rampup, step_lr
+from isda_viz.isda.semi import semi_supervised_isda_loss
+from isda_viz.runs import (
+    CHECKPOINT,
+    append_jsonl,
+    open_run_dir,
+    read_jsonl,
+    save_atomic,
+    truncate_metrics,
+    write_json_atomic,
+)
 
 LOSSES = ("isda", "ce", "explicit")
 SSL_METHODS = ("none", "pi", "mean-teacher")
@@ -73,7 +83,6 @@ SSL_METHODS = ("none", "pi", "mean-teacher")
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved as the run's `config.json`."""
-
     out: str
     dataset: str = "fashion-mnist"
     data_root: str | None = None
@@ -271,7 +280,6 @@ def _batch_plan(cfg: TrainConfig, train_set, num_classes: int) -> BatchPlan:
 @dataclass
 class Views:
     """This rank's part of one global training batch, normalised on the device: labeled rows first."""
-
     x: torch.Tensor                 # (n_l + n_u, C, H, W)
     y: torch.Tensor                 # (n_l,) labels of the labeled rows
     second: torch.Tensor | None     # (n_l + n_u, C, H, W): another augmentation of the same images (Π, mean teacher)
