@@ -29,7 +29,7 @@ from isda_viz.classifiers.public import (
     build_public_network,
     parse_public_arch,
 )
-from isda_viz.classifiers.safe_load import PickledObject, load_torch_file
+from isda_viz.classifiers.safe_load import SAFETENSORS_SUFFIX, PickledObject, load_torch_file
 from isda_viz.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES
 from isda_viz.errors import IsdaVizError
 
@@ -162,7 +162,7 @@ def _public_statistics(criterion, num_classes: int, feature_dim: int, path: Path
 
 
 def _from_flat_weights(obj):
-    """A flat state dict (e.g. `.safetensors`, which holds no nesting) of a public network: the feature
+    """A flat state dict (`.safetensors`, which holds no nesting) of a public network: the feature
     network's keys plus the `Full_layer`'s `fc.weight`/`fc.bias`, as the `state_dict`/`fc` pair of a checkpoint."""
     if not _is_tensor_mapping(obj) or "fc.weight" not in strip_module_prefix(obj):
         return obj
@@ -183,7 +183,8 @@ def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None)
     """
     path = Path(path)
     parse_public_arch(arch)
-    ckpt = _from_flat_weights(load_torch_file(path, "public ISDA checkpoint"))
+    ckpt = load_torch_file(path, "public ISDA checkpoint")
+    ckpt = _from_flat_weights(ckpt) if path.suffix.lower() == SAFETENSORS_SUFFIX else ckpt
     if not is_public_isda_checkpoint(ckpt):
         held = ", ".join(sorted(map(str, ckpt))[:6]) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise IsdaVizError(f"{path} is not a checkpoint of the public ISDA CIFAR code (it needs 'state_dict' and "
