@@ -31,6 +31,7 @@ from isda_viz.isda.estimator import CovarianceEstimator
 COVARIANCE_SUFFIXES = (".pt", ".pth", ".npy", SAFETENSORS_SUFFIX)
 TOLERANCE = 1e-4
 """Relative tolerance of the symmetry and PSD checks (float32 round-off of an estimate is ~1e-7)."""
+_EIGEN_CHUNK_BYTES = 256 * 2**20
 
 
 def _read_arrays(path: Path, option: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,15 +89,19 @@ def check_covariances(covariance: torch.Tensor, num_classes: int, feature_dim: i
     asymmetry = (covariance - covariance.transpose(1, 2)).abs().flatten(1).amax(1)
     bad = torch.nonzero(asymmetry > TOLERANCE * scale).flatten()
     if len(bad):
-        raise IsdaVizError(f"{where}: the covariance of class {int(bad[0])} is not symmetric "
-                           f"(|Σ - Σᵀ| up to {float(asymmetry[bad[0]]):.4g}, largest entry {float(scale[bad[0]]):.4g})")
-    covariance = (covariance + covariance.transpose(1, 2)) / 2
-    values = torch.linalg.eigvalsh(covariance)                                                  # (C, A) ascending
-    bad = torch.nonzero(values[:, 0] < -TOLERANCE * values[:, -1].abs().clamp_min(scale * 1e-12)).flatten()
-    if len(bad):
         k = int(bad[0])
-        raise IsdaVizError(f"{where}: the covariance of class {k} is not positive semi-definite (eigenvalues from "
-                           f"{float(values[k, 0]):.4g} to {float(values[k, -1]):.4g})")
+        raise IsdaVizError(f"{where}: the covariance of class {k} is not symmetric (|Σ - Σᵀ| up to "
+                           f"{float(asymmetry[k]):.4g}, largest entry {float(scale[k]):.4g})")
+    covariance = (covariance + covariance.transpose(1, 2)) / 2
+    chunk = max(1, _EIGEN_CHUNK_BYTES // (8 * a * a))  # classes per eigvalsh call: bounded workspace
+    for start in range(0, c, chunk):
+        values = torch.linalg.eigvalsh(covariance[start:start + chunk])                      # (k, A) ascending
+        floor = -TOLERANCE * values[:, -1].abs().clamp_min(float(scale[start:start + chunk].max()) * 1e-12)
+        bad = torch.nonzero(values[:, 0] < floor).flatten()
+        if len(bad):
+            k = int(bad[0])
+            raise IsdaVizError(f"{where}: the covariance of class {start + k} is not positive semi-definite "
+                               f"(eigenvalues from {float(values[k, 0]):.4g} to {float(values[k, -1]):.4g})")
     return covariance
 
 

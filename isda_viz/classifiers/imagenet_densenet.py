@@ -115,8 +115,9 @@ class PublicImageNetDenseNet(nn.Module):
 def build_imagenet_densenet(name: str, num_classes: int = 1000) -> PublicImageNetDenseNet:
     """`densenet121|169|201|265` as the public ImageNet script builds it, with `num_classes` outputs."""
     if name not in IMAGENET_DENSENET_BLOCKS:
-        raise IsdaVizError(f"the public ISDA ImageNet code has no '{name}'; use isda-imagenet:"
-                           + "|".join(IMAGENET_DENSENET_BLOCKS))
+        raise IsdaVizError(f"the public ISDA ImageNet code has no DenseNet '{name}'; use isda-imagenet:"
+                           + "|".join(IMAGENET_DENSENET_BLOCKS)
+                           + " (its ResNets and ResNeXts have torchvision's names: torchvision:NAME)")
     return PublicImageNetDenseNet(IMAGENET_DENSENET_BLOCKS[name], num_classes)
 
 

@@ -243,7 +243,8 @@ def load_safetensors(path, what: str = "weights") -> dict[str, torch.Tensor]:
     try:
         return dict(load_file(str(path), device="cpu"))
     except Exception as e:
-        raise IsdaVizError(f"{what} {path} is truncated, corrupt or not a safetensors file ({_first_line(e)})") from None
+        raise IsdaVizError(f"{what} {path} is truncated, corrupt or not a safetensors file "
+                           f"({_first_line(e)})") from None
 
 
 def load_torch_file(path, what: str = "checkpoint"):
