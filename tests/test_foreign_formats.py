@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copyreg
 import inspect
+import io
 import json
 import os
 import pickle
@@ -179,6 +180,7 @@ def test_torch_1_0_1_checkpoint_loads_on_a_machine_without_cuda(cifar_1_0_1):
     with torch.no_grad():
         assert torch.equal(ck.model(x), full_layer(net(x)))
     assert torch.equal(ck.class_covariance, criterion.estimator.CoVariance.double())
+    assert ck.class_covariance.device.type == "cpu" and ck.epoch == 3
     loss = load_torch_file(path)["isda_criterion"]
     assert type(loss._backend) is PickledFunctionBackend
     assert type(loss._modules["cross_entropy"]._backend) is PickledFunctionBackend
@@ -550,3 +552,19 @@ def test_covariance_file_gives_the_targets_of_the_same_sigma_held_by_an_estimato
                      "-k", 3, "--out", tmp_path / "cli")
     assert result.exit_code == 0, result.output
     assert torch.equal(targets[-1][1], wanted_file)
+
+
+@pytest.mark.parametrize("target", [("torch.nn.backends.thnn", "_get_thnn_function_backend", "__call__"),
+                                    ("ISDA_imagenet", "ISDALoss", "dump_patches"),
+                                    ("ISDA_imagenet", "EstimatorCV", "pickled_as")])
+def test_the_new_allowed_globals_cannot_be_altered_by_a_file(target):
+    from test_foreign_checkpoints import _build_on_global
+
+    from isda_viz.classifiers.safe_load import ALLOWED_GLOBALS
+
+    module, name, attribute = target
+    obj = ALLOWED_GLOBALS[(module, name)]
+    before = getattr(obj, attribute)
+    with pytest.raises((AttributeError, TypeError)):
+        AllowListUnpickler(io.BytesIO(_build_on_global(module, name, attribute))).load()
+    assert getattr(obj, attribute) == before
