@@ -414,9 +414,12 @@ def test_timm_weights_give_timms_own_pre_logits_features(timm_net, tmp_path, lay
         path.mkdir()
         save_file(state, str(path / "model.safetensors"))
         config = {"architecture": TIMM_MODEL, "num_classes": 3, "num_features": timm_net.num_features,
+                  "label_names": ["x", "y", "z"],
                   "pretrained_cfg": {**timm_net.pretrained_cfg, "mean": [0.4, 0.5, 0.6], "input_size": [3, 128, 128]}}
         (path / "config.json").write_text(json.dumps(config))
-    clf = load_classifier(path, arch=f"timm:{TIMM_MODEL}", class_names=["x", "y", "z"])
+    names = None if layout == "hf-folder" else ["x", "y", "z"]  # a folder's config.json names its classes
+    clf = load_classifier(path, arch=f"timm:{TIMM_MODEL}", class_names=names)
+    assert clf.class_names == ["x", "y", "z"]
     cfg = timm_net.pretrained_cfg
     if layout == "hf-folder":
         assert (clf.image_size, clf.mean) == (128, [0.4, 0.5, 0.6])  # the folder's pretrained_cfg wins

@@ -10,8 +10,10 @@ gradients: the inverter differentiates through `model.features`).
 `load_classifier(spec, device, arch)` is the one entry point for classifier
 weights: a run directory written by `isda-viz train` (arch None), a checkpoint
 of the public ISDA CIFAR code (`arch` resnet32, resnet110, wrn28_10, ...) or a
-torchvision weights file (`arch` "torchvision:NAME"); the foreign formats are
-read by `isda_viz.classifiers.foreign` without running code the files carry.
+torchvision weights file (`arch` "torchvision:NAME"; also the public ImageNet DDP
+checkpoint), the public ImageNet DenseNets ("isda-imagenet:densenet121", `imagenet_densenet`)
+or timm weights ("timm:NAME", a file or Hugging Face-style folder, `timm_models`); the foreign
+formats are read by `isda_viz.classifiers.foreign` without running code the files carry.
 
 `class_statistics` gives the per-class feature means and covariances
 (Eqs. 1-3) the augmentation samples from: the classifier's own (ISDA runs,
@@ -299,6 +301,8 @@ def _weights_classifier(model, weights: WeightsFile, path: Path, arch: str, kind
     if data_root is not None and dataset is None:
         raise IsdaVizError(f"--data-root {data_root} holds neither a train/ folder of class folders nor "
                            "torchvision's CIFAR or Fashion-MNIST files")
+    if class_names is None and getattr(model, "label_names", None) is not None:
+        class_names = model.label_names  # a timm folder's config.json names them
     names = _class_names_for(model.num_classes, class_names, data_root, dataset, path, log)
     state = weights.estimator_state(model.num_classes, model.feature_dim)
     sha, cache = _weights_cache(weights.path)

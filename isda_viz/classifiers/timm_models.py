@@ -80,13 +80,15 @@ class TimmClassifier(nn.Module):
 
     `features(x) (N, A)` = `forward_head(forward_features(x), pre_logits=True)`; `fc` =
     `get_classifier()`, `nn.Linear(A, C)`; `forward(x)` = the network's logits `(N, C)`. `mean`,
-    `std`, `input_size`, `channels` from `pretrained_cfg`.
+    `std`, `input_size`, `channels` from `pretrained_cfg`; `label_names` the class names a
+    Hugging Face-style folder's `config.json` gives (None without).
     """
 
-    def __init__(self, net: nn.Module, name: str):
+    def __init__(self, net: nn.Module, name: str, label_names: list[str] | None = None):
         super().__init__()
         self.net = net
         self.name = name
+        self.label_names = label_names
         _classifier_name(net, name)
         self.fc = net.get_classifier()
         self.feature_dim = self.fc.in_features
@@ -111,7 +113,8 @@ def load_timm_classifier(path, name: str, num_classes: int | None = None) -> tup
 
     Returns the classifier and the weights file read (`WeightsFile.path` is the file itself, also
     inside a folder). A folder's `config.json` must name the same `architecture`; its `model_args`
-    go to `create_model` and its `pretrained_cfg` overrides the model's preprocessing.
+    go to `create_model`, its `pretrained_cfg` overrides the model's preprocessing and its
+    `label_names` (one per class) become the classifier's `label_names`.
     """
     timm = import_timm()
     path = Path(path)
@@ -137,4 +140,6 @@ def load_timm_classifier(path, name: str, num_classes: int | None = None) -> tup
         raise IsdaVizError(f"{path} classifies {head_weight.shape[0]} classes, not {num_classes}")
     net = _create(timm, name, num_classes=head_weight.shape[0], **model_args, **overlay)
     load_strict(net, weights.state, f"{path}: timm {name} weights")
-    return TimmClassifier(net, name).eval().requires_grad_(False), weights
+    labels = config.get("label_names")
+    labels = [str(v) for v in labels] if isinstance(labels, list) and len(labels) == head_weight.shape[0] else None
+    return TimmClassifier(net, name, labels).eval().requires_grad_(False), weights
