@@ -49,6 +49,10 @@ def visualize_options(fn):
                           "images (a train/ folder of class folders, or torchvision's CIFAR / Fashion-MNIST files)."),
         click.option("--covariance", type=click.Choice(["full", "diagonal"]), default="full", show_default=True,
                      help="Class covariances computed from --data-root: full (A x A per class) or diagonal."),
+        click.option("--covariance-file", type=click.Path(dir_okay=False), default=None,
+                     help="Class covariances estimated elsewhere, used instead of the classifier's own or a pass: "
+                          ".pt/.npy/.safetensors of shape (C, A, A) or (C, A) (diagonal), or a dict with "
+                          "'covariance' (and optional 'mean')."),
         seed_option,
         device_option,
         embed_option,
@@ -59,12 +63,13 @@ def visualize_options(fn):
     @functools.wraps(fn)
     def wrapper(restarts, iterations, optimizer, lr, tolerance, data_root, classifier, classifier_arch, class_names,
                 generator, truncation, class_map, judge, covariance, num_augmented, strength, seed, device, embed,
-                **kwargs):
+                covariance_file=None, **kwargs):
         inversion = InversionOptions.make(iterations=iterations, lr=lr, optimizer=optimizer, restarts=restarts,
                                           tolerance=tolerance)
         return fn(options=VisualizeOptions(classifier=classifier, classifier_arch=classifier_arch,
                                            class_names=class_names, generator=generator, class_map=class_map,
                                            truncation=truncation, judge=judge, covariance=covariance,
+                                           covariance_file=covariance_file,
                                            device=device, strength=strength, num_augmented=num_augmented,
                                            inversion=inversion, seed=seed, data_root=data_root,
                                            embed=embed), **kwargs)

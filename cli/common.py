@@ -22,7 +22,10 @@ def classifier_options(classifier_help: str):
         click.option("--classifier-arch", default=None, metavar="ARCH",
                      help="What the --classifier FILE holds: resnet32|resnet110|wrn28_10 (a checkpoint of the public "
                           "ISDA CIFAR code; its format is recognised from its keys) or torchvision:NAME (torchvision "
-                          "weights, e.g. torchvision:resnet50). Leave out for an isda-viz RUN_DIR."),
+                          "weights, e.g. torchvision:resnet50; also a checkpoint of the public ImageNet DDP script), "
+                          "isda-imagenet:densenet121|densenet265 (the public ImageNet DenseNets) or timm:NAME (timm "
+                          "weights: a file or a Hugging Face-style folder; needs isda-viz[timm]). Weights files may be "
+                          ".safetensors. Leave out for an isda-viz RUN_DIR."),
         click.option("--class-names", type=click.Path(dir_okay=False), default=None,
                      help="File naming the classes of a --classifier FILE, one per line or a JSON list "
                           "(default: --data-root's train/ folders)."),

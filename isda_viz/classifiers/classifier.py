@@ -10,8 +10,10 @@ gradients: the inverter differentiates through `model.features`).
 `load_classifier(spec, device, arch)` is the one entry point for classifier
 weights: a run directory written by `isda-viz train` (arch None), a checkpoint
 of the public ISDA CIFAR code (`arch` resnet32, resnet110, wrn28_10, ...) or a
-torchvision weights file (`arch` "torchvision:NAME"); the foreign formats are
-read by `isda_viz.classifiers.foreign` without running code the files carry.
+torchvision weights file (`arch` "torchvision:NAME"; also the public ImageNet DDP
+checkpoint), the public ImageNet DenseNets ("isda-imagenet:densenet121", `imagenet_densenet`)
+or timm weights ("timm:NAME", a file or Hugging Face-style folder, `timm_models`); the foreign
+formats are read by `isda_viz.classifiers.foreign` without running code the files carry.
 
 `class_statistics` gives the per-class feature means and covariances
 (Eqs. 1-3) the augmentation samples from: the classifier's own (ISDA runs,
@@ -29,9 +31,16 @@ from pathlib import Path
 
 import torch
 
-from isda_viz.classifiers.foreign import load_torchvision_classifier, read_public_isda_checkpoint
+from isda_viz.classifiers.foreign import (
+    WeightsFile,
+    load_torchvision_classifier,
+    read_public_isda_checkpoint,
+    read_weights_file,
+)
+from isda_viz.classifiers.imagenet_densenet import load_imagenet_densenet
 from isda_viz.classifiers.networks import build_model
 from isda_viz.classifiers.public import parse_public_arch
+from isda_viz.classifiers.timm_models import load_timm_classifier
 from isda_viz.data.datasets import CACHE_ROOT, SPECS, detect_dataset, folder_class_names, read_json_or_lines
 from isda_viz.data.images import map_channels, normalize, resize
 from isda_viz.errors import IsdaVizError
@@ -194,6 +203,12 @@ def _class_names_for(num_classes: int, class_names, data_root, dataset: str | No
     return names
 
 
+# The foreign formats beside the public CIFAR names above.
+ARCH_HELP += ("; isda-imagenet:densenet121|densenet265 (the public ISDA ImageNet DenseNets); timm:NAME (timm "
+              "weights: a file or a Hugging Face-style folder)")
+FOREIGN_PREFIXES = ("torchvision:", "timm:", "isda-imagenet:")
+
+
 def load_classifier(spec, device="cpu", arch: str | None = None, class_names=None, data_root=None,
                     log: Callable[[str], None] | None = None) -> Classifier:
     """The classifier named by `spec` on `device`, frozen.
@@ -202,12 +217,17 @@ def load_classifier(spec, device="cpu", arch: str | None = None, class_names=Non
     otherwise a weights file, `arch` saying what it holds: `resnet32`, `resnet110`, `wrn28_10` (or
     another `public_models.parse_public_arch` name) for a checkpoint of the public ISDA CIFAR code,
     whose class statistics become `estimator`; `torchvision:NAME` for torchvision weights
-    (ImageNet normalisation and input size). `class_names`: a file or list naming a weights
+    (ImageNet normalisation and input size; a checkpoint of the public ImageNet DDP script too,
+    whose diagonal statistics become `estimator`); `isda-imagenet:densenet121` (... `densenet265`)
+    for the public ImageNet DenseNets; `timm:NAME` for timm weights (a file or a Hugging Face-style
+    folder; `timm_models`). Weights files may be `.safetensors`. `class_names`: a file or list naming a weights
     file's classes (default: from `data_root`, whose layout also sets `config["dataset"]`).
     `log` gets notes (default: stderr). Anything that does not fit is a one-line `IsdaVizError`.
     """
     log = log or _note
     path = Path(str(spec)).expanduser()
+    if arch is not None and arch.startswith(FOREIGN_PREFIXES):
+        return _load_foreign(path, arch, class_names, data_root, device, log)
     if arch is None:
         run_dir = resolve_run_dir(path)
         if path.is_file() and path.name != CHECKPOINT:
@@ -224,9 +244,6 @@ def load_classifier(spec, device="cpu", arch: str | None = None, class_names=Non
         raise IsdaVizError(f"--classifier weights file not found: {path}")
     if data_root is not None and not Path(data_root).expanduser().is_dir():
         raise IsdaVizError(f"--data-root {data_root} does not exist")
-    if arch.startswith("torchvision:"):
-        return _load_torchvision(path, arch.split(":", 1)[1], class_names, data_root, device, log)
-
     try:
         parse_public_arch(arch)
     except IsdaVizError:
@@ -255,19 +272,45 @@ def _load_public(path: Path, arch: str, class_names, data_root, device, log) -> 
         source=path, cache_dir=cache, fingerprint=sha)
 
 
-def _load_torchvision(path: Path, name: str, class_names, data_root, device, log) -> Classifier:
-    """A torchvision network with the weights in `path`; features from a hook on its final linear layer."""
-    model = load_torchvision_classifier(path, name)
+def _load_foreign(path: Path, arch: str, class_names, data_root, device, log) -> Classifier:
+    """torchvision:NAME, isda-imagenet:NAME or timm:NAME weights (`load_classifier`)."""
+    kind, name = arch.split(":", 1)
+    if not name:
+        raise IsdaVizError(f"--classifier-arch {arch} names no model (e.g. {kind}:resnet50)")
+    if not path.exists():
+        raise IsdaVizError(f"--classifier weights file not found: {path}")
+    if kind != "timm" and path.is_dir():
+        raise IsdaVizError(f"--classifier {path} is a folder; {arch} reads a weights file (timm:NAME also reads a "
+                           "Hugging Face-style folder)")
+    if data_root is not None and not Path(data_root).expanduser().is_dir():
+        raise IsdaVizError(f"--data-root {data_root} does not exist")
+    if kind == "torchvision":
+        weights = read_weights_file(path, f"torchvision {name} weights")
+        model = load_torchvision_classifier(path, name, weights=weights)
+    elif kind == "isda-imagenet":
+        model, weights = load_imagenet_densenet(path, name)
+    else:
+        model, weights = load_timm_classifier(path, name)
+    return _weights_classifier(model, weights, path, arch, kind, class_names, data_root, device, log)
+
+
+def _weights_classifier(model, weights: WeightsFile, path: Path, arch: str, kind: str, class_names, data_root,
+                        device, log) -> Classifier:
+    """A network read from a weights file: its class names, its file's statistics (if any), its cache."""
     dataset = detect_dataset(data_root) if data_root is not None else None
     if data_root is not None and dataset is None:
         raise IsdaVizError(f"--data-root {data_root} holds neither a train/ folder of class folders nor "
                            "torchvision's CIFAR or Fashion-MNIST files")
+    if class_names is None and getattr(model, "label_names", None) is not None:
+        class_names = model.label_names  # a timm folder's config.json names them
     names = _class_names_for(model.num_classes, class_names, data_root, dataset, path, log)
-    sha, cache = _weights_cache(path)
+    state = weights.estimator_state(model.num_classes, model.feature_dim)
+    sha, cache = _weights_cache(weights.path)
     return Classifier(
-        model.to(device), names, list(model.mean), list(model.std), 3, model.input_size,
-        config={"dataset": dataset, "arch": f"torchvision:{name}",
-                "data_root": None if data_root is None else str(data_root), "format": "torchvision"},
+        model.to(device), names, list(model.mean), list(model.std), getattr(model, "channels", 3), model.input_size,
+        estimator=CovarianceEstimator.from_state_dict(state, device=device) if state else None,
+        config={"dataset": dataset, "arch": arch, "data_root": None if data_root is None else str(data_root),
+                "format": kind},
         source=path, cache_dir=cache, fingerprint=sha)
 
 

@@ -1,4 +1,6 @@
-"""Classifiers trained elsewhere: checkpoints of the public ISDA CIFAR code and torchvision weights.
+"""Classifiers trained elsewhere: checkpoints of the public ISDA CIFAR code, torchvision weights, and the
+weights files they come in (`read_weights_file`: bare state dicts, `.safetensors`, the public ImageNet DDP
+checkpoint whose pickled `ISDA_imagenet.ISDALoss` holds diagonal class statistics).
 
 Both readers return a module with isda-viz's model shape: `features(x) (N, A)`,
 `fc: nn.Linear(A, C)`, `feature_dim = A`, and `forward(x)` = the logits `(N, C)`,
@@ -27,7 +29,7 @@ from isda_viz.classifiers.public import (
     build_public_network,
     parse_public_arch,
 )
-from isda_viz.classifiers.safe_load import PickledObject, load_torch_file
+from isda_viz.classifiers.safe_load import SAFETENSORS_SUFFIX, PickledObject, load_torch_file
 from isda_viz.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES
 from isda_viz.errors import IsdaVizError
 
@@ -159,10 +161,21 @@ def _public_statistics(criterion, num_classes: int, feature_dim: int, path: Path
     return tuple(parts)
 
 
+def _from_flat_weights(obj):
+    """A flat state dict (`.safetensors`, which holds no nesting) of a public network: the feature
+    network's keys plus the `Full_layer`'s `fc.weight`/`fc.bias`, as the `state_dict`/`fc` pair of a checkpoint."""
+    if not _is_tensor_mapping(obj) or "fc.weight" not in strip_module_prefix(obj):
+        return obj
+    flat = strip_module_prefix(obj)
+    fc = OrderedDict((k, v) for k, v in flat.items() if k.startswith("fc."))
+    return {"state_dict": OrderedDict((k, v) for k, v in flat.items() if k not in fc), "fc": fc}
+
+
 def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None) -> PublicCheckpoint:
     """Read `checkpoint.pth.tar` / `model_best.pth.tar` of the public ISDA CIFAR `train.py`.
 
-    `arch`: `resnet32`, `resnet110`, `wrn28_10` (or another `parse_public_arch` name).
+    `arch`: `resnet32`, `resnet110`, `wrn28_10` (or another `parse_public_arch` name). A flat
+    state dict (`.safetensors`: the feature network's keys and `fc.weight`/`fc.bias`) is read too.
     `num_classes` defaults to the row count of the file's `fc` weight; a different
     value is an error. The feature network and `Full_layer` load strictly; any
     mismatch, a truncated file or a global outside the allow-list is a one-line
@@ -171,6 +184,7 @@ def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None)
     path = Path(path)
     parse_public_arch(arch)
     ckpt = load_torch_file(path, "public ISDA checkpoint")
+    ckpt = _from_flat_weights(ckpt) if path.suffix.lower() == SAFETENSORS_SUFFIX else ckpt
     if not is_public_isda_checkpoint(ckpt):
         held = ", ".join(sorted(map(str, ckpt))[:6]) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise IsdaVizError(f"{path} is not a checkpoint of the public ISDA CIFAR code (it needs 'state_dict' and "
@@ -272,28 +286,19 @@ class TorchvisionClassifier(nn.Module):
         return self.net(x)
 
 
-def load_torchvision_classifier(path, name: str, num_classes: int | None = None) -> TorchvisionClassifier:
+def load_torchvision_classifier(path, name: str, num_classes: int | None = None,
+                                weights: WeightsFile | None = None) -> TorchvisionClassifier:
     """`torchvision.models.<name>(weights=None, num_classes=C)` with the weights in `path`, in eval mode.
 
-    `path`: a plain state dict, or a dict holding one under `state_dict` or
-    `model`; `module.` prefixes are dropped. `C` is the row count of the final
-    linear layer's weight in the file; a `num_classes` that differs is an error.
+    `path`: a plain state dict (torch or `.safetensors`), or a dict holding one under `state_dict`
+    or `model` (e.g. a checkpoint of the public ImageNet DDP script); `module.` prefixes are dropped.
+    `C` is the row count of the final linear layer's weight in the file; a `num_classes` that
+    differs is an error. `weights`: the file already read by `read_weights_file` (which also
+    gives its class statistics, if any).
     """
     path = Path(path)
     builder = _torchvision_builder(name)
-    obj = load_torch_file(path, f"torchvision {name} weights")
-    if is_public_isda_checkpoint(obj):
-        guess = guess_public_arch(strip_module_prefix(obj["state_dict"]))
-        raise IsdaVizError(f"{path} is a checkpoint of the public ISDA CIFAR code, not torchvision weights; "
-                           f"use --classifier-arch {guess or 'resnet32|resnet110|wrn28_10'}")
-    state = obj if _is_tensor_mapping(obj) else next(
-        (obj[k] for k in ("state_dict", "model") if isinstance(obj, Mapping) and _is_tensor_mapping(obj.get(k))),
-        None)
-    if state is None:
-        held = ", ".join(sorted(map(str, obj))[:6]) if isinstance(obj, Mapping) else type(obj).__name__
-        raise IsdaVizError(f"{path} holds no state dict (a dict of tensors, or one under 'state_dict' or 'model'); "
-                           f"found {held}")
-    state = strip_module_prefix(state)
+    state = (weights or read_weights_file(path, f"torchvision {name} weights")).state
     fc_name = _last_linear(_probe(builder), name)
     fc_weight = state.get(f"{fc_name}.weight")
     if fc_weight is None or fc_weight.dim() != 2:
@@ -304,3 +309,85 @@ def load_torchvision_classifier(path, name: str, num_classes: int | None = None)
     net = builder(weights=None, num_classes=fc_weight.shape[0])
     load_strict(net, state, f"{path}: torchvision {name} weights")
     return TorchvisionClassifier(net, name).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- weights files and the public ImageNet checkpoint
+
+IMAGENET_CRITERION_KEY = "criterion_isda"
+"""Where the public ImageNet `imagenet_DDP.py` pickles its `ISDA_imagenet.ISDALoss` (beside `epoch`,
+`state_dict` (DDP: `module.` keys), `best_acc1`, `optimizer`)."""
+
+
+@dataclass
+class WeightsFile:
+    """A classifier's weights as users hold them: a bare state dict, or a training checkpoint holding one.
+
+    `state`: the state dict, `module.` prefixes dropped. `criterion`: the pickled loss of the
+    public ImageNet DDP script (`criterion_isda`, an inert `PickledObject`) or None. `epoch` and
+    `best_acc` (top-1 %, the script's `best_acc1`) when the file records them.
+    """
+
+    path: Path
+    state: OrderedDict
+    criterion: PickledObject | None = None
+    epoch: int | None = None
+    best_acc: float | None = None
+
+    def estimator_state(self, num_classes: int, feature_dim: int) -> dict | None:
+        """The pickled loss's statistics as `CovarianceEstimator.state_dict()`, or None when it has none.
+
+        The public ImageNet `EstimatorCV` keeps a diagonal `CoVariance (C, A)` (population variances),
+        `Ave (C, A)` and `Amount (C,)` (features seen over all epochs); a full `(C, A, A)` is read too.
+        `m2 = Σ · n`, float64. Shapes other than the model's are a one-line error.
+        """
+        estimator = getattr(self.criterion, "estimator", None)
+        if not isinstance(estimator, PickledObject):
+            return None
+        c, a = num_classes, feature_dim
+        covariance, mean, count = (getattr(estimator, k, None) for k in ("CoVariance", "Ave", "Amount"))
+        for name, value, shapes in (("CoVariance", covariance, ((c, a), (c, a, a))), ("Ave", mean, ((c, a),)),
+                                    ("Amount", count, ((c,),))):
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) not in shapes:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise IsdaVizError(f"{self.path}: {IMAGENET_CRITERION_KEY}.estimator.{name} should be a tensor of "
+                                   f"shape {' or '.join(map(str, shapes))} for this model, found {got}")
+        count = count.to(torch.float64)
+        covariance = covariance.to(torch.float64)
+        scale = count.view(-1, *[1] * (covariance.dim() - 1))
+        return {"num_features": a, "num_classes": c, "diagonal": covariance.dim() == 2,
+                "m2": covariance * scale, "mean64": mean.to(torch.float64), "count": count}
+
+
+def _number(value) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def read_weights_file(path, what: str = "weights") -> WeightsFile:
+    """A bare state dict (torch or `.safetensors`) or a checkpoint holding one under `state_dict` or `model`.
+
+    Read without running code the file carries (`load_torch_file`). A checkpoint of the public
+    CIFAR code (which needs its own `--classifier-arch`) and a file without a state dict are
+    one-line errors.
+    """
+    path = Path(path)
+    obj = load_torch_file(path, what)
+    if is_public_isda_checkpoint(obj):
+        guess = guess_public_arch(strip_module_prefix(obj["state_dict"]))
+        raise IsdaVizError(f"{path} is a checkpoint of the public ISDA CIFAR code, not {what}; "
+                           f"use --classifier-arch {guess or 'resnet32|resnet110|wrn28_10'}")
+    state = obj if _is_tensor_mapping(obj) else next(
+        (obj[k] for k in ("state_dict", "model") if isinstance(obj, Mapping) and _is_tensor_mapping(obj.get(k))),
+        None)
+    if state is None:
+        held = ", ".join(sorted(map(str, obj))[:6]) if isinstance(obj, Mapping) else type(obj).__name__
+        raise IsdaVizError(f"{path} holds no state dict (a dict of tensors, or one under 'state_dict' or 'model'); "
+                           f"found {held}")
+    meta = obj if state is not obj else {}
+    criterion = meta.get(IMAGENET_CRITERION_KEY)
+    epoch = _number(meta.get("epoch"))
+    return WeightsFile(path=path, state=strip_module_prefix(state),
+                       criterion=criterion if isinstance(criterion, PickledObject) else None,
+                       epoch=None if epoch is None else int(epoch),
+                       best_acc=_number(meta.get("best_acc1", meta.get("best_prec1"))))

@@ -15,6 +15,13 @@ torch < 1.6 (`torch.save(..., _use_new_zipfile_serialization=False)`: magic
 number, protocol, sys info, the object pickle, storage keys, raw storages).
 Tensors saved on CUDA load on the CPU (`map_location="cpu"`).
 
+Files written by torch 1.0.1, which the public code pins, also name the
+reducer `torch.nn.backends.thnn._get_thnn_function_backend` (every pickled
+`nn.Module`'s `_backend`; it becomes an inert `PickledFunctionBackend`) and
+storages as `torch.cuda.FloatStorage` etc. at location `cuda:0` (restored on
+the CPU like any storage). A `.safetensors` file is read by the safetensors
+package instead: a flat dict of tensors, no pickle at all.
+
 Why no foreign code can run: pickle calls code only through callables it
 obtains by name (GLOBAL / STACK_GLOBAL / EXT opcodes, all routed to
 `find_class`) or from `persistent_load`. torch's own reader subclasses our
@@ -93,6 +100,30 @@ class PickledCrossEntropyLoss(PickledObject):
     pickled_as = "torch.nn.modules.loss.CrossEntropyLoss"
 
 
+class PickledImageNetISDALoss(PickledISDALoss):
+    """`ISDA_imagenet.ISDALoss` of the public ImageNet code: `.estimator`, `.class_num`, `.cross_entropy`."""
+    pickled_as = "ISDA_imagenet.ISDALoss"
+
+
+class PickledImageNetEstimatorCV(PickledEstimatorCV):
+    """`ISDA_imagenet.EstimatorCV`: diagonal `.CoVariance (C, A)`, `.Ave (C, A)`, `.Amount (C,)`, `.class_num`."""
+    pickled_as = "ISDA_imagenet.EstimatorCV"
+
+
+class PickledFunctionBackend(PickledObject):
+    """What torch < 1.2 stored as every pickled `nn.Module`'s `_backend` (its THNN function table): nothing."""
+    pickled_as = "torch.nn.backends.thnn.THNNFunctionBackend"
+
+
+class _ThnnBackendReducer:
+    """Stands in for `torch.nn.backends.thnn._get_thnn_function_backend`, the reducer torch 1.0.1 pickled
+    `_backend` as (called with no arguments): returns a fresh inert `PickledFunctionBackend`."""
+    __slots__ = ()
+
+    def __call__(self):
+        return PickledFunctionBackend()
+
+
 class _RebuildTensor:
     """Calls `torch._utils._rebuild_tensor_v2`; unlike the function object, it has no attribute to overwrite."""
     __slots__ = ()
@@ -116,6 +147,10 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("ISDA", "ISDALoss"): PickledISDALoss,
     ("ISDA", "EstimatorCV"): PickledEstimatorCV,
     ("torch.nn.modules.loss", "CrossEntropyLoss"): PickledCrossEntropyLoss,
+    ("ISDA_imagenet", "ISDALoss"): PickledImageNetISDALoss,
+    ("ISDA_imagenet", "EstimatorCV"): PickledImageNetEstimatorCV,
+    # torch 1.0.1 (which the public code pins) pickles every nn.Module's `_backend` as this call.
+    ("torch.nn.backends.thnn", "_get_thnn_function_backend"): _ThnnBackendReducer(),
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
     ("__builtin__", "set"): set,  # how pickle protocol 2 (torch.save's default) spells builtins.set
@@ -125,7 +160,8 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     **{(module, f"{kind}Storage"): StorageType
        for module in ("torch", "torch.cuda") for kind in _STORAGE_NAMES},
 }
-"""Every global a checkpoint of the public ISDA CIFAR code needs, and nothing else."""
+"""Every global a checkpoint of the public ISDA code (CIFAR `train.py`, ImageNet `imagenet_DDP.py`, as written
+by torch 1.0.1 or a later torch) needs, and nothing else."""
 
 
 class ForbiddenGlobal(pickle.UnpicklingError):
@@ -191,17 +227,40 @@ def load_allow_listed(path, what: str = "checkpoint"):
                            f"({_first_line(e)})") from None
 
 
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def load_safetensors(path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """A `.safetensors` file as a dict of CPU tensors (no pickle); a one-line `IsdaVizError` if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise IsdaVizError(f"{what} not found: {path}")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise IsdaVizError(f"{what} {path} is a safetensors file, which needs the safetensors package: "
+                           "pip install 'isda-viz[timm]'") from None
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except Exception as e:
+        raise IsdaVizError(f"{what} {path} is truncated, corrupt or not a safetensors file "
+                           f"({_first_line(e)})") from None
+
+
 def load_torch_file(path, what: str = "checkpoint"):
     """Any torch checkpoint file, tensors on CPU, without running code it carries.
 
-    `torch.load(weights_only=True)` first (plain state dicts, isda-viz files);
-    if torch refuses, `load_allow_listed` (the public ISDA code's checkpoints).
+    A `.safetensors` file: `load_safetensors`. Otherwise `torch.load(weights_only=True)`
+    first (plain state dicts, isda-viz files); if torch refuses, `load_allow_listed`
+    (the public ISDA code's checkpoints).
     Errors are one-line `IsdaVizError`s: missing, truncated, or naming the
     global that is not allowed.
     """
     path = Path(path)
     if not path.is_file():
         raise IsdaVizError(f"{what} not found: {path}")
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return load_safetensors(path, what)
     _refuse_foreign_containers(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)

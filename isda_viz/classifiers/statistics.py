@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from isda_viz.classifiers.classifier import Classifier, _note
+from isda_viz.classifiers.covariance_file import read_covariance_file
 from isda_viz.data.batches import iterate_batches
 from isda_viz.data.datasets import FOLDER_DATASETS, TensorImages, detect_dataset, load_split
 from isda_viz.data.images import FileImages, image_files
@@ -109,7 +110,7 @@ def statistics_data(classifier: Classifier, data_root, classes: list[int]) -> St
 
 def class_statistics(classifier: Classifier, data_root=None, classes: Sequence[int] | None = None,
                      covariance: str = "full", progress: bool = True, batch_size: int | None = None,
-                     workers: int | None = None) -> ClassStatistics:
+                     workers: int | None = None, covariance_file=None) -> ClassStatistics:
     """Per-class feature means and covariances (Eqs. 1-3) of `classes` (default: all).
 
     The classifier's own statistics when it has them (ISDA runs, public ISDA checkpoints), whatever
@@ -118,9 +119,15 @@ def class_statistics(classifier: Classifier, data_root=None, classes: Sequence[i
     A = 2048) or "diagonal"; the result is cached in `classifier.cache_dir` and reused by any later
     call for the same weights and covariance type whose classes it covers with the same images.
     `workers`: DataLoader processes for image files (default: up to 8 for more than 2,000 files).
+    `covariance_file`: covariances estimated elsewhere (`covariance_file.read_covariance_file`), used
+    for every class instead of the classifier's own or a pass.
     """
     if covariance not in ("full", "diagonal"):
         raise IsdaVizError(f"--covariance must be full or diagonal, not {covariance}")
+    if covariance_file is not None:
+        estimator = read_covariance_file(covariance_file, classifier.num_classes, classifier.feature_dim,
+                                         device=classifier.device)
+        return ClassStatistics(estimator, list(range(classifier.num_classes)))
     if classifier.estimator is not None:
         return ClassStatistics(classifier.estimator, list(range(classifier.num_classes)))
     classes = sorted({int(c) for c in (range(classifier.num_classes) if classes is None else classes)})

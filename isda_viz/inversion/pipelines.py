@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from isda_viz.classifiers.classifier import Classifier, load_classifier
+from isda_viz.classifiers.covariance_file import read_covariance_file
 from isda_viz.classifiers.statistics import class_statistics
 from isda_viz.data.datasets import load_split
 from isda_viz.data.images import load_image_file
@@ -85,6 +86,7 @@ class VisualizeOptions:
     class_map: str | None = None
     judge: str | None = None
     covariance: str = "full"
+    covariance_file: str | None = None
     truncation: float | None = None
     device: str | None = None
     strength: float = 0.5
@@ -114,6 +116,9 @@ class VisualizeOptions:
         extra = {} if self.truncation is None else {"truncation": self.truncation}
         classifier = load_classifier(self.classifier or default_classifier(), device, arch=self.classifier_arch,
                                      class_names=self.class_names, data_root=self.data_root)
+        if self.covariance_file is not None:  # replaces the classifier's own statistics and any pass
+            classifier.estimator = read_covariance_file(self.covariance_file, classifier.num_classes,
+                                                        classifier.feature_dim, device=classifier.device)
         generator = load_generator(str(self.generator or default_generator()), device, **extra)
         class_map = None
         if self.class_map is not None:

@@ -1,0 +1,145 @@
+"""Classifiers built by timm (`--classifier-arch timm:NAME`), with the user's weights.
+
+timm is optional (`pip install 'isda-viz[timm]'`) and imported only here, when a timm classifier
+is asked for. The network is `timm.create_model(NAME, pretrained=False, num_classes=C)`, C the
+row count of the weights' final layer, loaded strictly; nothing is downloaded. Its features are
+timm's own `forward_head(forward_features(x), pre_logits=True)`, its final layer
+`get_classifier()` (which must be an `nn.Linear`: ISDA augments the input of a linear layer), and
+its input size, mean and std come from the model's `pretrained_cfg`.
+
+The weights are a file (a state dict saved with torch, or `.safetensors`; a dict holding one under
+`state_dict` or `model` too) or a local Hugging Face-style folder as timm's `push_to_hub` writes
+it: `config.json` (`architecture`, `num_classes`, optional `model_args` and `pretrained_cfg`,
+whose values override the model's defaults) beside `model.safetensors` or `pytorch_model.bin`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from isda_viz.classifiers.foreign import WeightsFile, load_strict, read_weights_file
+from isda_viz.errors import IsdaVizError
+
+TIMM_EXTRA = "pip install 'isda-viz[timm]'"
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+"""The weights file of a Hugging Face-style folder, in the order looked for."""
+
+
+def import_timm():
+    """The timm module, or a one-line `IsdaVizError` naming the extra that installs it."""
+    try:
+        import timm
+    except ImportError:
+        raise IsdaVizError(f"--classifier-arch timm:NAME needs the timm package: {TIMM_EXTRA}") from None
+    return timm
+
+
+def read_hf_folder(folder: Path) -> tuple[Path, dict]:
+    """`(weights file, config)` of a Hugging Face-style timm folder; one-line errors for what is missing."""
+    config_file = folder / HF_CONFIG
+    if not config_file.is_file():
+        raise IsdaVizError(f"--classifier {folder} is a folder without {HF_CONFIG}: give a weights file, or a "
+                           f"Hugging Face-style folder ({HF_CONFIG} + {' or '.join(HF_WEIGHTS)})")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IsdaVizError(f"{config_file} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise IsdaVizError(f"{config_file} must hold a JSON object")
+    weights = next((folder / f for f in HF_WEIGHTS if (folder / f).is_file()), None)
+    if weights is None:
+        raise IsdaVizError(f"{folder} holds {HF_CONFIG} but no weights file ({' or '.join(HF_WEIGHTS)})")
+    return weights, config
+
+
+def _create(timm, name: str, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        raise IsdaVizError(f"timm cannot build {name} with {kwargs or 'its defaults'} "
+                           f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
+                           ) from None
+
+
+def _classifier_name(net: nn.Module, name: str) -> str:
+    """The qualified module name of `net.get_classifier()` (e.g. `fc`, `head`, `head.fc`)."""
+    head = net.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise IsdaVizError(f"timm {name}'s final layer (get_classifier()) is a {type(head).__name__}, not an "
+                           "nn.Linear; ISDA augments the features a linear layer classifies")
+    return next(n for n, m in net.named_modules() if m is head)
+
+
+class TimmClassifier(nn.Module):
+    """A timm network with isda-viz's model shape.
+
+    `features(x) (N, A)` = `forward_head(forward_features(x), pre_logits=True)`; `fc` =
+    `get_classifier()`, `nn.Linear(A, C)`; `forward(x)` = the network's logits `(N, C)`. `mean`,
+    `std`, `input_size`, `channels` from `pretrained_cfg`; `label_names` the class names a
+    Hugging Face-style folder's `config.json` gives (None without).
+    """
+
+    def __init__(self, net: nn.Module, name: str, label_names: list[str] | None = None):
+        super().__init__()
+        self.net = net
+        self.name = name
+        self.label_names = label_names
+        _classifier_name(net, name)
+        self.fc = net.get_classifier()
+        self.feature_dim = self.fc.in_features
+        self.num_classes = self.fc.out_features
+        cfg = dict(getattr(net, "pretrained_cfg", None) or {})
+        channels, height, width = cfg.get("input_size", (3, 224, 224))
+        if height != width:
+            raise IsdaVizError(f"timm {name} takes {height}x{width} inputs; isda-viz handles square inputs only")
+        self.channels, self.input_size = int(channels), int(height)
+        self.mean = [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))]
+        self.std = [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def load_timm_classifier(path, name: str, num_classes: int | None = None) -> tuple[TimmClassifier, WeightsFile]:
+    """timm's `name` with the weights at `path` (a file, or a Hugging Face-style folder), in eval mode.
+
+    Returns the classifier and the weights file read (`WeightsFile.path` is the file itself, also
+    inside a folder). A folder's `config.json` must name the same `architecture`; its `model_args`
+    go to `create_model`, its `pretrained_cfg` overrides the model's preprocessing and its
+    `label_names` (one per class) become the classifier's `label_names`.
+    """
+    timm = import_timm()
+    path = Path(path)
+    config = {}
+    if path.is_dir():
+        path, config = read_hf_folder(path)
+        architecture = config.get("architecture")
+        if architecture is not None and architecture != name:
+            raise IsdaVizError(f"{path.parent}/{HF_CONFIG} is a timm {architecture}, not {name}; "
+                               f"use --classifier-arch timm:{architecture}")
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:5]}*")[:6]
+        raise IsdaVizError(f"timm has no model '{name}'" + (f" (e.g. {', '.join(close)})" if close else ""))
+    model_args = dict(config.get("model_args") or {})
+    overlay = {"pretrained_cfg_overlay": dict(config["pretrained_cfg"])} if config.get("pretrained_cfg") else {}
+    weights = read_weights_file(path, f"timm {name} weights")
+    head_name = _classifier_name(_create(timm, name, **model_args), name)
+    head_weight = weights.state.get(f"{head_name}.weight")
+    if head_weight is None or head_weight.dim() != 2:
+        raise IsdaVizError(f"{path} has no {head_name}.weight, the final layer of timm {name}; is it a {name}? "
+                           f"(keys: {', '.join(list(weights.state)[:3])}, ...)")
+    if num_classes is not None and num_classes != head_weight.shape[0]:
+        raise IsdaVizError(f"{path} classifies {head_weight.shape[0]} classes, not {num_classes}")
+    net = _create(timm, name, num_classes=head_weight.shape[0], **model_args, **overlay)
+    load_strict(net, weights.state, f"{path}: timm {name} weights")
+    labels = config.get("label_names")
+    labels = [str(v) for v in labels] if isinstance(labels, list) and len(labels) == head_weight.shape[0] else None
+    return TimmClassifier(net, name, labels).eval().requires_grad_(False), weights
