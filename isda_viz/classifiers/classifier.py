@@ -9,7 +9,7 @@ gradients: the inverter differentiates through `model.features`).
 
 `load_classifier(spec, device, arch)` is the one entry point for classifier
 weights: a run directory written by `isda-viz train` (arch None), a checkpoint
-of the public ISDA CIFAR code (`arch` resnet32, resnet110, wrn28_10, ...) or a
+of the public ISDA CIFAR code (`arch` resnet110, wrn28_10, se_resnet110, densenet_bc100, ...) or a
 torchvision weights file (`arch` "torchvision:NAME"); the foreign formats are
 read by `isda_viz.classifiers.foreign` without running code the files carry.
 
@@ -31,7 +31,7 @@ import torch
 
 from isda_viz.classifiers.foreign import load_torchvision_classifier, read_public_isda_checkpoint
 from isda_viz.classifiers.networks import build_model
-from isda_viz.classifiers.public import parse_public_arch
+from isda_viz.classifiers.public import PUBLIC_ARCH_NAMES, known_public_archs, match_public_arch
 from isda_viz.data.datasets import CACHE_ROOT, SPECS, detect_dataset, folder_class_names, read_json_or_lines
 from isda_viz.data.images import map_channels, normalize, resize
 from isda_viz.errors import IsdaVizError
@@ -41,8 +41,8 @@ from isda_viz.runs import CHECKPOINT, file_sha256, load_checkpoint, resolve_run_
 CLASSIFIER_CACHE = CACHE_ROOT / "classifiers"
 """Caches of classifiers given as weights files, one folder per file's sha256 (`Classifier.cache_dir`)."""
 """Folder in `Classifier.cache_dir` holding computed class statistics (`.pt`, with a `.json` key beside)."""
-PUBLIC_ARCHS = ("resnet32", "resnet110", "wrn28_10")
-ARCH_HELP = "resnet32|resnet110|wrn28_10 (public ISDA CIFAR checkpoints) or torchvision:NAME"
+PUBLIC_ARCHS = PUBLIC_ARCH_NAMES
+ARCH_HELP = "a public ISDA CIFAR name (resnet110, wrn28_10, se_resnet110, densenet_bc100, ...) or torchvision:NAME"
 
 
 @dataclass
@@ -199,8 +199,8 @@ def load_classifier(spec, device="cpu", arch: str | None = None, class_names=Non
     """The classifier named by `spec` on `device`, frozen.
 
     `spec`: with `arch` None, a run directory written by `isda-viz train` (or its `checkpoint.pt`);
-    otherwise a weights file, `arch` saying what it holds: `resnet32`, `resnet110`, `wrn28_10` (or
-    another `public_models.parse_public_arch` name) for a checkpoint of the public ISDA CIFAR code,
+    otherwise a weights file, `arch` saying what it holds: a `PUBLIC_ARCHS` name (`resnet110`, `wrn28_10`,
+    `se_resnet110`, `densenet_bc100`, ...: `public.parse_public_arch`) for a checkpoint of the public ISDA CIFAR code,
     whose class statistics become `estimator`; `torchvision:NAME` for torchvision weights
     (ImageNet normalisation and input size). `class_names`: a file or list naming a weights
     file's classes (default: from `data_root`, whose layout also sets `config["dataset"]`).
@@ -227,10 +227,8 @@ def load_classifier(spec, device="cpu", arch: str | None = None, class_names=Non
     if arch.startswith("torchvision:"):
         return _load_torchvision(path, arch.split(":", 1)[1], class_names, data_root, device, log)
 
-    try:
-        parse_public_arch(arch)
-    except IsdaVizError:
-        raise IsdaVizError(f"unknown --classifier-arch '{arch}'; use {ARCH_HELP}") from None
+    if match_public_arch(arch) is None:
+        raise IsdaVizError(f"unknown --classifier-arch '{arch}'; known: {known_public_archs()}, torchvision:NAME")
     return _load_public(path, arch, class_names, data_root, device, log)
 
 
