@@ -20,9 +20,10 @@ def classifier_options(classifier_help: str):
     options = [
         click.option("--classifier", default=None, help=classifier_help),
         click.option("--classifier-arch", default=None, metavar="ARCH",
-                     help="What the --classifier FILE holds: resnet32|resnet110|wrn28_10 (a checkpoint of the public "
-                          "ISDA CIFAR code; its format is recognised from its keys) or torchvision:NAME (torchvision "
-                          "weights, e.g. torchvision:resnet50). Leave out for an isda-viz RUN_DIR."),
+                     help="What the --classifier FILE holds: a public ISDA CIFAR architecture (resnet110, wrn28_10, "
+                          "se_resnet110, densenet_bc100, resnext29_8_64, shake_pyramidnet272, ...: the README's table; "
+                          "a checkpoint of that code, its format recognised from its keys) or torchvision:NAME "
+                          "(torchvision weights, e.g. torchvision:resnet50). Leave out for an isda-viz RUN_DIR."),
         click.option("--class-names", type=click.Path(dir_okay=False), default=None,
                      help="File naming the classes of a --classifier FILE, one per line or a JSON list "
                           "(default: --data-root's train/ folders)."),

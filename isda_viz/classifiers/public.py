@@ -42,7 +42,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from isda_viz.classifiers.public_densenet import DENSENET_GROWTH, PublicDenseNetBC, densenet_arch_name, guess_densenet_arch
+from isda_viz.classifiers.public_densenet import (
+    DENSENET_GROWTH,
+    PublicDenseNetBC,
+    densenet_arch_name,
+    guess_densenet_arch,
+)
 from isda_viz.classifiers.public_resnet import (
     PREACT_DEPTHS,
     RESNET_DEPTHS,

@@ -20,7 +20,7 @@ from isda_viz.errors import IsdaVizError
 
 
 class ResNeXtBottleneck(nn.Module):
-    """Aggregated-transform bottleneck (Xie et al. 2017, form C): relu(BN(1x1) → BN(grouped 3x3) → BN(1x1) + input)."""
+    """Aggregated-transform bottleneck (Xie et al. 2017, form C): relu(BN(1x1), BN(grouped 3x3), BN(1x1) + input)."""
     def __init__(self, in_planes: int, planes: int, cardinality: int, base_width: int, stride: int = 1):
         super().__init__()
         inner = planes * base_width // 64 * cardinality

@@ -159,7 +159,7 @@ class PyramidBottleneck(nn.Module):
 
 
 class PublicShakePyramidNet(nn.Module):
-    """The public `PyramidNet('cifar…', depth, alpha, bottleneck=True)`: `(N, 3, 32, 32)` → `(N, 4·round(16+alpha))`."""
+    """The public `PyramidNet('cifar…', depth, alpha, bottleneck=True)`: (N, 3, 32, 32) → (N, 4·round(16+α))."""
     def __init__(self, depth: int, alpha: int = PYRAMID_ALPHA):
         super().__init__()
         self.check(depth, alpha)
