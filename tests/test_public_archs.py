@@ -21,6 +21,7 @@ from test_foreign_checkpoints import EstimatorCV, ISDALoss, _public_isda_module,
 
 import isda_viz.classifiers.classifier as classifier_module
 from isda_viz.classifiers.classifier import load_classifier
+from isda_viz.classifiers.networks import BasicBlock, CifarResNet, WideBlock
 from isda_viz.classifiers.public import (
     PUBLIC_ARCH_NAMES,
     PUBLIC_CIFAR_MEAN,
@@ -239,6 +240,21 @@ def test_public_networks_have_the_published_sizes():
         params = sum(p.numel() for p in (*net.parameters(), *fc.parameters())) / 1e6
         assert net.feature_num == fc.fc.in_features == features, name
         assert abs(params - millions) <= 0.05 + 0.02 * millions, (name, params)
+
+
+def test_public_resnets_are_built_from_the_blocks_isda_viz_trains():
+    """One definition per block: only the projection's name differs, mapped when saving and loading."""
+    with torch.device("meta"):
+        resnet, wrn, preact = (build_public_network(a, 10)[0] for a in ("se_resnet20", "se_wrn16_8",
+                                                                           "preact_resnet110"))
+        ours = CifarResNet(20, 10)
+    assert type(resnet.layer2[0]) is BasicBlock and resnet.layer2[0].se is not None
+    assert type(wrn.block2.layer[0]) is WideBlock and type(preact.layer2[0]) is WideBlock
+    assert "layer2.0.downsample.1.running_var" in resnet.state_dict()
+    assert "block2.layer.0.convShortcut.weight" in wrn.state_dict()
+    assert "layer2.0.downsample.0.weight" in preact.state_dict()
+    assert not any("shortcut" in k for k in (*resnet.state_dict(), *preact.state_dict()))
+    assert "layers.3.shortcut.0.weight" in ours.state_dict()  # isda-viz's own networks keep their names
 
 
 # ---------------------------------------------------------------- files as train.py writes them

@@ -72,6 +72,7 @@ PUBLIC_CIFAR_MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
 PUBLIC_CIFAR_STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
 PUBLIC_INPUT_SIZE = 32
 
+
 class FullLayer(nn.Module):
     """The public `Full_layer`: `.fc = nn.Linear(A, C)`; logits `(N, C)` from features `(N, A)`."""
     def __init__(self, feature_num: int, class_num: int):
