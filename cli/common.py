@@ -20,8 +20,9 @@ def classifier_options(classifier_help: str):
     options = [
         click.option("--classifier", default=None, help=classifier_help),
         click.option("--classifier-arch", default=None, metavar="ARCH",
-                     help="What the --classifier FILE holds: resnet32|resnet110|wrn28_10 (a checkpoint of the public "
-                          "ISDA CIFAR code; its format is recognised from its keys) or torchvision:NAME (torchvision "
+                     help="What the --classifier FILE holds: a public ISDA CIFAR architecture (resnet110, wrn28_10, "
+                          "se_resnet110, densenet_bc100, resnext29_8_64, shake_pyramidnet272, ...: the README's table; "
+                          "a checkpoint of that code, its format recognised from its keys) or torchvision:NAME (torchvision "
                           "weights, e.g. torchvision:resnet50; also a checkpoint of the public ImageNet DDP script), "
                           "isda-imagenet:densenet121|densenet265 (the public ImageNet DenseNets) or timm:NAME (timm "
                           "weights: a file or a Hugging Face-style folder; needs isda-viz[timm]). Weights files may be "

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from isda_viz.audit import index
-from isda_viz.audit import run as audit
+
 from isda_viz.cli.main import main
 from isda_viz.data.datasets import DEBIAN_FASHION_MNIST, load_split
 from test_index import brute_force

@@ -9,7 +9,7 @@ gradients: the inverter differentiates through `model.features`).
 
 `load_classifier(spec, device, arch)` is the one entry point for classifier
 weights: a run directory written by `isda-viz train` (arch None), a checkpoint
-of the public ISDA CIFAR code (`arch` resnet32, resnet110, wrn28_10, ...) or a
+of the public ISDA CIFAR code (`arch` resnet110, wrn28_10, se_resnet110, densenet_bc100, ...) or a
 torchvision weights file (`arch` "torchvision:NAME"; also the public ImageNet DDP
 checkpoint), the public ImageNet DenseNets ("isda-imagenet:densenet121", `imagenet_densenet`)
 or timm weights ("timm:NAME", a file or Hugging Face-style folder, `timm_models`); the foreign
@@ -39,7 +39,7 @@ from isda_viz.classifiers.foreign import (
 )
 from isda_viz.classifiers.imagenet_densenet import load_imagenet_densenet
 from isda_viz.classifiers.networks import build_model
-from isda_viz.classifiers.public import parse_public_arch
+from isda_viz.classifiers.public import PUBLIC_ARCH_NAMES, known_public_archs, match_public_arch
 from isda_viz.classifiers.timm_models import load_timm_classifier
 from isda_viz.data.datasets import CACHE_ROOT, SPECS, detect_dataset, folder_class_names, read_json_or_lines
 from isda_viz.data.images import map_channels, normalize, resize
@@ -50,8 +50,10 @@ from isda_viz.runs import CHECKPOINT, file_sha256, load_checkpoint, resolve_run_
 CLASSIFIER_CACHE = CACHE_ROOT / "classifiers"
 """Caches of classifiers given as weights files, one folder per file's sha256 (`Classifier.cache_dir`)."""
 """Folder in `Classifier.cache_dir` holding computed class statistics (`.pt`, with a `.json` key beside)."""
-PUBLIC_ARCHS = ("resnet32", "resnet110", "wrn28_10")
-ARCH_HELP = "resnet32|resnet110|wrn28_10 (public ISDA CIFAR checkpoints) or torchvision:NAME"
+PUBLIC_ARCHS = PUBLIC_ARCH_NAMES
+ARCH_HELP = ("a public ISDA CIFAR name (resnet110, wrn28_10, se_resnet110, densenet_bc100, ...), torchvision:NAME, "
+             "isda-imagenet:densenet121|densenet265 (the public ISDA ImageNet DenseNets) or timm:NAME (timm "
+             "weights: a file or a Hugging Face-style folder)")
 
 
 @dataclass
@@ -203,9 +205,6 @@ def _class_names_for(num_classes: int, class_names, data_root, dataset: str | No
     return names
 
 
-# The foreign formats beside the public CIFAR names above.
-ARCH_HELP += ("; isda-imagenet:densenet121|densenet265 (the public ISDA ImageNet DenseNets); timm:NAME (timm "
-              "weights: a file or a Hugging Face-style folder)")
 FOREIGN_PREFIXES = ("torchvision:", "timm:", "isda-imagenet:")
 
 
@@ -214,8 +213,8 @@ def load_classifier(spec, device="cpu", arch: str | None = None, class_names=Non
     """The classifier named by `spec` on `device`, frozen.
 
     `spec`: with `arch` None, a run directory written by `isda-viz train` (or its `checkpoint.pt`);
-    otherwise a weights file, `arch` saying what it holds: `resnet32`, `resnet110`, `wrn28_10` (or
-    another `public_models.parse_public_arch` name) for a checkpoint of the public ISDA CIFAR code,
+    otherwise a weights file, `arch` saying what it holds: a `PUBLIC_ARCHS` name (`resnet110`, `wrn28_10`,
+    `se_resnet110`, `densenet_bc100`, ...: `public.parse_public_arch`) for a checkpoint of the public ISDA CIFAR code,
     whose class statistics become `estimator`; `torchvision:NAME` for torchvision weights
     (ImageNet normalisation and input size; a checkpoint of the public ImageNet DDP script too,
     whose diagonal statistics become `estimator`); `isda-imagenet:densenet121` (... `densenet265`)
@@ -244,10 +243,9 @@ def load_classifier(spec, device="cpu", arch: str | None = None, class_names=Non
         raise IsdaVizError(f"--classifier weights file not found: {path}")
     if data_root is not None and not Path(data_root).expanduser().is_dir():
         raise IsdaVizError(f"--data-root {data_root} does not exist")
-    try:
-        parse_public_arch(arch)
-    except IsdaVizError:
-        raise IsdaVizError(f"unknown --classifier-arch '{arch}'; use {ARCH_HELP}") from None
+    if match_public_arch(arch) is None:
+        raise IsdaVizError(f"unknown --classifier-arch '{arch}'; known: {known_public_archs()}, torchvision:NAME, "
+                           "isda-imagenet:densenet121|densenet265, timm:NAME")
     return _load_public(path, arch, class_names, data_root, device, log)
 
 

@@ -11,7 +11,6 @@ code they carry runs; state dicts are loaded strictly, after dropping the
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,8 +24,10 @@ from isda_viz.classifiers.public import (
     PUBLIC_CIFAR_MEAN,
     PUBLIC_CIFAR_STD,
     PUBLIC_INPUT_SIZE,
+    FullLayer,
+    PublicArch,
     PublicModel,
-    build_public_network,
+    guess_public_arch,
     parse_public_arch,
 )
 from isda_viz.classifiers.safe_load import SAFETENSORS_SUFFIX, PickledObject, load_torch_file
@@ -84,18 +85,6 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
 
 
 # ---------------------------------------------------------------- public ISDA CIFAR code
-
-def guess_public_arch(state: Mapping[str, torch.Tensor]) -> str | None:
-    """The arch name (`resnet110`, `wrn28_10`, ...) a public feature state dict was saved from, if clear."""
-    blocks = {int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))}
-    if blocks and "conv1.weight" in state:
-        return f"resnet{6 * (max(blocks) + 1) + 2}"
-    blocks = {int(m.group(1)) for k in state if (m := re.match(r"block1\.layer\.(\d+)\.", k))}
-    width = state.get("block1.layer.0.conv1.weight")
-    if blocks and width is not None and width.shape[0] % 16 == 0:
-        return f"wrn{6 * (max(blocks) + 1) + 4}_{width.shape[0] // 16}"
-    return None
-
 
 def public_dataset(num_classes: int) -> tuple[str | None, list[str]]:
     """The public code trains on CIFAR-10 or CIFAR-100 only: `(dataset, class names)` from the class count."""
@@ -169,12 +158,34 @@ def _from_flat_weights(obj):
     flat = strip_module_prefix(obj)
     fc = OrderedDict((k, v) for k, v in flat.items() if k.startswith("fc."))
     return {"state_dict": OrderedDict((k, v) for k, v in flat.items() if k not in fc), "fc": fc}
+def _public_state_dicts(ckpt, spec: PublicArch, path: Path) -> tuple[OrderedDict, OrderedDict]:
+    """`(feature network state, Full_layer state)` of a public file, `module.` prefixes dropped.
+
+    A `train.py` checkpoint holds them as `state_dict` and `fc`; a network with its own `fc` (pre-activation
+    ResNets, which `train.py` cannot build) is one state dict, bare or under `state_dict`, whose `fc.*` are split off.
+    """
+    if spec.own_fc:
+        state = ckpt if _is_tensor_mapping(ckpt) else (
+            ckpt.get("state_dict") if isinstance(ckpt, Mapping) and _is_tensor_mapping(ckpt.get("state_dict"))
+            else None)
+        if state is None:
+            held = ", ".join(sorted(map(str, ckpt))[:6]) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+            raise IsdaVizError(f"{path} holds no state dict of {spec.name} (a dict of tensors, or one under "
+                               f"'state_dict'); found {held}")
+        state = strip_module_prefix(state)
+        return (OrderedDict((k, v) for k, v in state.items() if not k.startswith("fc.")),
+                OrderedDict((k, v) for k, v in state.items() if k.startswith("fc.")))
+    if not is_public_isda_checkpoint(ckpt):
+        held = ", ".join(sorted(map(str, ckpt))[:6]) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise IsdaVizError(f"{path} is not a checkpoint of the public ISDA CIFAR code (it needs 'state_dict' and "
+                           f"'fc' state dicts; found {held}); for torchvision weights use torchvision:NAME")
+    return strip_module_prefix(ckpt["state_dict"]), strip_module_prefix(ckpt["fc"])
 
 
 def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None) -> PublicCheckpoint:
     """Read `checkpoint.pth.tar` / `model_best.pth.tar` of the public ISDA CIFAR `train.py`.
 
-    `arch`: `resnet32`, `resnet110`, `wrn28_10` (or another `parse_public_arch` name). A flat
+    `arch`: a `parse_public_arch` name (`resnet110`, `wrn28_10`, `se_resnet110`, `densenet_bc100`, ...). A flat
     state dict (`.safetensors`: the feature network's keys and `fc.weight`/`fc.bias`) is read too.
     `num_classes` defaults to the row count of the file's `fc` weight; a different
     value is an error. The feature network and `Full_layer` load strictly; any
@@ -182,15 +193,11 @@ def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None)
     `IsdaVizError`.
     """
     path = Path(path)
-    parse_public_arch(arch)
+    spec = parse_public_arch(arch)
     ckpt = load_torch_file(path, "public ISDA checkpoint")
-    ckpt = _from_flat_weights(ckpt) if path.suffix.lower() == SAFETENSORS_SUFFIX else ckpt
-    if not is_public_isda_checkpoint(ckpt):
-        held = ", ".join(sorted(map(str, ckpt))[:6]) if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise IsdaVizError(f"{path} is not a checkpoint of the public ISDA CIFAR code (it needs 'state_dict' and "
-                           f"'fc' state dicts; found {held}); for torchvision weights use torchvision:NAME")
-    features_state = strip_module_prefix(ckpt["state_dict"])
-    fc_state = strip_module_prefix(ckpt["fc"])
+    if path.suffix.lower() == SAFETENSORS_SUFFIX and not spec.own_fc:
+        ckpt = _from_flat_weights(ckpt)
+    features_state, fc_state = _public_state_dicts(ckpt, spec, path)
     fc_weight = fc_state.get("fc.weight")
     if fc_weight is None or fc_weight.dim() != 2:
         raise IsdaVizError(f"{path}: 'fc' has no 2-d fc.weight (keys: {_examples(list(fc_state))})")
@@ -198,16 +205,18 @@ def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None)
     if num_classes is not None and num_classes != file_classes:
         raise IsdaVizError(f"{path} classifies {file_classes} classes, not {num_classes}")
     guess = guess_public_arch(features_state)
-    hint = f"the file looks like {guess}" if guess and guess != arch else ""
-    net, full_layer = build_public_network(arch, file_classes)
-    load_strict(net, features_state, f"{path}: state_dict for {arch}", hint)
-    load_strict(full_layer, fc_state, f"{path}: fc for {arch}", hint)
+    hint = f"the file looks like {guess}" if guess and guess != spec.name else ""
+    net = spec.build()
+    full_layer = FullLayer(net.feature_num, file_classes)
+    load_strict(net, features_state, f"{path}: state_dict for {spec.name}", hint)
+    load_strict(full_layer, fc_state, f"{path}: fc for {spec.name}", hint)
     model = PublicModel(net, full_layer).eval().requires_grad_(False)
-    covariance, mean, count = _public_statistics(ckpt.get("isda_criterion"), file_classes, model.feature_dim, path)
+    covariance, mean, count = _public_statistics(ckpt.get("isda_criterion") if isinstance(ckpt, Mapping) else None,
+                                                 file_classes, model.feature_dim, path)
     dataset, class_names = public_dataset(file_classes)
-    epoch, best_acc = ckpt.get("epoch"), ckpt.get("best_acc")
+    epoch, best_acc = (ckpt.get("epoch"), ckpt.get("best_acc")) if isinstance(ckpt, Mapping) else (None, None)
     return PublicCheckpoint(
-        path=path, arch=arch, model=model, num_classes=file_classes, dataset=dataset, class_names=class_names,
+        path=path, arch=spec.name, model=model, num_classes=file_classes, dataset=dataset, class_names=class_names,
         class_covariance=covariance, class_mean=mean, class_count=count,
         epoch=int(epoch) if isinstance(epoch, (int, float)) else None,
         best_acc=float(best_acc) if isinstance(best_acc, (int, float, torch.Tensor)) else None)
@@ -249,7 +258,7 @@ def torchvision_preprocessing(name: str) -> tuple[list[float], list[float], int]
         return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 224
 
 
-class TorchvisionClassifier(nn.Module):
+class HookedTorchvisionClassifier(nn.Module):
     """A torchvision network with isda-viz's model shape.
 
     `features(x) (N, A)` is the input of the final linear layer `fc`, captured by a
@@ -287,7 +296,7 @@ class TorchvisionClassifier(nn.Module):
 
 
 def load_torchvision_classifier(path, name: str, num_classes: int | None = None,
-                                weights: WeightsFile | None = None) -> TorchvisionClassifier:
+                                weights: WeightsFile | None = None) -> HookedTorchvisionClassifier:
     """`torchvision.models.<name>(weights=None, num_classes=C)` with the weights in `path`, in eval mode.
 
     `path`: a plain state dict (torch or `.safetensors`), or a dict holding one under `state_dict`
@@ -308,7 +317,7 @@ def load_torchvision_classifier(path, name: str, num_classes: int | None = None,
         raise IsdaVizError(f"{path} classifies {fc_weight.shape[0]} classes, not {num_classes}")
     net = builder(weights=None, num_classes=fc_weight.shape[0])
     load_strict(net, state, f"{path}: torchvision {name} weights")
-    return TorchvisionClassifier(net, name).eval().requires_grad_(False)
+    return HookedTorchvisionClassifier(net, name).eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------- weights files and the public ImageNet checkpoint
@@ -376,7 +385,7 @@ def read_weights_file(path, what: str = "weights") -> WeightsFile:
     if is_public_isda_checkpoint(obj):
         guess = guess_public_arch(strip_module_prefix(obj["state_dict"]))
         raise IsdaVizError(f"{path} is a checkpoint of the public ISDA CIFAR code, not {what}; "
-                           f"use --classifier-arch {guess or 'resnet32|resnet110|wrn28_10'}")
+                           f"use --classifier-arch {guess or 'NAME (resnet110, wrn28_10, ...)'}")
     state = obj if _is_tensor_mapping(obj) else next(
         (obj[k] for k in ("state_dict", "model") if isinstance(obj, Mapping) and _is_tensor_mapping(obj.get(k))),
         None)

@@ -16,13 +16,35 @@ import torchvision
 from isda_viz.errors import IsdaVizError
 
 
+class SqueezeExcitation(nn.Module):
+    """Channel gates of Hu et al. 2018: `x * sigmoid(W2 relu(W1 mean_hw(x)))`, `W1 (C/r, C)`, `W2 (C, C/r)`, no biases.
+
+    The two linear maps are `fc.0` and `fc.2`, the names the public ISDA code's `SELayer` saves.
+    """
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(channels, channels // reduction, bias=False), nn.ReLU(inplace=True),
+                                nn.Linear(channels // reduction, channels, bias=False), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return x * gates[:, :, None, None]
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    """Post-activation basic block (He et al. 2016); `shortcut` (1x1 conv + BN) when the shape changes.
+
+    `se_reduction`: squeeze-excitation on the residual branch before the sum (SE-ResNet), None for none.
+    The public ISDA code's ResNet / SE-ResNet blocks are this block, their `downsample` our `shortcut`
+    (`public_resnet` maps the name).
+    """
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, se_reduction: int | None = None):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.se = SqueezeExcitation(planes, se_reduction) if se_reduction else None
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
@@ -30,6 +52,8 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        if self.se is not None:
+            out = self.se(out)
         return F.relu(out + self.shortcut(x))
 
 
@@ -63,12 +87,20 @@ class CifarResNet(nn.Module):
 
 
 class WideBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int):
+    """Pre-activation block (He et al. 2016b; Zagoruyko & Komodakis): `conv2(relu(bn2(conv1(relu(bn1(x))))))` plus
+    the input, or, when the shape changes, plus the 1x1 `shortcut` of the activated input.
+
+    `se_reduction`: squeeze-excitation on the residual branch before the sum (SE-WRN), None for none.
+    The public ISDA code's WRN, SE-WRN and pre-activation ResNet blocks are this block, their
+    `convShortcut` / `downsample.0` our `shortcut` (`public_resnet` maps the names).
+    """
+    def __init__(self, in_planes: int, planes: int, stride: int, se_reduction: int | None = None):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.se = SqueezeExcitation(planes, se_reduction) if se_reduction else None
         self.shortcut = None
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
@@ -78,6 +110,8 @@ class WideBlock(nn.Module):
         shortcut = x if self.shortcut is None else self.shortcut(o)
         out = self.conv1(o)
         out = self.conv2(F.relu(self.bn2(out)))
+        if self.se is not None:
+            out = self.se(out)
         return out + shortcut
 
 
@@ -109,8 +143,9 @@ class WideResNet(nn.Module):
         return self.fc(self.features(x))
 
 
-class TorchvisionClassifier(nn.Module):
-    """A torchvision ImageNet model split into `features` and `fc`."""
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet to train from scratch, split into `features` and `fc` (`in_channels` other than 3
+    replaces its first convolution)."""
     def __init__(self, name: str, num_classes: int, in_channels: int = 3):
         super().__init__()
 
@@ -135,8 +170,8 @@ ARCHS = {
     "resnet32": lambda c, ch: CifarResNet(32, c, ch),
     "resnet110": lambda c, ch: CifarResNet(110, c, ch),
     "wrn28_10": lambda c, ch: WideResNet(28, 10, c, ch),
-    "resnet18": lambda c, ch: TorchvisionClassifier("resnet18", c, ch),
-    "resnet50": lambda c, ch: TorchvisionClassifier("resnet50", c, ch),
+    "resnet18": lambda c, ch: TorchvisionResNet("resnet18", c, ch),
+    "resnet50": lambda c, ch: TorchvisionResNet("resnet50", c, ch),
 }
 ARCH_NAMES = list(ARCHS)
 

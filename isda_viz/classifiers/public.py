@@ -1,20 +1,21 @@
-"""Networks whose parameters carry the names of the public ISDA CIFAR code's.
+"""The public ISDA CIFAR code's architectures by name: the registry, `Full_layer`, and isda-viz's view of them.
 
 Facts about the public code (GitHub blackfeather-wang/ISDA-for-Deep-Networks,
-folder "Image classification on CIFAR"), which this module reproduces so that
+folder "Image classification on CIFAR"), which these modules reproduce so that
 its checkpoints load strictly and give the same outputs in eval mode:
 
-- The feature network returns the penultimate pooled features `(N, A)`:
-  `resnet{20,32,44,56,110,1202}_cifar` (`networks/resnet.py`, basic blocks,
-  16/32/64 channels, `A = 64`) and `WideResNet(depth, num_classes, widen_factor)`
-  (`networks/wideresnet.py`, pre-activation blocks, `A = 64 * widen_factor`,
-  its `num_classes` argument unused). The network has no classifier; a separate
-  `Full_layer(feature_num, class_num)` holds it as `.fc = nn.Linear(A, C)` and
-  the logits are `Full_layer(features)`.
-- Both are wrapped in `nn.DataParallel` during training, so every key of the
+- Every feature network returns the penultimate pooled features `(N, A)`, `A` its
+  `feature_num`: ResNet, SE-ResNet, WRN, SE-WRN and pre-activation ResNet
+  (`public_resnet`), DenseNet-BC (`public_densenet`), ResNeXt-29 (`public_resnext`),
+  Shake-Shake, Shake-ResNeXt and ShakeDrop PyramidNet (`public_shake`); each
+  module's docstring gives its names and shapes. The network has no classifier;
+  a separate `Full_layer(feature_num, class_num)` holds it as `.fc = nn.Linear(A, C)`
+  and the logits are `Full_layer(features)` (the pre-activation ResNets, which
+  `train.py` cannot build, hold their own `fc`).
+- Both parts are wrapped in `nn.DataParallel` during training, so every key of the
   saved state dicts starts with `module.` (`module.fc.weight`, `module.fc.bias`).
 - Dropout (rate 0 by default) has no parameters and does nothing in eval mode;
-  it is left out here.
+  it is left out here; the random Shake-Shake / ShakeDrop mixing is its eval-mode scaling.
 - Inputs are 32 x 32 RGB in [0, 1] normalised with mean (125.3, 123.0, 113.9)/255
   and std (63.0, 62.1, 66.7)/255 for both CIFAR-10 and CIFAR-100 (the final
   average pool has an 8 x 8 kernel, so no other size gives `(N, A)`).
@@ -29,122 +30,47 @@ its checkpoints load strictly and give the same outputs in eval mode:
   mean and the number of features seen (summed over every epoch). It also holds
   `.class_num` and `.cross_entropy` (an nn.CrossEntropyLoss).
 
-The modules here are our own code with those names and shapes.
+The modules are our own code with those names and shapes.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from isda_viz.classifiers.public_densenet import (
+    DENSENET_GROWTH,
+    PublicDenseNetBC,
+    densenet_arch_name,
+    guess_densenet_arch,
+)
+from isda_viz.classifiers.public_resnet import (
+    PREACT_DEPTHS,
+    RESNET_DEPTHS,
+    PublicPreActResNet,
+    PublicResNet,
+    PublicWideResNet,
+    guess_resnet_arch,
+)
+from isda_viz.classifiers.public_resnext import PublicResNeXt, guess_resnext_arch
+from isda_viz.classifiers.public_shake import (
+    PYRAMID_ALPHA,
+    PublicShakePyramidNet,
+    PublicShakeResNeXt,
+    PublicShakeResNet,
+    guess_shake_arch,
+    pyramidnet_arch_name,
+)
 from isda_viz.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES  # noqa: F401  (re-exported: the public code's labels)
 from isda_viz.errors import IsdaVizError
 
 PUBLIC_CIFAR_MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
 PUBLIC_CIFAR_STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
 PUBLIC_INPUT_SIZE = 32
-
-RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)
-"""Depths the public code builds from basic blocks (`resnet{depth}_cifar`)."""
-
-
-class ResNetBlock(nn.Module):
-    """Post-activation basic block; `downsample` (1x1 conv + BN) when the shape changes."""
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
-                                            nn.BatchNorm2d(planes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
-
-
-class PublicResNet(nn.Module):
-    """The public `ResNet_Cifar` feature network: `(N, 3, 32, 32)` → `(N, 64)`."""
-    def __init__(self, depth: int):
-        super().__init__()
-        if depth not in RESNET_DEPTHS:
-            raise IsdaVizError(f"the public code has no basic-block resnet{depth}; "
-                               f"choose one of {', '.join(f'resnet{d}' for d in RESNET_DEPTHS)}")
-        n = (depth - 2) // 6
-        self.feature_num = 64
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = self._stage(16, 16, n, 1)
-        self.layer2 = self._stage(16, 32, n, 2)
-        self.layer3 = self._stage(32, 64, n, 2)
-
-    @staticmethod
-    def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(*[ResNetBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
-                               for i in range(blocks)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        return F.avg_pool2d(out, 8, stride=1).flatten(1)
-
-
-class WideBlock(nn.Module):
-    """Pre-activation wide block; when the shape changes, the 1x1 `convShortcut` reads the activated input."""
-    def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.convShortcut = None
-        if in_planes != planes:
-            self.convShortcut = nn.Conv2d(in_planes, planes, 1, stride, 0, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = F.relu(self.bn1(x))
-        out = self.conv2(F.relu(self.bn2(self.conv1(act))))
-        shortcut = x if self.convShortcut is None else self.convShortcut(act)
-        return shortcut + out
-
-
-class WideStage(nn.Module):
-    """The public `NetworkBlock`: its blocks live in `.layer`."""
-    def __init__(self, blocks: int, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.layer = nn.Sequential(*[WideBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
-                                     for i in range(blocks)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
-class PublicWideResNet(nn.Module):
-    """The public `WideResNet(depth, _, widen_factor)` feature network: `(N, 3, 32, 32)` → `(N, 64·k)`."""
-    def __init__(self, depth: int, widen_factor: int):
-        super().__init__()
-        if depth < 10 or (depth - 4) % 6 or widen_factor < 1:
-            raise IsdaVizError(f"WideResNet depth must be 6n+4 (n >= 1) and width >= 1, got {depth}, {widen_factor}")
-        n, k = (depth - 4) // 6, widen_factor
-        self.feature_num = 64 * k
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.block1 = WideStage(n, 16, 16 * k, 1)
-        self.block2 = WideStage(n, 16 * k, 32 * k, 2)
-        self.block3 = WideStage(n, 32 * k, 64 * k, 2)
-        self.bn1 = nn.BatchNorm2d(64 * k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block3(self.block2(self.block1(self.conv1(x))))
-        out = F.relu(self.bn1(out))
-        return F.avg_pool2d(out, 8).flatten(1)
 
 
 class FullLayer(nn.Module):
@@ -158,25 +84,132 @@ class FullLayer(nn.Module):
         return self.fc(x)
 
 
-def parse_public_arch(arch: str) -> tuple[str, int, int]:
-    """`resnet32`/`resnet110`/`resnet{20,44,56,1202}` → ("resnet", depth, 1); `wrn28_10` → ("wrn", 28, 10).
+@dataclass(frozen=True)
+class PublicArch:
+    """One `--classifier-arch` name of the public CIFAR code.
 
-    The public code's own spellings (`resnet32_cifar`) are accepted too.
+    `name` is the canonical spelling; `network(*args)` (`build()`) is the feature network (`forward(x) (N, A)`,
+    `.feature_num` = A) with the public parameter names, `network.check(*args)` says whether the public code
+    builds it; `own_fc` marks networks that hold their classifier themselves as `fc` (pre-activation ResNets:
+    their file is one state dict, `fc.*` among the network's keys).
     """
-    m = re.fullmatch(r"resnet(\d+)(?:_cifar)?|wrn(\d+)_(\d+)", arch)
-    if m is None:
-        raise IsdaVizError(f"unknown public ISDA architecture '{arch}'; use resnet32, resnet110 or wrn28_10 "
-                           f"(also resnet20/44/56/1202, wrnDEPTH_WIDTH)")
-    if m.group(1):
-        return "resnet", int(m.group(1)), 1
-    return "wrn", int(m.group(2)), int(m.group(3))
+
+    name: str
+    network: type[nn.Module]
+    args: tuple
+    own_fc: bool = False
+
+    def build(self) -> nn.Module:
+        return self.network(*self.args)
+
+
+def _resnet(m):
+    se, depth = m.group(1) or "", int(m.group(2))
+    return PublicArch(f"{se}resnet{depth}", PublicResNet, (depth, bool(se)))
+
+
+def _wrn(m):
+    se, depth, width = m.group(1) or "", int(m.group(2)), int(m.group(3))
+    return PublicArch(f"{se}wrn{depth}_{width}", PublicWideResNet, (depth, width, bool(se)))
+
+
+def _preact(m):
+    depth = int(m.group(1))
+    return PublicArch(f"preact_resnet{depth}", PublicPreActResNet, (depth,), own_fc=True)
+
+
+def _densenet(m):
+    depth, growth = int(m.group(1)), int(m.group(2) or DENSENET_GROWTH)
+    return PublicArch(densenet_arch_name(depth, growth), PublicDenseNetBC, (depth, growth))
+
+
+def _resnext(m):
+    depth, cardinality, width = map(int, m.groups())
+    return PublicArch(f"resnext{depth}_{cardinality}_{width}", PublicResNeXt, (depth, cardinality, width))
+
+
+def _shake_resnet(m):
+    depth, width = map(int, m.groups())
+    return PublicArch(f"shake_resnet{depth}_2x{width}d", PublicShakeResNet, (depth, width))
+
+
+def _shake_resnext(m):
+    depth, cardinality, width = map(int, m.groups())
+    return PublicArch(f"shake_resnext{depth}_2x{cardinality}x{width}d", PublicShakeResNeXt,
+                      (depth, cardinality, width))
+
+
+def _pyramidnet(m):
+    depth, alpha = int(m.group(1)), int(m.group(2) or PYRAMID_ALPHA)
+    return PublicArch(pyramidnet_arch_name(depth, alpha), PublicShakePyramidNet, (depth, alpha))
+
+
+_FAMILIES = (
+    (r"(se_)?resnet(\d+)(?:_cifar)?", _resnet),
+    (r"(se_)?wrn(\d+)_(\d+)", _wrn),
+    (r"preact_resnet(\d+)(?:_cifar)?", _preact),
+    (r"densenet_bc(\d+)(?:_(\d+))?", _densenet),
+    (r"resnext(\d+)_(\d+)_(\d+)", _resnext),
+    (r"shake_resnet(\d+)_2x(\d+)d", _shake_resnet),
+    (r"shake_resnext(\d+)_2x(\d+)x(\d+)d", _shake_resnext),
+    (r"shake_pyramidnet(\d+)(?:_(\d+))?", _pyramidnet),
+)
+
+PUBLIC_ARCH_NAMES = (
+    *(f"resnet{d}" for d in RESNET_DEPTHS), *(f"se_resnet{d}" for d in RESNET_DEPTHS),
+    *(f"preact_resnet{d}" for d in PREACT_DEPTHS), "wrn16_8", "wrn28_10", "se_wrn16_8", "se_wrn28_10",
+    "densenet_bc100", "densenet_bc190", "resnext29_8_64", "resnext29_16_64", "shake_resnet26_2x32d",
+    "shake_resnet26_2x64d", "shake_resnet26_2x112d", "shake_resnext29_2x4x64d", "shake_pyramidnet272",
+)
+"""The public CIFAR code's own architectures (its constructors, and what `train.py` builds with its defaults)."""
+PUBLIC_ARCH_PATTERNS = ("wrnDEPTH_WIDTH", "se_wrnDEPTH_WIDTH", "densenet_bcDEPTH_GROWTH", "resnextDEPTH_CARD_WIDTH",
+                        "shake_resnetDEPTH_2xWIDTHd", "shake_resnextDEPTH_2xCARDxWIDTHd", "shake_pyramidnetDEPTH_ALPHA")
+"""The other settings of the same classes (`train.py`'s `--layers`, `--widen-factor`, `--growth-rate`, `--alpha`)."""
+
+
+def known_public_archs() -> str:
+    return f"{', '.join(PUBLIC_ARCH_NAMES)} (also {', '.join(PUBLIC_ARCH_PATTERNS)})"
+
+
+def match_public_arch(arch: str) -> PublicArch | None:
+    """The `PublicArch` an architecture name spells, None for a name of no public family.
+
+    A name of a family with impossible settings (`resnet164`, `wrn27_2`) is a one-line `IsdaVizError`
+    saying why.
+    """
+    for pattern, make in _FAMILIES:
+        if (m := re.fullmatch(pattern, arch)) is not None:
+            spec = make(m)
+            spec.network.check(*spec.args)
+            return spec
+    return None
+
+
+def parse_public_arch(arch: str) -> PublicArch:
+    """`match_public_arch`, with an unknown name a one-line `IsdaVizError` listing the known ones."""
+    spec = match_public_arch(arch)
+    if spec is None:
+        raise IsdaVizError(f"unknown public ISDA CIFAR architecture '{arch}'; known: {known_public_archs()}")
+    return spec
 
 
 def build_public_network(arch: str, num_classes: int) -> tuple[nn.Module, FullLayer]:
-    """`(feature_net, fc)` named like the public code's: `feature_net(x) (N, A)`, `fc(features) (N, C)`."""
-    family, depth, width = parse_public_arch(arch)
-    net = PublicResNet(depth) if family == "resnet" else PublicWideResNet(depth, width)
+    """`(feature_net, fc)` named like the public code's: `feature_net(x) (N, A)`, `fc(features) (N, C)`.
+
+    For a network with its own `fc` (`PublicArch.own_fc`), `fc` holds those weights: the public state dict
+    is `{**feature_net.state_dict(), **fc.state_dict()}`.
+    """
+    net = parse_public_arch(arch).build()
     return net, FullLayer(net.feature_num, num_classes)
+
+
+def guess_public_arch(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The arch name (`resnet110`, `wrn28_10`, `densenet_bc100`, ...) a public feature state dict was saved from,
+    if its names and shapes tell."""
+    for guess in (guess_resnet_arch, guess_densenet_arch, guess_resnext_arch, guess_shake_arch):
+        if (name := guess(state)) is not None:
+            return name
+    return None
 
 
 class PublicModel(nn.Module):
