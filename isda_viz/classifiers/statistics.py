@@ -118,9 +118,8 @@ def class_statistics(classifier: Classifier, data_root=None, classes: Sequence[i
     A = 2048) or "diagonal"; the result is cached in `classifier.cache_dir` and reused by any later
     call for the same weights and covariance type whose classes it covers with the same images.
     `workers`: DataLoader processes for image files (default: up to 8 for more than 2,000 files).
+    `covariance` is checked where it is an option (`VisualizeOptions`, `check_covariance`).
     """
-    if covariance not in ("full", "diagonal"):
-        raise IsdaVizError(f"--covariance must be full or diagonal, not {covariance}")
     if classifier.estimator is not None:
         return ClassStatistics(classifier.estimator, list(range(classifier.num_classes)))
     classes = sorted({int(c) for c in (range(classifier.num_classes) if classes is None else classes)})
