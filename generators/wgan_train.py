@@ -157,8 +157,8 @@ class _GanTraining:
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     rng: torch.Generator                 # every random draw of training: batches, z, y, interpolation
-    sample_batch: _BatchSampler = None
-    grid_z: torch.Tensor = None          # (10, latent_dim) latent codes of samples.png
+    sample_batch: _BatchSampler | None = None   # set once the run's state is restored
+    grid_z: torch.Tensor | None = None          # (10, latent_dim) latent codes of samples.png
 
     def draw_z(self) -> torch.Tensor:
         return torch.randn(self.cfg.batch_size, self.cfg.latent_dim, generator=self.rng).to(self.device)
@@ -203,8 +203,9 @@ def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]
     critic = WGANCritic(num_classes, spec.channels, cfg.critic_width).to(device)
     opt_g = torch.optim.Adam(generator.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(critic.parameters(), cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
-    run = _GanTraining(cfg, device, out, class_names, classifier, generator, critic, opt_g, opt_d,
-                       torch.Generator().manual_seed(cfg.seed))
+    run = _GanTraining(cfg=cfg, device=device, out=out, class_names=class_names, classifier=classifier,
+                       generator=generator, critic=critic, opt_g=opt_g, opt_d=opt_d,
+                       rng=torch.Generator().manual_seed(cfg.seed))
     start, elapsed = 0, 0.0
     if state is not None:
         start, elapsed = _restore(run, state)

@@ -107,6 +107,9 @@ def test_planted_training_images_are_flagged_and_test_images_mostly_not(pixel_au
     tests = [q for name, q in by_name.items() if name.startswith("test_")]
     assert len(tests) == 40 and sum(q["flagged"] for q in tests) <= 3
     assert report["flagged"] == sum(q["flagged"] for q in report["queries"])
+    from isda_viz.outputs.audit_report import read_audit
+
+    assert read_audit(out).to_dict() == report           # the typed audit.json reads back to the same JSON
     assert f"{report['flagged']} flagged" in result.output
 
     # neighbours are the brute-force ones, with the training labels, k of them

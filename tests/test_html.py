@@ -429,7 +429,12 @@ def test_grid_audit_and_figure_pages_are_written_where_documented(demo_dir):
     assert write_html(demo_dir / "figure.png") == demo_dir / "figure.html"
     assert write_html(demo_dir / "figure.json") == demo_dir / "figure.html"
     assert write_html(demo_dir / "audit") == demo_dir / "audit" / "index.html"
+    from isda_viz.outputs.audit_report import read_audit
+    from isda_viz.outputs.summary import read_summary
+
     audit = json.loads((demo_dir / "audit" / "audit.json").read_text())
+    assert read_audit(demo_dir / "audit").to_dict() == audit       # the typed files read back to the same JSON
+    assert read_summary(demo_dir).to_dict() == json.loads((demo_dir / "summary.json").read_text())
     dom = parse((demo_dir / "audit" / "index.html").read_text(encoding="utf-8"))
     tiles = dom.find_all("figure")
     assert len(tiles) == len(audit["queries"])

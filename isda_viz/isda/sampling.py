@@ -24,7 +24,7 @@ def covariance_factors(covariance: torch.Tensor | CovarianceEstimator, classes: 
 
     Estimated covariances are often singular (A can exceed the number of features seen), so a class
     whose Cholesky fails gets the smallest jitter that works, relative to its mean variance: +jitter
-    * mean(diag Sigma_c) * I, jitter in 1e-10 ... 1e-4 (0 for positive definite ones).
+    * mean(diag Sigma_c) * I, jitter in 1e-10 ... 1e-4 (none for positive definite classes).
     """
     if isinstance(covariance, CovarianceEstimator):
         covariance = covariance.covariance
@@ -33,10 +33,14 @@ def covariance_factors(covariance: torch.Tensor | CovarianceEstimator, classes: 
         return sigma.clamp_min(0).sqrt()
     eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
     base = sigma.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
+    factors, todo = torch.empty_like(sigma), torch.arange(len(sigma), device=sigma.device)
     for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4):
-        factor, info = torch.linalg.cholesky_ex(sigma + jitter * base * eye)
-        if not info.any():
-            return factor
+        factor, info = torch.linalg.cholesky_ex(sigma[todo] + jitter * base[todo] * eye)
+        done = info == 0
+        factors[todo[done]] = factor[done]
+        todo = todo[~done]
+        if not len(todo):
+            return factors
     raise IsdaVizError("a class covariance is not positive semi-definite; the classifier run's statistics are broken")
 
 

@@ -500,8 +500,9 @@ def _setup(cfg: TrainConfig, device: torch.device, resume: bool, log) -> tuple[_
         model.to(memory_format=torch.channels_last)
     # every rank holds the same teacher: the same student, the same averages
     teacher = copy.deepcopy(model).requires_grad_(False) if cfg.ssl == "mean-teacher" else None
-    run = _Training(cfg, device, spec, train_set, test_set, class_names, plan, model, None, optimizer, scaler, amp,
-                    estimator, teacher, channels_last)
+    run = _Training(cfg=cfg, device=device, spec=spec, train_set=train_set, test_set=test_set,
+                    class_names=class_names, plan=plan, model=model, net=model, optimizer=optimizer, scaler=scaler,
+                    amp=amp, estimator=estimator, teacher=teacher, channels_last=channels_last)
     start_epoch = _restore(run, ckpt) if ckpt is not None else 0
     if estimator is not None:
         estimator.to(device)
