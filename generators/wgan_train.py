@@ -113,6 +113,13 @@ class GanConfig:
     log_every: int = 25                # iterations between metrics.jsonl lines
     device: str | None = None          # not part of the run's identity
 
+    def __post_init__(self) -> None:
+        """One-line `IsdaVizError`s for options no run can use."""
+        if self.iterations < 1 or self.batch_size < 1 or self.n_critic < 1:
+            raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")
+        if self.classifier and not self.conditional:
+            raise IsdaVizError("--classifier measures class agreement, which needs a class-conditional GAN")
+
 
 class _BatchSampler:
     """Random training batches `(N, C, S, S)` in [-1, 1] and labels `(N,)`, drawn from a seeded generator."""
@@ -172,8 +179,6 @@ class _GanTraining:
 def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]:
     """The run in `cfg.out`: data, classifier, networks and optimisers, restored from its training state when
     resuming; writes config.json. Returns the run, the iterations done and the seconds they took."""
-    if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.n_critic < 1:
-        raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")
     device = pick_device(cfg.device)
     out = Path(cfg.out)
     state = open_run_dir(out, STATE_FILE, resume, {"dataset": cfg.dataset, "conditional": cfg.conditional},
@@ -188,8 +193,6 @@ def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]
 
     classifier = None
     if cfg.classifier:
-        if not cfg.conditional:
-            raise IsdaVizError("--classifier measures class agreement, which needs a class-conditional GAN")
         classifier = load_classifier(cfg.classifier, device, arch=cfg.classifier_arch, class_names=cfg.class_names,
                                      data_root=cfg.data_root)
         if classifier.class_names != class_names:
