@@ -40,7 +40,7 @@ from isda_viz.inversion.optimizer import InversionOptions, invert_features, nega
 from isda_viz.isda.sampling import sample_augmented_features
 from isda_viz.pretrained import default_classifier, default_generator
 from isda_viz.outputs.report import summarize
-from isda_viz.inversion.pipelines import Models, VisualizeOptions, invert_and_augment, test_images_per_class
+from isda_viz.inversion.pipelines import Models, VisualizeOptions, invert_and_augment, images_per_class
 
 
 def first_reaching(history, error):
@@ -97,7 +97,7 @@ def main():
     generator = load_generator(args.generator or default_generator(), "cpu")
     adapter = GeneratorAdapter(generator, classifier)
     per_class = -(-args.images // classifier.num_classes)
-    images, labels, _ = test_images_per_class(classifier, per_class, None)
+    images, labels, _ = images_per_class(classifier, per_class, None)
     images, labels = images[: args.images], labels[: args.images]
     x = classifier.preprocess(images)
     featurize = classifier.model.features

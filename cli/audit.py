@@ -37,7 +37,7 @@ from .common import classifier_options, device_option, embed_option
 def audit_command(images, **options):
     """Find each query image's k nearest training images; flag likely copies (audit.json, audit.png)."""
     result = run_audit(AuditConfig(images=list(images), **options), log=click.echo)
-    pages = len(result.report["pages"])
+    pages = len(result.report.pages)
     more = f" (+{pages - 1} more page{'s' if pages > 2 else ''})" if pages > 1 else ""
     click.echo(f"audit written to {result.out / 'audit.json'} and {result.out / 'audit.png'}{more} "
                f"(index in {result.index_dir})")

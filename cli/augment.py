@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 
 import click
 
@@ -11,6 +13,9 @@ from isda_viz.inversion.pipelines import VisualizeOptions, augment_images, make_
 from isda_viz.outputs.html import page_path
 
 from .common import classifier_options, device_option, embed_option, seed_option, truncation_option
+
+_INVERSION_KNOBS = tuple(inspect.signature(InversionOptions.make).parameters)
+_OPTION_FIELDS = {f.name for f in dataclasses.fields(VisualizeOptions)} - {"inversion"}
 
 
 def visualize_options(fn):
@@ -61,18 +66,12 @@ def visualize_options(fn):
         fn = option(fn)
 
     @functools.wraps(fn)
-    def wrapper(restarts, iterations, optimizer, lr, tolerance, data_root, classifier, classifier_arch, class_names,
-                generator, truncation, class_map, judge, covariance, num_augmented, strength, seed, device, embed,
-                covariance_file=None, **kwargs):
-        inversion = InversionOptions.make(iterations=iterations, lr=lr, optimizer=optimizer, restarts=restarts,
-                                          tolerance=tolerance)
-        return fn(options=VisualizeOptions(classifier=classifier, classifier_arch=classifier_arch,
-                                           class_names=class_names, generator=generator, class_map=class_map,
-                                           truncation=truncation, judge=judge, covariance=covariance,
-                                           covariance_file=covariance_file,
-                                           device=device, strength=strength, num_augmented=num_augmented,
-                                           inversion=inversion, seed=seed, data_root=data_root,
-                                           embed=embed), **kwargs)
+    def wrapper(**kwargs):
+        # Parsed options go to their fields by name: the search knobs to `InversionOptions.make`, the rest
+        # to `VisualizeOptions`; what neither takes is the command's own.
+        knobs = {name: kwargs.pop(name) for name in _INVERSION_KNOBS}
+        chosen = {name: kwargs.pop(name) for name in _OPTION_FIELDS & set(kwargs)}
+        return fn(options=VisualizeOptions(**chosen, inversion=InversionOptions.make(**knobs)), **kwargs)
 
     return wrapper
 

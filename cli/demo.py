@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from isda_viz.demo import run_demo, summary_table
+from isda_viz.demo import run_demo
 from isda_viz.outputs.html import page_path
 
 from .common import device_option, embed_option
@@ -24,4 +24,4 @@ def demo_command(out, device, quick, from_scratch, seed, embed):
                        embed=embed)
     click.echo(f"\nfigure: {out}/figure.png (report {out}/figure.json)\naudit: {out}/audit/audit.png "
                f"(report {out}/audit/audit.json)\nsummary: {out}/summary.json\npage: {page_path(out)}\n"
-               f"{summary_table(summary)}")
+               f"{summary.table()}")

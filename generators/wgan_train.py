@@ -113,6 +113,13 @@ class GanConfig:
     log_every: int = 25                # iterations between metrics.jsonl lines
     device: str | None = None          # not part of the run's identity
 
+    def __post_init__(self) -> None:
+        """One-line `IsdaVizError`s for options no run can use."""
+        if self.iterations < 1 or self.batch_size < 1 or self.n_critic < 1:
+            raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")
+        if self.classifier and not self.conditional:
+            raise IsdaVizError("--classifier measures class agreement, which needs a class-conditional GAN")
+
 
 class _BatchSampler:
     """Random training batches `(N, C, S, S)` in [-1, 1] and labels `(N,)`, drawn from a seeded generator."""
@@ -144,20 +151,36 @@ def _resumed_config(saved: dict, cfg: GanConfig) -> GanConfig:
                         **{k: getattr(cfg, k) for k in RESUME_OVERRIDES}})
 
 
-def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train a WGAN-GP per `cfg` into the directory `cfg.out`; returns the last metrics record.
+@dataclass
+class _GanTraining:
+    """Everything one `train_gan` run trains with, built by `_setup`."""
+    cfg: GanConfig
+    device: torch.device
+    out: Path
+    class_names: list[str]
+    classifier: object | None            # a `Classifier` measuring class agreement, or None
+    generator: WGANGenerator
+    critic: WGANCritic
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    rng: torch.Generator                 # every random draw of training: batches, z, y, interpolation
+    sample_batch: _BatchSampler | None = None   # set once the run's state is restored
+    grid_z: torch.Tensor | None = None          # (10, latent_dim) latent codes of samples.png
 
-    Writes `generator.pt` (see `save_generator`), `training_state.pt` (critic,
-    optimisers, RNG: for `resume`), `samples.png`, `metrics.jsonl` and `config.json`.
-    With `cfg.classifier`, measures class agreement every `sample_every` iterations.
-    """
+    def draw_z(self) -> torch.Tensor:
+        return torch.randn(self.cfg.batch_size, self.cfg.latent_dim, generator=self.rng).to(self.device)
+
+    def draw_y(self) -> torch.Tensor | None:
+        n = self.cfg.batch_size
+        return torch.randint(len(self.class_names), (n,), generator=self.rng).to(self.device) \
+            if self.cfg.conditional else None
 
 
-    if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.n_critic < 1:
-        raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")
+def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]:
+    """The run in `cfg.out`: data, classifier, networks and optimisers, restored from its training state when
+    resuming; writes config.json. Returns the run, the iterations done and the seconds they took."""
     device = pick_device(cfg.device)
     out = Path(cfg.out)
-    state_path = out / STATE_FILE
     state = open_run_dir(out, STATE_FILE, resume, {"dataset": cfg.dataset, "conditional": cfg.conditional},
                          what="GAN training state")
     if state is not None:
@@ -170,8 +193,6 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
 
     classifier = None
     if cfg.classifier:
-        if not cfg.conditional:
-            raise IsdaVizError("--classifier measures class agreement, which needs a class-conditional GAN")
         classifier = load_classifier(cfg.classifier, device, arch=cfg.classifier_arch, class_names=cfg.class_names,
                                      data_root=cfg.data_root)
         if classifier.class_names != class_names:
@@ -185,18 +206,12 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     critic = WGANCritic(num_classes, spec.channels, cfg.critic_width).to(device)
     opt_g = torch.optim.Adam(generator.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(critic.parameters(), cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
-    rng = torch.Generator().manual_seed(cfg.seed)  # every random draw of training: batches, z, y, interpolation
+    run = _GanTraining(cfg=cfg, device=device, out=out, class_names=class_names, classifier=classifier,
+                       generator=generator, critic=critic, opt_g=opt_g, opt_d=opt_d,
+                       rng=torch.Generator().manual_seed(cfg.seed))
     start, elapsed = 0, 0.0
     if state is not None:
-        try:
-            generator.load_state_dict(state["generator"])
-            critic.load_state_dict(state["critic"])
-            opt_g.load_state_dict(state["opt_g"])
-            opt_d.load_state_dict(state["opt_d"])
-            rng.set_state(state["rng"])
-            start, elapsed = state["iteration"], state["seconds"]
-        except (KeyError, RuntimeError, TypeError, ValueError) as e:
-            raise IsdaVizError(f"{state_path} is corrupt ({type(e).__name__}); choose another --out") from None
+        start, elapsed = _restore(run, state)
         if start >= cfg.iterations:
             log(f"{out} already holds {start} iterations (asked for {cfg.iterations}); nothing to do")
         truncate_metrics(out / "metrics.jsonl", "iteration", start)  # lines written after the state resumed
@@ -204,35 +219,109 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic({**dataclasses.asdict(cfg), "isda_viz_version": __version__, "torch": torch.__version__},
                       out / "config.json")
+    run.sample_batch = _BatchSampler(train_set, cfg.image_size, run.rng, device)
+    run.grid_z = torch.randn(10, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+    return run, start, elapsed
 
-    sample_batch = _BatchSampler(train_set, cfg.image_size, rng, device)
-    grid_z = torch.randn(10, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
 
-    def draw_y(n):
-        return torch.randint(num_classes, (n,), generator=rng).to(device) if cfg.conditional else None
+# ---------------------------------------------------------------------------------------------
+# The training state: what is saved at each snapshot, and how a resumed run reads it back
 
-    def snapshot(iteration: int) -> float | None:
-        """Standing BN statistics, then generator.pt, samples.png, agreement; returns the agreement."""
-        recompute_batchnorm_statistics(generator, 8, 2 * cfg.batch_size,  # 1024 samples at the default batch
-                                       torch.Generator().manual_seed(cfg.seed * 7919 + iteration))
-        generator.eval()
-        agreement = None
-        if classifier is not None:
-            agreement = class_agreement(generator, classifier, cfg.agreement_per_class,
-                                        torch.Generator().manual_seed(cfg.seed + 2))
-        save_generator(generator, out / GENERATOR_FILE, iteration, cfg.dataset)
-        save_image_atomic(samples_picture(generator, grid_z, class_names if cfg.conditional else None),
-                          out / "samples.png")
-        generator.train()
-        return agreement
 
-    def save_state(iteration: int, seconds: float) -> None:
-        save_atomic({"generator": generator.state_dict(), "critic": critic.state_dict(), "opt_g": opt_g.state_dict(),
-                     "opt_d": opt_d.state_dict(), "rng": rng.get_state(), "iteration": iteration,
-                     "seconds": seconds, "config": dataclasses.asdict(cfg)}, state_path)
+def _save_state(run: _GanTraining, iteration: int, seconds: float) -> None:
+    """`training_state.pt` after `iteration` iterations that took `seconds`: everything `_restore` needs."""
+    save_atomic({"generator": run.generator.state_dict(), "critic": run.critic.state_dict(),
+                 "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(), "rng": run.rng.get_state(),
+                 "iteration": iteration, "seconds": seconds, "config": dataclasses.asdict(run.cfg)},
+                run.out / STATE_FILE)
 
+
+def _restore(run: _GanTraining, state: dict) -> tuple[int, float]:
+    """Load `_save_state`'s state into `run`; returns its iterations and seconds."""
+    try:
+        run.generator.load_state_dict(state["generator"])
+        run.critic.load_state_dict(state["critic"])
+        run.opt_g.load_state_dict(state["opt_g"])
+        run.opt_d.load_state_dict(state["opt_d"])
+        run.rng.set_state(state["rng"])
+        return state["iteration"], state["seconds"]
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise IsdaVizError(f"{run.out / STATE_FILE} is corrupt ({type(e).__name__}); choose another --out") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# One iteration, the snapshot, one record
+
+
+def _iteration(run: _GanTraining, it: int) -> dict[str, float]:
+    """Generator step `it` (0-based): `n_critic` critic steps, then one generator step; returns its losses."""
+    cfg = run.cfg
+    for opt, base in ((run.opt_g, cfg.lr_g), (run.opt_d, cfg.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate("linear", base, it, cfg.iterations)
+    for _ in range(cfg.n_critic):
+        real, y = run.sample_batch(cfg.batch_size)
+        y = y if cfg.conditional else None
+        z = run.draw_z()
+        eps = torch.rand(cfg.batch_size, 1, 1, 1, generator=run.rng).to(run.device)
+        with torch.no_grad():
+            fake = run.generator(z, y)  # fakes of the real batch's classes: the projection compares like with like
+        d_real, d_fake = run.critic(real, y).mean(), run.critic(fake, y).mean()
+        penalty = gradient_penalty(run.critic, real, fake, y, eps)
+        loss_d = d_fake - d_real + cfg.gp * penalty
+        run.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        run.opt_d.step()
+    z = run.draw_z()
+    y = run.draw_y()
+    run.critic.requires_grad_(False)
+    loss_g = -run.critic(run.generator(z, y), y).mean()
+    run.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    run.opt_g.step()
+    run.critic.requires_grad_(True)
+    return {"critic_loss": loss_d.item(), "wasserstein": (d_real - d_fake).item(),
+            "gradient_penalty": penalty.item(), "generator_loss": loss_g.item()}
+
+
+def _snapshot(run: _GanTraining, iteration: int) -> float | None:
+    """Standing BN statistics, then generator.pt, samples.png, agreement; returns the agreement."""
+    cfg, generator = run.cfg, run.generator
+    recompute_batchnorm_statistics(generator, 8, 2 * cfg.batch_size,  # 1024 samples at the default batch
+                                   torch.Generator().manual_seed(cfg.seed * 7919 + iteration))
+    generator.eval()
+    agreement = None
+    if run.classifier is not None:
+        agreement = class_agreement(generator, run.classifier, cfg.agreement_per_class,
+                                    torch.Generator().manual_seed(cfg.seed + 2))
+    save_generator(generator, run.out / GENERATOR_FILE, iteration, cfg.dataset)
+    save_image_atomic(samples_picture(generator, run.grid_z, run.class_names if cfg.conditional else None),
+                      run.out / "samples.png")
     generator.train()
-    critic.train()
+    return agreement
+
+
+def _record(run: _GanTraining, it: int, sums: dict[str, float], count: int, seconds: float,
+            agreement: float | None) -> dict:
+    """The metrics.jsonl line after iteration `it` (0-based): the losses' means since the last line."""
+    record = {"iteration": it + 1, **{k: v / count for k, v in sums.items()},
+              "lr_g": learning_rate("linear", run.cfg.lr_g, it, run.cfg.iterations), "seconds": round(seconds, 2)}
+    if agreement is not None:
+        record["agreement"] = agreement
+    return record
+
+
+def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Train a WGAN-GP per `cfg` into the directory `cfg.out`; returns the last metrics record.
+
+    Writes `generator.pt` (see `save_generator`), `training_state.pt` (critic,
+    optimisers, RNG: for `resume`), `samples.png`, `metrics.jsonl` and `config.json`.
+    With `cfg.classifier`, measures class agreement every `sample_every` iterations.
+    """
+    run, start, elapsed = _setup(cfg, resume, log)
+    cfg, out = run.cfg, run.out
+    run.generator.train()
+    run.critic.train()
     sums = {"critic_loss": 0.0, "wasserstein": 0.0, "gradient_penalty": 0.0, "generator_loss": 0.0}
     count = 0
     record: dict = {}
@@ -241,52 +330,19 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
                disable=not progress)
     t0 = time.time()
     for it in bar:
-        for opt, base in ((opt_g, cfg.lr_g), (opt_d, cfg.lr_d)):
-            for group in opt.param_groups:
-                group["lr"] = learning_rate("linear", base, it, cfg.iterations)
-        for _ in range(cfg.n_critic):
-            real, y = sample_batch(cfg.batch_size)
-            y = y if cfg.conditional else None
-            z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=rng).to(device)
-            eps = torch.rand(cfg.batch_size, 1, 1, 1, generator=rng).to(device)
-            with torch.no_grad():
-                fake = generator(z, y)  # fakes of the real batch's classes: the projection compares like with like
-            d_real, d_fake = critic(real, y).mean(), critic(fake, y).mean()
-            penalty = gradient_penalty(critic, real, fake, y, eps)
-            loss_d = d_fake - d_real + cfg.gp * penalty
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-        z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=rng).to(device)
-        y = draw_y(cfg.batch_size)
-        critic.requires_grad_(False)
-        loss_g = -critic(generator(z, y), y).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        critic.requires_grad_(True)
-
-        sums["critic_loss"] += loss_d.item()
-        sums["wasserstein"] += (d_real - d_fake).item()
-        sums["gradient_penalty"] += penalty.item()
-        sums["generator_loss"] += loss_g.item()
+        for name, value in _iteration(run, it).items():
+            sums[name] += value
         count += 1
         done = it + 1
-        agreement = None
         snap = done % cfg.sample_every == 0 or done == cfg.iterations
-        if snap:
-            agreement = snapshot(done)
+        agreement = _snapshot(run, done) if snap else None
         if done % cfg.log_every == 0 or snap:
             seconds = elapsed + time.time() - t0
-            record = {"iteration": done, **{k: v / count for k, v in sums.items()},
-                      "lr_g": learning_rate("linear", cfg.lr_g, it, cfg.iterations), "seconds": round(seconds, 2)}
-            if agreement is not None:
-                record["agreement"] = agreement
-                last_agreement = agreement
-            sums = dict.fromkeys(sums, 0.0)
-            count = 0
+            record = _record(run, it, sums, count, seconds, agreement)
+            last_agreement = agreement if agreement is not None else last_agreement
+            sums, count = dict.fromkeys(sums, 0.0), 0
             if snap:
-                save_state(done, seconds)  # after the metrics it covers are computed, before they are written
+                _save_state(run, done, seconds)  # after the metrics it covers are computed, before they are written
             append_jsonl(record, out / "metrics.jsonl")
             postfix = {"W": f"{record['wasserstein']:.3f}", "gp": f"{record['gradient_penalty']:.3f}"}
             if last_agreement is not None:

@@ -18,14 +18,16 @@ from pathlib import Path
 
 from isda_viz.audit.run import AuditConfig, run_audit
 from isda_viz.devices import pick_device
-from isda_viz.errors import IsdaVizError
 from isda_viz.generators.wgan_train import GanConfig, train_gan
 from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipelines import VisualizeOptions, make_grid
+from isda_viz.outputs.audit_report import AUDIT, AuditReport, read_audit
+from isda_viz.outputs.folders import check_out_dir
 from isda_viz.outputs.html import write_html
 from isda_viz.outputs.report import Report, read_report
+from isda_viz.outputs.summary import SUMMARY, DemoSummary, read_summary, write_summary
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
-from isda_viz.runs import CHECKPOINT, load_checkpoint, read_jsonl, write_json_atomic
+from isda_viz.runs import CHECKPOINT, load_checkpoint, read_jsonl
 from isda_viz.training.loop import TrainConfig, fit
 
 
@@ -64,22 +66,22 @@ def _gan_finished(gan_dir: Path, iterations: int) -> bool:
 
 
 def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: bool = False,
-             seed: int = 0, log=print, progress: bool = True, embed: bool = False) -> dict:
+             seed: int = 0, log=print, progress: bool = True, embed: bool = False) -> DemoSummary:
     """Run every stage into `out`; returns the summary (also written as `out/summary.json`), and
     writes the page `out/index.html` (`embed`: its images inline, as the grid's and audit's pages)."""
 
-    _check_out_dir(out)
+    check_out_dir(out)  # a resumable folder: any earlier contents are the demo's own stages
     pick_device(device)  # a device that is not there fails before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = DemoPlan.make(quick)
-    previous = out / "summary.json"  # stages reused now keep the time they took when they ran
-    seconds: dict[str, float] = json.loads(previous.read_text()).get("seconds", {}) if previous.exists() else {}
+    previous = out / SUMMARY  # stages reused now keep the time they took when they ran
+    seconds: dict[str, float] = dict(read_summary(previous).seconds) if previous.exists() else {}
     models = _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
     report = _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed)
     audit = _audit_stage(out, plan, device, log, progress, seconds, embed)
     summary = _summary(models, report, audit, seconds, quick, from_scratch)
-    write_json_atomic(summary, out / "summary.json")
+    write_summary(summary, out / SUMMARY)
     write_html(out, embed=embed)
     return summary
 
@@ -145,12 +147,12 @@ def _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed) 
     return _timed(seconds, "grid", lambda: make_grid(out=figure, per_class=1, options=options))
 
 
-def _audit_stage(out, plan, device, log, progress, seconds, embed) -> dict:
+def _audit_stage(out, plan, device, log, progress, seconds, embed) -> AuditReport:
 
     audit_dir = out / "audit"
-    if (audit_dir / "audit.json").exists():
+    if (audit_dir / AUDIT).exists():
         _status(log, "audit", f"reusing the finished audit in {audit_dir}")
-        return json.loads((audit_dir / "audit.json").read_text())
+        return read_audit(audit_dir)
     _status(log, "audit", "nearest training images of each augmented image (FAISS, pixel space)")
     cfg = AuditConfig(out=str(audit_dir), dataset="fashion-mnist", from_dir=str(out / "figure_files"), device=device,
                       limit_train=plan.audit_limit_train, limit_test=plan.audit_limit_test, embed=embed)
@@ -167,49 +169,22 @@ def _metrics_of(run_dir) -> dict:
     return history[-1]
 
 
-def _summary(models, report: Report, audit, seconds, quick, from_scratch) -> dict:
+def _summary(models, report: Report, audit: AuditReport, seconds, quick, from_scratch) -> DemoSummary:
     s = report.summary
     gan = _metrics_of(models["generator"])
-    return {
-        "quick": quick, "from_scratch": from_scratch,
-        "classifier_test_accuracy": _metrics_of(models["classifier"]).get("test_accuracy"),
-        "judge_test_accuracy": _metrics_of(models["judge"]).get("test_accuracy") if models.get("judge") else None,
-        "gan_class_agreement": gan.get("agreement"),
-        "step1_median_feature_error": s.step1_median_feature_error,
-        "reconstruction_true_label_rate": s.reconstruction_true_label_rate,
-        "step2_median_reached_shift_error": s.step2_median_reached_shift_error,
-        "step2_median_negative_target_floor": s.step2_median_negative_target_floor,
-        "augmented_judge_label_kept_rate": s.augmented_judge_label_kept_rate,
-        "median_pixel_distance_to_reconstruction": s.median_pixel_distance_to_reconstruction,
-        "audit_queries": len(audit["queries"]),
-        "audit_flagged_copies": sum(q["flagged"] for q in audit["queries"]),
-        "seconds": seconds,
-        "models": {k: str(v) if v else None for k, v in models.items()},
-    }
-
-
-def summary_table(summary: dict) -> str:
-    """The demo's figures as a small aligned table."""
-    def fmt(value):
-        return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
-
-    rows = [
-        ("classifier test accuracy (ISDA)", summary["classifier_test_accuracy"]),
-        ("judge test accuracy (CE)", summary["judge_test_accuracy"]),
-        ("GAN class agreement", summary["gan_class_agreement"]),
-        ("step I median feature error", summary["step1_median_feature_error"]),
-        ("reconstructions with true label", summary["reconstruction_true_label_rate"]),
-        ("step II median reached-shift error", summary["step2_median_reached_shift_error"]),
-        ("  its floor (no image goes below)", summary.get("step2_median_negative_target_floor")),
-        ("augmented: label kept (judge)", summary["augmented_judge_label_kept_rate"]),
-        ("median pixel distance to reconstr.", summary["median_pixel_distance_to_reconstruction"]),
-        ("audit: likely copies flagged", f"{summary['audit_flagged_copies']} of {summary['audit_queries']}"),
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"  {name:<{width}}  {fmt(value)}" for name, value in rows)
-
-
-def _check_out_dir(out) -> None:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise IsdaVizError(f"--out {out} is a file; give a folder")
+    return DemoSummary(
+        quick=quick, from_scratch=from_scratch,
+        classifier_test_accuracy=_metrics_of(models["classifier"]).get("test_accuracy"),
+        judge_test_accuracy=_metrics_of(models["judge"]).get("test_accuracy") if models.get("judge") else None,
+        gan_class_agreement=gan.get("agreement"),
+        step1_median_feature_error=s.step1_median_feature_error,
+        reconstruction_true_label_rate=s.reconstruction_true_label_rate,
+        step2_median_reached_shift_error=s.step2_median_reached_shift_error,
+        step2_median_negative_target_floor=s.step2_median_negative_target_floor,
+        augmented_judge_label_kept_rate=s.augmented_judge_label_kept_rate,
+        median_pixel_distance_to_reconstruction=s.median_pixel_distance_to_reconstruction,
+        audit_queries=len(audit.queries),
+        audit_flagged_copies=sum(q.flagged for q in audit.queries),
+        seconds=seconds,
+        models={k: str(v) if v else None for k, v in models.items()},
+    )

@@ -107,6 +107,9 @@ def test_planted_training_images_are_flagged_and_test_images_mostly_not(pixel_au
     tests = [q for name, q in by_name.items() if name.startswith("test_")]
     assert len(tests) == 40 and sum(q["flagged"] for q in tests) <= 3
     assert report["flagged"] == sum(q["flagged"] for q in report["queries"])
+    from isda_viz.outputs.audit_report import read_audit
+
+    assert read_audit(out).to_dict() == report           # the typed audit.json reads back to the same JSON
     assert f"{report['flagged']} flagged" in result.output
 
     # neighbours are the brute-force ones, with the training labels, k of them
@@ -174,13 +177,15 @@ def _square_sides(page: np.ndarray, colours: list) -> list[int]:
 
 @pytest.mark.parametrize("n, k, size", [(16, 5, 28), (16, 20, 32), (3, 2, 28)])
 def test_audit_page_draws_every_query_and_neighbour_within_2000_px(n, k, size):
+    from isda_viz.outputs.audit_report import AuditQuery, Neighbour
     from isda_viz.outputs.figures import audit_page
 
     # colours with green != blue, which no text (black, grey or red on white) produces
     queries = [(70 + 7 * i, 20, 240) for i in range(n)]
     neighbours = [[(10 + 12 * i, 100 + 7 * j, 0) for j in range(k)] for i in range(n)]
-    records = [{"source": f"/x/q{i}.png (augmented from test:{i})", "copy_score": 0.5 + i,
-                "flagged": i == 0, "neighbors": [{"distance": 0.1 * j, "label": j % 10} for j in range(k)]}
+    records = [AuditQuery(source=f"/x/q{i}.png (augmented from test:{i})", role="augmented", copy_score=0.5 + i,
+                          flagged=i == 0, neighbors=[Neighbour(index=j, distance=0.1 * j, label=j % 10)
+                                                     for j in range(k)])
                for i in range(n)]
     page = audit_page([_solid(c, size) for c in queries], records,
                       [[_solid(c, size) for c in row] for row in neighbours],

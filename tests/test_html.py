@@ -148,8 +148,8 @@ def demo_run(tmp_path_factory, models):
     from isda_viz import demo
     from isda_viz.audit.run import AuditConfig, run_audit
     from isda_viz.pretrained import default_classifier, default_generator, default_judge
-    from isda_viz.runs import write_json_atomic
     from isda_viz.inversion.pipelines import Models, make_grid
+    from isda_viz.outputs.summary import write_summary
 
     out = tmp_path_factory.mktemp("demo")
     report = make_grid(out=out / "figure.png", classes=[0, 8], num_samples=2, options=_options(num_augmented=2),
@@ -158,8 +158,8 @@ def demo_run(tmp_path_factory, models):
                       index_dir=str(tmp_path_factory.mktemp("index")))
     audit = run_audit(cfg, progress=False, log=lambda *a: None)
     paths = {"classifier": default_classifier(), "judge": default_judge(), "generator": default_generator()}
-    write_json_atomic(demo._summary(paths, report, audit.report, {"grid": 1.0, "audit": 1.0}, True, False),
-                      out / "summary.json")
+    write_summary(demo._summary(paths, report, audit.report, {"grid": 1.0, "audit": 1.0}, True, False),
+                  out / "summary.json")
     return {"dir": out, "report": report, "audit": audit}
 
 
@@ -375,11 +375,14 @@ def odd_dir(augment_dir, tmp_path):
         "predicted": 3,
         "reconstruction": {"file": f"{stem}_reconstruction.png", "feature_error": 0.25, "psnr": 15.0,
                            "predicted": 3, "judge_predicted": None},
-        "augmented": [{"file": f"{stem}_augmented_0.png", "reached_shift_error": 0.5, "negative_target_floor": 0.2,
-                       "predicted": 3, "judge_predicted": 3, "pixel_distance": 0.1},
-                      {"file": "gone é <b>.png", "reached_shift_error": 0.75, "negative_target_floor": 0.125,
-                       "predicted": 7, "judge_predicted": 3, "pixel_distance": 0.2}]}],
-        "summary": {"images": 1}}
+        "augmented": [{"file": f"{stem}_augmented_0.png", "reached_shift_error": 0.5, "shift_norm": 1.0,
+                       "negative_target_floor": 0.2, "predicted": 3, "judge_predicted": 3, "pixel_distance": 0.1},
+                      {"file": "gone é <b>.png", "reached_shift_error": 0.75, "shift_norm": 1.0,
+                       "negative_target_floor": 0.125, "predicted": 7, "judge_predicted": 3, "pixel_distance": 0.2}]}],
+        "summary": {"images": 1, "step1_median_feature_error": 0.25, "step1_median_psnr": 15.0,
+                    "reconstruction_true_label_rate": 1.0, "step2_median_reached_shift_error": 0.75,
+                    "step2_median_negative_target_floor": 0.2, "augmented_label_kept_rate": 0.5,
+                    "augmented_judge_label_kept_rate": 1.0, "median_pixel_distance_to_reconstruction": 0.2}}
     (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")
     return folder, report
 
@@ -426,7 +429,12 @@ def test_grid_audit_and_figure_pages_are_written_where_documented(demo_dir):
     assert write_html(demo_dir / "figure.png") == demo_dir / "figure.html"
     assert write_html(demo_dir / "figure.json") == demo_dir / "figure.html"
     assert write_html(demo_dir / "audit") == demo_dir / "audit" / "index.html"
+    from isda_viz.outputs.audit_report import read_audit
+    from isda_viz.outputs.summary import read_summary
+
     audit = json.loads((demo_dir / "audit" / "audit.json").read_text())
+    assert read_audit(demo_dir / "audit").to_dict() == audit       # the typed files read back to the same JSON
+    assert read_summary(demo_dir).to_dict() == json.loads((demo_dir / "summary.json").read_text())
     dom = parse((demo_dir / "audit" / "index.html").read_text(encoding="utf-8"))
     tiles = dom.find_all("figure")
     assert len(tiles) == len(audit["queries"])
@@ -473,7 +481,7 @@ def test_results_display_their_page_inline_in_notebooks(augment_report, demo_run
     _assert_inlined_fragment(grid._repr_html_(), _card_images(figure) + _table_images(figure))
 
     audit = demo_run["audit"]
-    q, k = len(audit.report["queries"]), audit.report["k"]
+    q, k = len(audit.report.queries), audit.report.k
     assert audit._repr_html_() == html_fragment(audit.out)
     _assert_inlined_fragment(audit._repr_html_(), q * (1 + k) + q)
 

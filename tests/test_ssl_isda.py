@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from isda_viz.data.batches import labeled_subset
 from isda_viz.errors import IsdaVizError
 from isda_viz.isda.estimator import CovarianceEstimator
-from isda_viz.isda.sampling import explicit_sda_loss, expected_cross_entropy_mc
+from isda_viz.isda.sampling import (
+    covariance_factors,
+    expected_cross_entropy_mc,
+    explicit_sda_loss,
+    sample_augmented_features,
+    sample_offsets,
+)
 from isda_viz.isda.loss import isda_augmented_logits
 from isda_viz.isda.semi import semi_supervised_augmented_logits, semi_supervised_isda_loss
 
@@ -237,3 +243,28 @@ def test_labeled_subset_is_class_balanced_seeded_and_partitions_the_set():
         labeled_subset(labels, 9, seed=0, num_classes=10)
     with pytest.raises(IsdaVizError, match="fewer than"):
         labeled_subset(torch.tensor([0] * 50 + [1] * 3), 10, seed=0, num_classes=2)
+
+
+def test_one_factorisation_and_one_draw_serve_explicit_sda_and_inversion():
+    """covariance_factors: L L^T = Sigma (exact for positive definite, within the jitter for singular ones);
+    explicit SDA and inversion draw the same eps for the same seed, class and strength."""
+    g = torch.Generator().manual_seed(4)
+    a, c = 6, 3
+    cov = _spd(c, a, g).float()
+    rank_two = torch.randn(2, a, generator=g, dtype=torch.float64)
+    cov[2] = (rank_two.T @ rank_two).float()                          # singular
+    factors = covariance_factors(cov, torch.arange(c))
+    assert factors.dtype == torch.float64 and torch.equal(factors, factors.tril())
+    rebuilt = factors @ factors.transpose(1, 2)
+    torch.testing.assert_close(rebuilt[:2], cov[:2].double(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rebuilt[2], cov[2].double(), rtol=0, atol=1e-6 * cov[2].diagonal().mean().item())
+    diagonal = covariance_factors(cov.diagonal(dim1=1, dim2=2), torch.tensor([1]))
+    torch.testing.assert_close(diagonal, cov[1].diagonal().double().sqrt().unsqueeze(0))
+
+    est = CovarianceEstimator(a, c)
+    est.update(torch.randn(200, a, generator=g), torch.arange(200) % c)
+    features, labels = torch.randn(4, a, generator=g), torch.tensor([2, 0, 2, 1])
+    present, rows = torch.unique(labels, return_inverse=True)
+    eps = sample_offsets(covariance_factors(est, present), rows, 3, 0.7, torch.Generator().manual_seed(9))
+    augmented = sample_augmented_features(features, labels, est, 0.7, 3, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(augmented, features[:, None] + eps.float())

@@ -66,14 +66,11 @@ class Embedder:
 
     `stored(images)` gives the rows kept on disk and searched: uint8
     `(N, C*H*W)` pixels (standing for pixel / 255 in [0, 1]), or float32 `(N, A)`
-    unit-length features.
+    unit-length features. `space` is one of SPACES, "feature" with a classifier (checked once, by
+    `AuditConfig`).
     """
 
     def __init__(self, space: str, classifier=None, device: torch.device | str = "cpu"):
-        if space not in SPACES:
-            raise IsdaVizError(f"unknown space '{space}'; choose pixel or feature")
-        if space == "feature" and classifier is None:
-            raise IsdaVizError("--space feature needs --classifier (a RUN_DIR, or a weights FILE with --classifier-arch)")
         self.space, self.classifier, self.device = space, classifier, torch.device(device)
         self.store_dtype = np.uint8 if space == "pixel" else np.float32
 

@@ -35,9 +35,10 @@ from isda_viz.data.images import load_image_file
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.outputs.figures import audit_page, to_pil
+from isda_viz.outputs.audit_report import AUDIT, AuditIndex, AuditPage, AuditQuery, AuditReport, Neighbour, write_audit
 from isda_viz.outputs.html import html_fragment, write_html
 from isda_viz.outputs.report import read_report
-from isda_viz.runs import save_image_atomic, write_json_atomic
+from isda_viz.runs import save_image_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 QUERIES_PER_PAGE = 16        # queries drawn on one page of the figure
@@ -118,12 +119,24 @@ class AuditConfig:
     limit_test: int | None = None                      # calibrate on the first N test images
     embed: bool = False                                # the page index.html carries its images inline
 
+    def __post_init__(self) -> None:
+        """One-line `IsdaVizError`s for options no audit can use."""
+        if self.space not in SPACES:
+            raise IsdaVizError(f"unknown space '{self.space}'; choose pixel or feature")
+        if self.k < 1:
+            raise IsdaVizError("--k must be at least 1")
+        if self.space == "feature" and not self.classifier:
+            raise IsdaVizError("--space feature needs --classifier (a RUN_DIR, or a weights FILE with "
+                               "--classifier-arch)")
+        if bool(self.images) == bool(self.from_dir):
+            raise IsdaVizError("give query images with either --images PATH or --from OUT_DIR (one of them)")
+
 
 @dataclass
 class AuditResult:
     """What an audit wrote and found."""
     out: Path
-    report: dict
+    report: AuditReport
     index_status: str
     index_dir: Path
 
@@ -133,14 +146,14 @@ class AuditResult:
 
     @property
     def flagged(self) -> int:
-        return sum(q["flagged"] for q in self.report["queries"])
+        return sum(q.flagged for q in self.report.queries)
 
     def summary(self) -> str:
         r = self.report
-        scores = [q["copy_score"] for q in r["queries"]]
-        return (f"{len(scores)} queries vs {r['index']['train_size']} {r['dataset']} training images "
-                f"({r['space']} space, {r['index']['kind']} index {self.index_status}): "
-                f"{self.flagged} flagged as likely copies (copy score < {r['threshold']:.3f}); "
+        scores = [q.copy_score for q in r.queries]
+        return (f"{len(scores)} queries vs {r.index.train_size} {r.dataset} training images "
+                f"({r.space} space, {r.index.kind} index {self.index_status}): "
+                f"{self.flagged} flagged as likely copies (copy score < {r.threshold:.3f}); "
                 f"lowest copy score {min(scores):.3f}, median {np.median(scores):.3f}")
 
 
@@ -150,14 +163,6 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
     Writes the figure's pages (`page_file`) and the neighbours' PNGs, then `cfg.out/audit.json`,
     which lists them (`pages`, each neighbour's `file`), then the page `cfg.out/index.html`.
     """
-    if cfg.space not in SPACES:
-        raise IsdaVizError(f"unknown space '{cfg.space}'; choose pixel or feature")
-    if cfg.k < 1:
-        raise IsdaVizError("--k must be at least 1")
-    if cfg.space == "feature" and not cfg.classifier:
-        raise IsdaVizError("--space feature needs --classifier (a RUN_DIR, or a weights FILE with --classifier-arch)")
-    if bool(cfg.images) == bool(cfg.from_dir):
-        raise IsdaVizError("give query images with either --images PATH or --from OUT_DIR (one of them)")
     spec = dataset_spec(cfg.dataset, cfg.data_root)
     if cfg.from_dir:
         queries = queries_from_report(cfg.from_dir, spec.channels, spec.image_size)
@@ -195,29 +200,27 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
     records = []
     for q, dist, row in zip(queries, distances, rows):
         score = float(copy_score(dist[0], cal["median_distance"]))
-        records.append({
-            "source": q.source, "role": q.role,
-            "neighbors": [{"index": int(index.positions[r]), "distance": float(d), "label": int(index.labels[r])}
-                          for d, r in zip(dist, row)],
-            "copy_score": score, "flagged": bool(score < cal["threshold"]),
-        })
-    report = {
-        "dataset": cfg.dataset, "space": cfg.space, "k": min(cfg.k, len(index.neighbours)),
-        "distance": embedder.distance_name, "threshold": cal["threshold"],
-        "median_test_distance": cal["median_distance"], "flag_rate": cal["flag_rate"],
-        "flagged": sum(r["flagged"] for r in records), "class_names": class_names,
-        "index": {"dir": str(index.directory), "kind": index.manifest["kind"], "status": status,
-                  "train_size": index.manifest["train_size"],
-                  "params": dataclasses.asdict(index.neighbours.params)},
-        "config": dataclasses.asdict(cfg), "queries": records,
-    }
+        records.append(AuditQuery(
+            source=q.source, role=q.role,
+            neighbors=[Neighbour(index=int(index.positions[r]), distance=float(d), label=int(index.labels[r]))
+                       for d, r in zip(dist, row)],
+            copy_score=score, flagged=bool(score < cal["threshold"])))
+    report = AuditReport(
+        dataset=cfg.dataset, space=cfg.space, k=min(cfg.k, len(index.neighbours)),
+        distance=embedder.distance_name, threshold=cal["threshold"],
+        median_test_distance=cal["median_distance"], flag_rate=cal["flag_rate"],
+        flagged=sum(r.flagged for r in records), class_names=class_names,
+        index=AuditIndex(dir=str(index.directory), kind=index.manifest["kind"], status=status,
+                         train_size=index.manifest["train_size"],
+                         params=dataclasses.asdict(index.neighbours.params)),
+        config=dataclasses.asdict(cfg), queries=records)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    heading = f"{report['k']} nearest of {len(train_split)} training images ({embedder.distance_name})"
-    report["pages"] = write_pages(out, queries, records, rows, train_split, class_names, heading,
-                                  cal["threshold"], log)
+    heading = f"{report.k} nearest of {len(train_split)} training images ({embedder.distance_name})"
+    report.pages = write_pages(out, queries, records, rows, train_split, class_names, heading,
+                               cal["threshold"], log)
     write_neighbour_files(out, records, rows, train_split)
-    write_json_atomic(report, out / "audit.json")  # a finished audit.json means its figure and files are there
+    write_audit(report, out / AUDIT)  # a finished audit.json means its figure and files are there
     write_html(out, embed=cfg.embed)
     return AuditResult(out, report, status, index.directory)
 
@@ -231,7 +234,7 @@ def page_file(number: int) -> str:
     return "audit.png" if number == 1 else f"audit_page{number}.png"
 
 
-def write_neighbour_files(out: Path, records: list[dict], rows: np.ndarray, train_split) -> None:
+def write_neighbour_files(out: Path, records: list[AuditQuery], rows: np.ndarray, train_split) -> None:
     """Save the neighbours of the first QUERIES_PER_PAGE * MAX_PAGES queries (those the figure shows)
     as PNGs at the dataset's resolution, one per training image (`audit_files/train_INDEX.png`, INDEX
     its position in the training set), and name each under its neighbour's `file` (relative to `out`).
@@ -242,20 +245,20 @@ def write_neighbour_files(out: Path, records: list[dict], rows: np.ndarray, trai
     folder = out / NEIGHBOUR_DIR
     written = set()
     for record, row in zip(records[:QUERIES_PER_PAGE * MAX_PAGES], rows):
-        for neighbour, r in zip(record["neighbors"], row):
-            name = f"train_{neighbour['index']:07d}.png"
+        for neighbour, r in zip(record.neighbors, row):
+            name = f"train_{neighbour.index:07d}.png"
             if name not in written:
                 save_image_atomic(to_pil(train_split[int(r)][0].float() / 255), folder / name)
                 written.add(name)
-            neighbour["file"] = f"{NEIGHBOUR_DIR}/{name}"
+            neighbour.file = f"{NEIGHBOUR_DIR}/{name}"
     for stale in folder.glob("train_*.png") if folder.is_dir() else []:
         if stale.name not in written:
             stale.unlink()
 
 
-def write_pages(out: Path, queries: list[Query], records: list[dict], rows: np.ndarray, train_split,
+def write_pages(out: Path, queries: list[Query], records: list[AuditQuery], rows: np.ndarray, train_split,
                 class_names: list[str], heading: str, threshold: float,
-                log: Callable[[str], None] = print) -> list[dict]:
+                log: Callable[[str], None] = print) -> list[AuditPage]:
     """Draw the audit figure into `out` in pages of at most QUERIES_PER_PAGE queries, each within 2,000 px.
 
     `rows (Q, k)`: each query's neighbours as rows of `train_split`. Pages of an earlier,
@@ -277,8 +280,8 @@ def write_pages(out: Path, queries: list[Query], records: list[dict], rows: np.n
         picture = audit_page([q.image for q in queries[first:last]], records[first:last], neighbours, class_names,
                              lines, first=first)
         save_image_atomic(picture, out / page_file(number))
-        pages.append({"file": page_file(number), "queries": list(range(first, last))})
+        pages.append(AuditPage(file=page_file(number), queries=list(range(first, last))))
     for stale in out.glob("audit_page*.png"):
-        if stale.name not in {p["file"] for p in pages}:
+        if stale.name not in {p.file for p in pages}:
             stale.unlink()
     return pages

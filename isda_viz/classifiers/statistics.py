@@ -120,10 +120,9 @@ def class_statistics(classifier: Classifier, data_root=None, classes: Sequence[i
     call for the same weights and covariance type whose classes it covers with the same images.
     `workers`: DataLoader processes for image files (default: up to 8 for more than 2,000 files).
     `covariance_file`: covariances estimated elsewhere (`covariance_file.read_covariance_file`), used
-    for every class instead of the classifier's own or a pass.
+    for every class instead of the classifier's own or a pass. `covariance` is checked where it is an
+    option (`VisualizeOptions`, `check_covariance`).
     """
-    if covariance not in ("full", "diagonal"):
-        raise IsdaVizError(f"--covariance must be full or diagonal, not {covariance}")
     if covariance_file is not None:
         estimator = read_covariance_file(covariance_file, classifier.num_classes, classifier.feature_dim,
                                          device=classifier.device)

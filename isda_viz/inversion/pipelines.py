@@ -30,8 +30,10 @@ from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
 from isda_viz.inversion.adapter import GeneratorAdapter, read_class_map
 from isda_viz.inversion.optimizer import InversionOptions, augment, normalize_latent, reconstruct
+from isda_viz.isda.estimator import check_covariance
 from isda_viz.isda.sampling import sample_augmented_features
 from isda_viz.outputs.figures import labelled_grid, to_pil
+from isda_viz.outputs.folders import check_out_dir
 from isda_viz.outputs.html import write_html
 from isda_viz.outputs.report import (
     REPORT,
@@ -97,12 +99,11 @@ class VisualizeOptions:
     progress: bool = True
     embed: bool = False
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         """Raise `IsdaVizError` for values no run can use (before any model is loaded)."""
         if self.strength < 0:
             raise IsdaVizError("--strength must be >= 0")
-        if self.covariance not in ("full", "diagonal"):
-            raise IsdaVizError("--covariance must be full or diagonal")
+        check_covariance(self.covariance)
         if self.num_augmented < 1:
             raise IsdaVizError("--num-augmented must be >= 1")
         if self.inversion.restarts < 1:
@@ -222,9 +223,8 @@ def _settings(options: VisualizeOptions, models: Models) -> Settings:
 
 
 def _check_out_dir(out: Path) -> None:
-    """An --out folder we may replace: absent, empty, or an earlier output of ours."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).exists())):
-        raise IsdaVizError(f"--out {out} holds files that are not an augment output; choose another --out")
+    """An --out folder we may replace: absent, empty, or an earlier output of ours (`check_out_dir`)."""
+    check_out_dir(out, ours=REPORT, what="an augment output")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -305,7 +305,6 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
     `models`: already loaded models (default: `options.load_models()`).
     """
     options = options or VisualizeOptions()
-    options.check()
     if not images:
         raise IsdaVizError("give at least one --image")
     _check_out_dir(Path(out))
@@ -323,7 +322,7 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
     return report
 
 
-def test_images_per_class(classifier: Classifier, per_class: int, classes: list[int] | None, data_root=None):
+def images_per_class(classifier: Classifier, per_class: int, classes: list[int] | None, data_root=None):
     """The first `per_class` test images of each class (all classes, or `classes`), `(N, C, H, W)` in [0, 1]."""
     if classifier.dataset is None:
         raise IsdaVizError(f"the classifier in {classifier.source} names no dataset to take test images from; "
@@ -352,7 +351,6 @@ def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_
     (shown as the page in Jupyter).
     """
     options = options or VisualizeOptions()
-    options.check()
     out_png = Path(out)
     if out_png.suffix.lower() != ".png":
         raise IsdaVizError(f"--out must name a .png file, not {out_png}")
@@ -362,7 +360,7 @@ def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_
     check_models(models)
     classifier, generator = models.classifier, models.generator
     class_index = [classifier.class_index(c, "--classes") for c in classes] if classes else None
-    images, labels, sources = test_images_per_class(classifier, per_class, class_index, options.data_root)
+    images, labels, sources = images_per_class(classifier, per_class, class_index, options.data_root)
     result = invert_and_augment(models, images, labels, sources, options)
     samples = None
     if generator.conditional and num_samples > 0:

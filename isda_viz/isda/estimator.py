@@ -33,6 +33,15 @@ import torch
 import torch.distributed as dist
 
 from isda_viz import distributed
+from isda_viz.errors import IsdaVizError
+
+COVARIANCES = ("full", "diagonal")   # per class: an (A, A) matrix, or (A,) per-dimension variances
+
+
+def check_covariance(kind: str) -> None:
+    """The one check (and message) of a covariance type option: `IsdaVizError` unless full or diagonal."""
+    if kind not in COVARIANCES:
+        raise IsdaVizError(f"unknown covariance '{kind}'; choose full or diagonal")
 
 # Full covariance with A >= this: rows wait in a per-class buffer of A // _FEATURES_PER_BUFFERED_ROW rows
 # and classes merge one at a time, in place; buffered rows add at most 2 / _FEATURES_PER_BUFFERED_ROW to the

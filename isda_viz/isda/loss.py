@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isda_viz.isda.estimator import CovarianceEstimator
+from isda_viz.isda.estimator import CovarianceEstimator, check_covariance
 
 # Gather all present classes' covariances at once when that copy stays below this many bytes;
 # past it (large A) loop over classes and use each class's covariance in place.
@@ -122,6 +122,16 @@ def isda_augmented_logits(logits: torch.Tensor, weight: torch.Tensor, targets: t
     return logits + (0.5 * strength) * table[row]
 
 
+def isda_loss(logits: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              covariance: torch.Tensor | CovarianceEstimator, strength: float) -> torch.Tensor:
+    """Eq. 7, the one path training, the bound of `--track-bound`, `ISDALoss` and the benches take: the mean
+    cross-entropy of `isda_augmented_logits` (arguments as there); exactly `F.cross_entropy(logits, targets)`
+    at `strength` = 0."""
+    if strength == 0:
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(isda_augmented_logits(logits, weight, targets, covariance, strength), targets)
+
+
 class ISDALoss(nn.Module):
     """Cross-entropy of ISDA-augmented logits, with its own online covariance estimator.
 
@@ -133,8 +143,7 @@ class ISDALoss(nn.Module):
 
     def __init__(self, num_features: int, num_classes: int, covariance: str = "full"):
         super().__init__()
-        if covariance not in ("full", "diagonal"):
-            raise ValueError("covariance must be 'full' or 'diagonal'")
+        check_covariance(covariance)
         self.estimator = CovarianceEstimator(num_features, num_classes, diagonal=covariance == "diagonal")
 
     def forward(self, features: torch.Tensor, fc: nn.Linear, targets: torch.Tensor,
@@ -142,11 +151,7 @@ class ISDALoss(nn.Module):
         if self.estimator.device != features.device:
             self.estimator.to(features.device)
         self.estimator.update(features.detach(), targets)
-        logits = fc(features)
-        if strength == 0:
-            return F.cross_entropy(logits, targets)
-        augmented = isda_augmented_logits(logits, fc.weight, targets, self.estimator, strength)
-        return F.cross_entropy(augmented, targets)
+        return isda_loss(fc(features), fc.weight, targets, self.estimator, strength)
 
     def get_extra_state(self) -> dict:
         return self.estimator.state_dict()

@@ -18,36 +18,64 @@ from isda_viz.errors import IsdaVizError
 from isda_viz.isda.estimator import CovarianceEstimator
 
 
-def _covariance_factors(covariance: torch.Tensor | CovarianceEstimator, classes: torch.Tensor,
-                        dtype: torch.dtype) -> torch.Tensor:
-    """Square roots L of Sigma_c (L L^T = Sigma_c) for c in `classes (K,)`: `(K, A, A)`, or `(K, A)` standard
-    deviations for a diagonal covariance. An eigendecomposition, not Cholesky: estimated covariances are
-    often singular (fewer samples than dimensions), and tiny negative eigenvalues from rounding count as 0."""
+def covariance_factors(covariance: torch.Tensor | CovarianceEstimator, classes: torch.Tensor) -> torch.Tensor:
+    """Square roots L of Sigma_c (L L^T = Sigma_c) for c in `classes (K,)`, float64 on the covariance's device:
+    lower Cholesky factors `(K, A, A)`, or `(K, A)` standard deviations for a diagonal covariance.
+
+    Estimated covariances are often singular (A can exceed the number of features seen), so a class
+    whose Cholesky fails gets the smallest jitter that works, relative to its mean variance: +jitter
+    * mean(diag Sigma_c) * I, jitter in 1e-10 ... 1e-4 (none for positive definite classes).
+    """
     if isinstance(covariance, CovarianceEstimator):
         covariance = covariance.covariance
-    sigma = covariance.detach()[classes].to(torch.float64)
+    sigma = covariance.detach()[classes.to(covariance.device)].to(torch.float64)
     if sigma.dim() == 2:
-        return sigma.clamp_min(0).sqrt().to(dtype)
-    values, vectors = torch.linalg.eigh(sigma)
-    return (vectors * values.clamp_min(0).sqrt().unsqueeze(1)).to(dtype)
+        return sigma.clamp_min(0).sqrt()
+    eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+    base = sigma.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
+    factors, todo = torch.empty_like(sigma), torch.arange(len(sigma), device=sigma.device)
+    for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4):
+        factor, info = torch.linalg.cholesky_ex(sigma[todo] + jitter * base[todo] * eye)
+        done = info == 0
+        factors[todo[done]] = factor[done]
+        todo = todo[~done]
+        if not len(todo):
+            return factors
+    raise IsdaVizError("a class covariance is not positive semi-definite; the classifier run's statistics are broken")
 
 
-def _sample_offsets(factors: torch.Tensor, rows: torch.Tensor, samples: int, strength: float,
-                    generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """`(samples, N, A)` draws of eps ~ N(0, strength Sigma_c), c = classes[rows[n]], on `like`'s device and dtype.
+def sample_offsets(factors: torch.Tensor, rows: torch.Tensor, samples: int, strength: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The one draw of the ISDA noise: `(N, samples, A)` float64 eps ~ N(0, strength Sigma_c), c = the class
+    of `factors` (from `covariance_factors`) at `rows[n]`, on the factors' device.
 
-    Standard normals come from `generator` on its own device (CPU by default), so a seed fixes them
-    whatever device the features are on."""
-    n, a = len(rows), like.shape[1]
-    device = generator.device if generator is not None else like.device
-    u = torch.randn(samples, n, a, generator=generator, device=device, dtype=like.dtype).to(like.device)
+    Standard normals `(N, samples, A)` float64 come from `generator` on its own device (CPU by default),
+    so a seed fixes them whatever device the features are on; eps_n = sqrt(strength) L_c u_n.
+    """
+    n, a = len(rows), factors.shape[-1]
+    device = generator.device if generator is not None else factors.device
+    u = torch.randn(n, samples, a, generator=generator, device=device, dtype=torch.float64).to(factors.device)
+    rows = rows.to(factors.device)
     if factors.dim() == 2:
-        return math.sqrt(strength) * u * factors[rows]
+        return math.sqrt(strength) * (u * factors[rows][:, None, :])
     eps = torch.empty_like(u)
     for i in range(len(factors)):  # class by class: no (N, A, A) gather of the factors
         members = (rows == i).nonzero().squeeze(1)
-        eps[:, members] = u[:, members] @ factors[i].T
+        eps[members] = u[members] @ factors[i].T
     return math.sqrt(strength) * eps
+
+
+def _factors_of(covariance, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`covariance_factors` of the classes present in `classes (N,)`, and each row's place among them `(N,)`."""
+    present, rows = torch.unique(classes, return_inverse=True)
+    return covariance_factors(covariance, present), rows
+
+
+def _augmented(features: torch.Tensor, factors: torch.Tensor, rows: torch.Tensor, samples: int, strength: float,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """`(samples, N, A)` features a + eps (`sample_offsets`), in the features' dtype and device."""
+    eps = sample_offsets(factors, rows, samples, strength, generator)
+    return features.unsqueeze(0) + eps.transpose(0, 1).to(features)
 
 
 def explicit_sda_loss(features: torch.Tensor, fc: nn.Linear, targets: torch.Tensor,
@@ -65,10 +93,8 @@ def explicit_sda_loss(features: torch.Tensor, fc: nn.Linear, targets: torch.Tens
     """
     if samples < 1:
         raise IsdaVizError(f"explicit augmentation needs at least 1 sample per image, got {samples}")
-    classes, rows = torch.unique(targets, return_inverse=True)
-    factors = _covariance_factors(covariance, classes, features.dtype).to(features.device)
-    augmented = features.unsqueeze(0) + _sample_offsets(factors, rows, samples, strength, generator, features)
-    logits = fc(augmented)                                                          # (M, N, C)
+    factors, rows = _factors_of(covariance, targets)
+    logits = fc(_augmented(features, factors, rows, samples, strength, generator))      # (M, N, C)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.repeat(samples))
 
 
@@ -95,8 +121,7 @@ def expected_cross_entropy_mc(features: torch.Tensor, fc: nn.Linear, targets: to
     soft = targets.dim() == 2
     if classes is None:
         classes = targets.argmax(1) if soft else targets
-    present, rows = torch.unique(classes, return_inverse=True)
-    factors = _covariance_factors(covariance, present, features.dtype).to(features.device)
+    factors, rows = _factors_of(covariance, classes)
     n, a = features.shape
     chunk = max(1, min(samples, max_elements // max(1, n * a)))
     total = torch.zeros(n, dtype=torch.float64, device=features.device)
@@ -104,8 +129,7 @@ def expected_cross_entropy_mc(features: torch.Tensor, fc: nn.Linear, targets: to
     done = 0
     while done < samples:
         m = min(chunk, samples - done)
-        log_probs = F.log_softmax(fc(features.unsqueeze(0) + _sample_offsets(factors, rows, m, strength,
-                                                                             generator, features)), dim=2)
+        log_probs = F.log_softmax(fc(_augmented(features, factors, rows, m, strength, generator)), dim=2)
         if soft:
             ce = -(log_probs * targets.to(log_probs.dtype).unsqueeze(0)).sum(2)            # (m, N)
         else:
@@ -121,28 +145,7 @@ def expected_cross_entropy_mc(features: torch.Tensor, fc: nn.Linear, targets: to
 
 def sample_augmented_features(features: torch.Tensor, labels: torch.Tensor, estimator: CovarianceEstimator,
                               strength: float, k: int, generator: torch.Generator) -> torch.Tensor:
-    """a~ = a + eps, eps ~ N(0, strength * Sigma_y): `features (N, A)`, `labels (N,)` → `(N, K, A)`.
-
-    Full covariances are factorised by Cholesky with growing jitter (they are
-    often singular: A can exceed the number of features seen); diagonal ones by
-    per-dimension standard deviation. Noise is drawn on the CPU from `generator`.
-    """
-    n, a = features.shape
-    noise = torch.randn(n, k, a, generator=generator, dtype=torch.float64)
-    cov = estimator.covariance[labels.to(estimator.device)].detach().cpu().double()
-    if estimator.diagonal:
-        eps = noise * cov.clamp_min(0).sqrt()[:, None, :]
-    else:
-        eps = torch.einsum("nab,nkb->nka", _cholesky(cov), noise)
-    return features[:, None] + (math.sqrt(strength) * eps).to(features)
-
-
-def _cholesky(cov: torch.Tensor) -> torch.Tensor:
-    """Lower factors L with L L^T = cov + jitter I, `(N, A, A)` float64, jitter the smallest that works."""
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
-    base = cov.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
-    for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4):
-        factor, info = torch.linalg.cholesky_ex(cov + jitter * base * eye)
-        if not info.any():
-            return factor
-    raise IsdaVizError("a class covariance is not positive semi-definite; the classifier run's statistics are broken")
+    """a~ = a + eps, eps ~ N(0, strength * Sigma_y): `features (N, A)`, `labels (N,)` → `(N, K, A)`
+    (`covariance_factors`, `sample_offsets`; the noise is drawn on `generator`'s device, the CPU by default)."""
+    factors, rows = _factors_of(estimator, labels)
+    return features[:, None] + sample_offsets(factors, rows, k, strength, generator).to(features)

@@ -12,6 +12,8 @@ import torch
 import torchvision.utils as vutils
 from PIL import Image, ImageDraw, ImageFont
 
+from isda_viz.outputs.audit_report import AuditQuery
+
 AUDIT_MAX_SIDE = 2000   # px: an audit page is at most this wide and this tall
 AUDIT_TEXT_PX = 15      # audit captions: readable at 100% zoom
 FLAGGED = (200, 0, 0)   # colour of a likely copy
@@ -123,13 +125,13 @@ def _query_title(number: int, source: str) -> str:
     return f"#{number} {Path(path).name}" + (f" ({origin}" if origin else "")
 
 
-def audit_page(images: list[torch.Tensor], records: list[dict], neighbours: list[list[torch.Tensor]],
+def audit_page(images: list[torch.Tensor], records: list[AuditQuery], neighbours: list[list[torch.Tensor]],
                class_names: list[str], heading: list[str], first: int = 0, tile: int | None = None,
                max_side: int = AUDIT_MAX_SIDE) -> Image.Image:
     """One page of the audit figure: each query with its k nearest training images, in one or two columns.
 
     `images`: the queries, uint8 `(C, H, W)`; `records`: their audit.json entries (`source`,
-    `copy_score`, `flagged`, `neighbors` with `distance` and `label`); `neighbours`: per query the
+    `copy_score`, `flagged`, `neighbors` with `distance` and `label`, see `outputs.audit_report`); `neighbours`: per query the
     neighbours' uint8 images `(C, H, W)`; `heading`: lines printed above; `first`: the 0-based
     number of the page's first query in the audit. Each query is titled with its number and file,
     its copy score under it (red, framed, "likely copy" when flagged), then its neighbours with
@@ -173,22 +175,22 @@ def audit_page(images: list[torch.Tensor], records: list[dict], neighbours: list
     for i, (image, rec, row) in enumerate(zip(images, records, neighbours)):
         x0 = pad + (i // math.ceil(n / columns)) * (block_w + gap)
         y0 = top + (i % math.ceil(n / columns)) * block_h
-        colour = FLAGGED if rec["flagged"] else (0, 0, 0)
-        draw.text((x0, y0), _fit(draw, _query_title(first + i + 1, rec["source"]), text, block_w - pad),
+        colour = FLAGGED if rec.flagged else (0, 0, 0)
+        draw.text((x0, y0), _fit(draw, _query_title(first + i + 1, rec.source), text, block_w - pad),
                   fill=colour, font=text)
         y = y0 + line
         canvas.paste(_tile(image, side), (x0, y))
-        if rec["flagged"]:
+        if rec.flagged:
             draw.rectangle([x0 - 3, y - 3, x0 + side + 2, y + side + 2], outline=FLAGGED, width=3)
-        draw.text((x0, y + side + 3), _fit(draw, f"score {rec['copy_score']:.2f}", text, side + pad),
+        draw.text((x0, y + side + 3), _fit(draw, f"score {rec.copy_score:.2f}", text, side + pad),
                   fill=colour, font=text)
-        if rec["flagged"]:
+        if rec.flagged:
             draw.text((x0, y + side + 3 + line), _fit(draw, "likely copy", text, side + pad), fill=FLAGGED, font=text)
-        for j, (neighbour, nb) in enumerate(zip(row, rec["neighbors"])):
+        for j, (neighbour, nb) in enumerate(zip(row, rec.neighbors)):
             x = x0 + (j + 1) * (side + pad) + pad
             canvas.paste(_tile(neighbour, side), (x, y))
-            draw.text((x, y + side + 3), _fit(draw, f"d={nb['distance']:.3g}", text, side + pad - 2),
+            draw.text((x, y + side + 3), _fit(draw, f"d={nb.distance:.3g}", text, side + pad - 2),
                       fill=(0, 0, 0), font=text)
-            draw.text((x, y + side + 3 + line), _fit(draw, name(nb["label"]), text, side + pad - 2),
+            draw.text((x, y + side + 3 + line), _fit(draw, name(nb.label), text, side + pad - 2),
                       fill=GREY, font=text)
     return canvas

@@ -31,6 +31,7 @@ their outputs; `write_html` (re)writes one for any output folder.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -44,39 +45,18 @@ from PIL import Image, UnidentifiedImageError
 
 from isda_viz._version import __version__
 from isda_viz.errors import IsdaVizError
+from isda_viz.outputs.audit_report import AUDIT, AuditQuery, AuditReport, read_audit
+from isda_viz.outputs.folders import is_finite_number
+from isda_viz.outputs.report import REPORT, ImageEntry, Report, read_report
+from isda_viz.outputs.summary import SUMMARY, DemoSummary, figure_label, read_summary
 from isda_viz.runs import write_bytes_atomic
 
-REPORT, AUDIT, SUMMARY = "report.json", "audit.json", "summary.json"
 PAGE = "index.html"
 DEMO_FIGURE, DEMO_AUDIT = "figure.json", Path("audit") / AUDIT  # where `isda-viz demo` writes them
 TILE_PX, THUMB_PX = 128, 56          # shown sizes: images are enlarged by whole factors up to these
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
         ".webp": "image/webp", ".bmp": "image/bmp"}
 
-# Human names of the summary figures (keys of report.json "summary", summary.json and audit.json);
-# keys not listed are shown under their own name, so new figures still appear.
-SUMMARY_LABELS = {
-    "images": "input images",
-    "classifier_test_accuracy": "classifier test accuracy",
-    "judge_test_accuracy": "judge test accuracy",
-    "gan_class_agreement": "GAN class agreement",
-    "step1_median_feature_error": "Step I median feature error",
-    "step1_median_psnr": "Step I median PSNR (dB)",
-    "reconstruction_true_label_rate": "reconstructions classified as the true label",
-    "step2_median_reached_shift_error": "Step II median reached-shift error",
-    "step2_median_negative_target_floor": "… its floor (the part of ã no image reaches)",
-    "augmented_label_kept_rate": "augmented images keeping their label (classifier)",
-    "augmented_judge_label_kept_rate": "augmented images keeping their label (judge)",
-    "median_pixel_distance_to_reconstruction": "median RMS pixel distance, augmented vs reconstruction",
-    "audit_flagged_copies": "audit: likely copies flagged",
-    "threshold": "copy-score threshold (flags ≤ 1% of held-out test images)",
-    "median_test_distance": "median nearest-neighbour distance of held-out test images",
-    "flagged": "queries flagged as likely copies",
-}
-DEMO_KEYS = ("classifier_test_accuracy", "judge_test_accuracy", "gan_class_agreement", "step1_median_feature_error",
-             "reconstruction_true_label_rate", "step2_median_reached_shift_error",
-             "step2_median_negative_target_floor", "augmented_judge_label_kept_rate",
-             "median_pixel_distance_to_reconstruction")
 DECIMALS = {"psnr": 1, "step1_median_psnr": 1}   # everything else: 3 decimals
 
 # The per-image table: (JSON key, header, is a number).
@@ -139,42 +119,14 @@ class HtmlView:
 
 @dataclass
 class _Page:
-    kind: str                   # "augment", "grid", "audit" or "demo"
-    out: Path                   # the .html file to write
-    report: dict | None         # report.json / FIG.json
-    report_dir: Path | None     # what the report's file names are relative to
-    audit: dict | None
+    kind: str                     # "augment", "grid", "audit" or "demo"
+    out: Path                     # the .html file to write
+    report: Report | None         # report.json / FIG.json
+    report_dir: Path | None       # what the report's file names are relative to
+    audit: AuditReport | None
     audit_dir: Path | None
-    summary: dict | None        # the demo's summary.json
+    summary: DemoSummary | None   # the demo's summary.json
     title: str
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise IsdaVizError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IsdaVizError(f"{path} is not valid JSON ({type(e).__name__}); is it {what}?") from None
-    if not isinstance(data, dict):
-        raise IsdaVizError(f"{path} is not {what}")
-    return data
-
-
-def _read_report(path: Path) -> dict:
-    report = _read_json(path, "a report of augment or grid")
-    images = report.get("images")
-    if not isinstance(images, list) or not all(isinstance(e, dict) for e in images):
-        raise IsdaVizError(f"{path} is not a report of augment or grid (no list of images)")
-    return report
-
-
-def _read_audit(path: Path) -> dict:
-    audit = _read_json(path, "an audit.json")
-    queries = audit.get("queries")
-    if not isinstance(queries, list) or not all(isinstance(q, dict) for q in queries):
-        raise IsdaVizError(f"{path} is not an audit.json of isda-viz audit (no list of queries)")
-    return audit
 
 
 def _audit_file(audit) -> Path:
@@ -200,22 +152,22 @@ def _locate(path, audit=None) -> _Page:
             raise IsdaVizError(f"{path} holds no {SUMMARY}, {AUDIT} or {REPORT}; give an output folder of "
                                "augment, audit or demo, or a grid's FIG.png")
     folder = path.parent
-    extra = _read_audit(_audit_file(audit)) if audit is not None else None
+    extra = read_audit(_audit_file(audit)) if audit is not None else None
     extra_dir = _audit_file(audit).parent if audit is not None else None
     if path.name == SUMMARY:
-        summary = _read_json(path, "a demo summary.json")
+        summary = read_summary(path)
         figure = folder / DEMO_FIGURE
-        report = _read_report(figure) if figure.is_file() else None
+        report = read_report(figure) if figure.is_file() else None
         audit_path = folder / DEMO_AUDIT
         if extra is None and audit_path.is_file():
-            extra, extra_dir = _read_audit(audit_path), audit_path.parent
+            extra, extra_dir = read_audit(audit_path), audit_path.parent
         return _Page("demo", folder / PAGE, report, folder, extra, extra_dir, summary, "isda-viz demo")
     if path.name == AUDIT:
-        return _Page("audit", folder / PAGE, None, None, _read_audit(path), folder, None,
+        return _Page("audit", folder / PAGE, None, None, read_audit(path), folder, None,
                      f"isda-viz audit: {folder.name}")
     if path.suffix.lower() != ".json":
         raise IsdaVizError(f"{path} is not a report; give an output folder or its JSON file")
-    report = _read_report(path)
+    report = read_report(path)
     if path.name == REPORT:
         return _Page("augment", folder / PAGE, report, folder, extra, extra_dir, None,
                      f"isda-viz augment: {folder.name}")
@@ -229,10 +181,6 @@ def _locate(path, audit=None) -> _Page:
 
 def _esc(value) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _fmt(key: str, value) -> str:
@@ -253,12 +201,12 @@ def _data_value(value) -> str:
 
 class _Names:
     """Class index → name: the report's or audit's class list, else the names the report itself mentions."""
-    def __init__(self, report: dict | None, audit: dict | None):
-        names = (report or {}).get("class_names") or (audit or {}).get("class_names") or []
+    def __init__(self, report: Report | None, audit: AuditReport | None):
+        names = (report.class_names if report else None) or (audit.class_names if audit else None) or []
         self.names = {i: str(n) for i, n in enumerate(names)}
-        for entry in (report or {}).get("images", []):
-            if isinstance(entry.get("label"), int) and entry.get("label_name") is not None:
-                self.names.setdefault(entry["label"], str(entry["label_name"]))
+        for entry in report.images if report else []:
+            if isinstance(entry.label, int) and entry.label_name is not None:
+                self.names.setdefault(entry.label, str(entry.label_name))
 
     def __call__(self, label) -> str:
         if label is None:
@@ -340,37 +288,36 @@ def _file_key(path: Path) -> tuple[str, str]:
 
 class _Queries:
     """An audit's queries, found by the image file they were made from."""
-    def __init__(self, audit: dict | None, audit_dir: Path | None):
-        self.audit, self.audit_dir = audit or {}, audit_dir
-        self.by_file: dict = {}
-        for q in self.audit.get("queries", []):
-            path = _query_path(str(q.get("source", "")), audit_dir)
-            self.by_file.setdefault(_file_key(path), q)
+    def __init__(self, audit: AuditReport | None, audit_dir: Path | None):
+        self.audit, self.audit_dir = audit, audit_dir
+        self.by_file: dict[tuple[str, str], AuditQuery] = {}
+        for q in audit.queries if audit else []:
+            self.by_file.setdefault(_file_key(_query_path(q.source, audit_dir)), q)
 
     def __bool__(self) -> bool:
-        return bool(self.audit)
+        return self.audit is not None
 
-    def of(self, path: Path) -> dict | None:
+    def of(self, path: Path) -> AuditQuery | None:
         return self.by_file.get(_file_key(path))
 
 
-def _neighbours(query: dict | None, queries: _Queries, names: _Names, ctx: _Ctx) -> str:
+def _neighbours(query: AuditQuery | None, queries: _Queries, names: _Names, ctx: _Ctx) -> str:
     """The copy score of one query and its k nearest training images (thumbnails where audit.json names
     their files; otherwise training index, class and distance)."""
     if query is None:
         return '<div class="nbrs none">not audited</div>' if queries else ""
     items = []
-    for n in query.get("neighbors", []):
-        index, distance, label = n.get("index"), n.get("distance"), n.get("label")
+    for n in query.neighbors:
+        index, distance, label = n.index, n.distance, n.label
         thumb = ""
-        if n.get("file"):
-            thumb = ctx.image(queries.audit_dir / n["file"], str(n["file"]), THUMB_PX, f"training image {index}")
+        if n.file:
+            thumb = ctx.image(queries.audit_dir / n.file, str(n.file), THUMB_PX, f"training image {index}")
         items.append(f'<li data-key="neighbor" data-index="{_esc(_data_value(index))}" '
                      f'data-distance="{_esc(_data_value(distance))}" data-label="{_esc(_data_value(label))}">'
                      f'{thumb}<span>d <b>{_esc(_fmt("distance", distance))}</b><br>{_esc(names(label))}<br>'
                      f'<i title="index in the training set">#{_esc(index)}</i></span></li>')
-    flag = '<div class="flag">likely copy</div>' if query.get("flagged") else ""
-    return (f'<div class="nbrs">{flag}{_number("copy_score", "copy score", query.get("copy_score"))}'
+    flag = '<div class="flag">likely copy</div>' if query.flagged else ""
+    return (f'<div class="nbrs">{flag}{_number("copy_score", "copy score", query.copy_score)}'
             f'<div class="nbr-head">nearest training images</div><ol>{"".join(items)}</ol></div>')
 
 
@@ -378,13 +325,12 @@ def _neighbours(query: dict | None, queries: _Queries, names: _Names, ctx: _Ctx)
 # The page body
 
 
-def _original_file(entry: dict) -> str | None:
+def _original_file(entry: ImageEntry) -> str | None:
     """The original's file: the report's `original.file` where present, else the name augment gives it
     beside the reconstruction (`NNN_original.png`)."""
-    original = entry.get("original")
-    if isinstance(original, dict) and original.get("file"):
-        return original["file"]
-    recon = (entry.get("reconstruction") or {}).get("file")
+    if entry.original is not None and entry.original.file:
+        return entry.original.file
+    recon = entry.reconstruction.file
     if recon and "_reconstruction." in recon:
         return recon.replace("_reconstruction.", "_original.")
     return None
@@ -398,80 +344,79 @@ def _tile(heading: str, image_html: str, numbers: str, extra: str = "", flagged:
             f'<div class="nums">{numbers}</div>{extra}</figure>')
 
 
-def _card(i: int, entry: dict, page: _Page, ctx: _Ctx, names: _Names, queries: _Queries) -> tuple[str, list]:
+def _judge_name(value, names: _Names) -> str:
+    return names(value) if value is not None else ""
+
+
+def _card(i: int, entry: ImageEntry, page: _Page, ctx: _Ctx, names: _Names, queries: _Queries) -> tuple[str, list]:
     """One input image: its tiles, and its rows of the per-image table."""
     base = page.report_dir
-    label = entry.get("label")
-    source = str(entry.get("source", ""))
+    label = entry.label
     tiles, rows = [], []
     original = _original_file(entry)
     tiles.append(_tile("original", ctx.image(base / original if original else None, original or "original", TILE_PX),
-                       _prediction("predicted", "classifier", entry.get("predicted"), label, names)))
+                       _prediction("predicted", "classifier", entry.predicted, label, names)))
 
-    def row(kind, path, name, values, query):
-        r = {"image": i, "source": source, "label": names(label), "kind": kind,
+    def row(kind, path, name, values, query: AuditQuery | None):
+        r = {"image": i, "source": entry.source, "label": names(label), "kind": kind,
              "thumb": ctx.image(path, name, THUMB_PX), **values}
         if queries:
-            nearest = (query or {}).get("neighbors") or [{}]
-            r.update(copy_score=(query or {}).get("copy_score"), nearest_distance=nearest[0].get("distance"),
-                     nearest_label=names(nearest[0].get("label")) if nearest[0] else "",
-                     flagged=("yes" if query.get("flagged") else "no") if query else "")
+            nearest = query.neighbors[0] if query is not None and query.neighbors else None
+            r.update(copy_score=query.copy_score if query else None,
+                     nearest_distance=nearest.distance if nearest else None,
+                     nearest_label=names(nearest.label) if nearest else "",
+                     flagged=("yes" if query.flagged else "no") if query else "")
         rows.append(r)
 
-    recon = entry.get("reconstruction") or {}
-    if recon:
-        name = str(recon.get("file", "reconstruction"))
-        path = base / recon["file"] if recon.get("file") else None
+    recon = entry.reconstruction
+    name = str(recon.file or "reconstruction")
+    path = base / recon.file if recon.file else None
+    query = queries.of(path) if path is not None else None
+    numbers = (_number("feature_error", "feature err.", recon.feature_error) + _number("psnr", "PSNR (dB)", recon.psnr)
+               + _prediction("predicted", "classifier", recon.predicted, label, names)
+               + _prediction("judge_predicted", "judge", recon.judge_predicted, label, names))
+    tiles.append(_tile("reconstruction", ctx.image(path, name, TILE_PX), numbers,
+                       _neighbours(query, queries, names, ctx), bool(query and query.flagged)))
+    row("reconstruction", path, name, {"feature_error": recon.feature_error, "psnr": recon.psnr,
+                                       "predicted": names(recon.predicted),
+                                       "judge_predicted": _judge_name(recon.judge_predicted, names)}, query)
+    for j, aug in enumerate(entry.augmented):
+        name = str(aug.file or f"augmented {j + 1}")
+        path = base / aug.file if aug.file else None
         query = queries.of(path) if path is not None else None
-        numbers = (_number("feature_error", "feature err.", recon.get("feature_error"))
-                   + _number("psnr", "PSNR (dB)", recon.get("psnr"))
-                   + _prediction("predicted", "classifier", recon.get("predicted"), label, names)
-                   + _prediction("judge_predicted", "judge", recon.get("judge_predicted"), label, names))
-        tiles.append(_tile("reconstruction", ctx.image(path, name, TILE_PX), numbers,
-                           _neighbours(query, queries, names, ctx), bool(query and query.get("flagged"))))
-        row("reconstruction", path, name, {"feature_error": recon.get("feature_error"), "psnr": recon.get("psnr"),
-                                           "predicted": names(recon.get("predicted")),
-                                           "judge_predicted": names(recon.get("judge_predicted"))
-                                           if recon.get("judge_predicted") is not None else ""}, query)
-    for j, aug in enumerate(entry.get("augmented") or []):
-        name = str(aug.get("file", f"augmented {j + 1}"))
-        path = base / aug["file"] if aug.get("file") else None
-        query = queries.of(path) if path is not None else None
-        numbers = (_number("reached_shift_error", "shift error", aug.get("reached_shift_error"))
-                   + _number("negative_target_floor", "its floor", aug.get("negative_target_floor"))
-                   + _prediction("predicted", "classifier", aug.get("predicted"), label, names)
-                   + _prediction("judge_predicted", "judge", aug.get("judge_predicted"), label, names)
-                   + _number("pixel_distance", "pixel dist.", aug.get("pixel_distance")))
+        numbers = (_number("reached_shift_error", "shift error", aug.reached_shift_error)
+                   + _number("negative_target_floor", "its floor", aug.negative_target_floor)
+                   + _prediction("predicted", "classifier", aug.predicted, label, names)
+                   + _prediction("judge_predicted", "judge", aug.judge_predicted, label, names)
+                   + _number("pixel_distance", "pixel dist.", aug.pixel_distance))
         tiles.append(_tile(f"augmented {j + 1}", ctx.image(path, name, TILE_PX), numbers,
-                           _neighbours(query, queries, names, ctx), bool(query and query.get("flagged"))))
+                           _neighbours(query, queries, names, ctx), bool(query and query.flagged)))
         row(f"augmented {j + 1}", path, name,
-            {k: aug.get(k) for k in ("reached_shift_error", "negative_target_floor", "pixel_distance")}
-            | {"predicted": names(aug.get("predicted")),
-               "judge_predicted": names(aug.get("judge_predicted")) if aug.get("judge_predicted") is not None else ""},
-            query)
-    for j, sample in enumerate(entry.get("samples") or []):
-        name = str(sample.get("file", f"random {j + 1}")) if isinstance(sample, dict) else str(sample)
+            {"reached_shift_error": aug.reached_shift_error, "negative_target_floor": aug.negative_target_floor,
+             "pixel_distance": aug.pixel_distance, "predicted": names(aug.predicted),
+             "judge_predicted": _judge_name(aug.judge_predicted, names)}, query)
+    for j, sample in enumerate(entry.samples):
+        name = str(sample.file or f"random {j + 1}")
         path = base / name if name else None
         tiles.append(_tile(f"random {j + 1}", ctx.image(path, name, TILE_PX), '<div class="num">same class</div>'))
-    heading = f'#{i} · {names(label)} · {source}'
+    heading = f'#{i} · {names(label)} · {entry.source}'
     card = (f'<section class="card" id="image-{i}" data-image="{i}"><h3>{_esc(heading)}</h3>'
             f'<div class="tiles">{"".join(tiles)}</div></section>')
     return card, rows
 
 
-def _audit_tile(i: int, query: dict, page: _Page, ctx: _Ctx, names: _Names, queries: _Queries) -> tuple[str, dict]:
+def _audit_tile(i: int, query: AuditQuery, page: _Page, ctx: _Ctx, names: _Names,
+                queries: _Queries) -> tuple[str, dict]:
     """One query of an audit-only page: its tile (image, file name, neighbours) and its table row."""
-    source = str(query.get("source", ""))
-    path = _query_path(source, page.audit_dir)
-    nearest = (query.get("neighbors") or [{}])[0]
-    role = str(query.get("role", "query"))
-    tile = _tile(f"#{i} {role}", ctx.image(path, path.name, TILE_PX),
-                 f'<div class="file" title="{_esc(source)}">{_esc(path.name)}</div>',
-                 _neighbours(query, queries, names, ctx), bool(query.get("flagged")), f"image-{i}")
-    row = {"image": i, "source": source, "kind": role, "thumb": ctx.image(path, path.name, THUMB_PX),
-           "copy_score": query.get("copy_score"), "nearest_distance": nearest.get("distance"),
-           "nearest_label": names(nearest.get("label")) if nearest else "",
-           "flagged": "yes" if query.get("flagged") else "no"}
+    path = _query_path(query.source, page.audit_dir)
+    nearest = query.neighbors[0] if query.neighbors else None
+    tile = _tile(f"#{i} {query.role}", ctx.image(path, path.name, TILE_PX),
+                 f'<div class="file" title="{_esc(query.source)}">{_esc(path.name)}</div>',
+                 _neighbours(query, queries, names, ctx), query.flagged, f"image-{i}")
+    row = {"image": i, "source": query.source, "kind": query.role, "thumb": ctx.image(path, path.name, THUMB_PX),
+           "copy_score": query.copy_score, "nearest_distance": nearest.distance if nearest else None,
+           "nearest_label": names(nearest.label) if nearest else "",
+           "flagged": "yes" if query.flagged else "no"}
     return tile, row
 
 
@@ -479,17 +424,14 @@ def _summary_table(page: _Page) -> str:
     """The figures at the top: the demo's, the report's summary, and the audit's."""
     rows = []
     if page.summary is not None:
-        s = page.summary
-        rows += [(k, s.get(k)) for k in DEMO_KEYS]
-        if s.get("audit_queries") is not None:
-            rows.append(("audit_flagged_copies", f"{s.get('audit_flagged_copies')} of {s.get('audit_queries')}"))
+        rows += page.summary.figures()
     elif page.report is not None:
-        rows += [(k, v) for k, v in (page.report.get("summary") or {}).items()]
+        rows += list(dataclasses.asdict(page.report.summary).items())
     if page.audit is not None and page.summary is None:
         a = page.audit
-        rows += [("flagged", f"{a.get('flagged')} of {len(a.get('queries', []))}"), ("threshold", a.get("threshold")),
-                 ("median_test_distance", a.get("median_test_distance"))]
-    body = "".join(f'<tr data-key="{_esc(k)}" data-value="{_esc(_data_value(v))}"><th>{_esc(SUMMARY_LABELS.get(k, k))}'
+        rows += [("flagged", f"{a.flagged} of {len(a.queries)}"), ("threshold", a.threshold),
+                 ("median_test_distance", a.median_test_distance)]
+    body = "".join(f'<tr data-key="{_esc(k)}" data-value="{_esc(_data_value(v))}"><th>{_esc(figure_label(k))}'
                    f'</th><td>{_esc(_fmt(k, v))}</td></tr>' for k, v in rows)
     return f'<table class="summary">{body}</table>' if rows else ""
 
@@ -505,8 +447,8 @@ def _legend(page: _Page) -> str:
                   "(negative targets); <b>pixel dist.</b>: RMS difference to the reconstruction, [0, 1] pixels",
                   "<b>classifier</b>, <b>judge</b>: the class each network sees (red: not the image's class)"]
     if page.audit is not None:
-        threshold = page.audit.get("threshold")
-        below = f" below {_fmt('threshold', threshold)}" if _finite(threshold) else ""
+        threshold = page.audit.threshold
+        below = f" below {_fmt('threshold', threshold)}" if is_finite_number(threshold) else ""
         parts.append("<b>copy score</b>: distance to the nearest training image / the median of held-out test "
                      f"images; likely copy{below}; <b>d</b>: distance of each nearest training image, "
                      "<b>#</b> its index in the training set")
@@ -516,19 +458,19 @@ def _legend(page: _Page) -> str:
 def _settings_line(page: _Page) -> str:
     """What made it: the report's settings, the audit's space and index, the demo's timings."""
     parts = []
-    settings = (page.report or {}).get("settings") or {}
-    if settings:
-        parts.append(f"strength λ = {settings.get('strength')}, {settings.get('num_augmented')} augmented per image, "
-                     f"seed {settings.get('seed')}")
+    settings = page.report.settings if page.report is not None else None
+    if settings is not None:
+        parts.append(f"strength λ = {settings.strength}, {settings.num_augmented} augmented per image, "
+                     f"seed {settings.seed}")
     if page.audit is not None:
         a = page.audit
-        parts.append(f"audit: {a.get('k')} nearest of {(a.get('index') or {}).get('train_size')} {a.get('dataset')} "
-                     f"training images, {a.get('distance')}, {(a.get('index') or {}).get('kind')} index")
+        parts.append(f"audit: {a.k} nearest of {a.index.train_size} {a.dataset} "
+                     f"training images, {a.distance}, {a.index.kind} index")
     if page.summary is not None:
-        seconds = page.summary.get("seconds") or {}
+        seconds = page.summary.seconds
         if seconds:
             parts.append("seconds: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
-        if page.summary.get("quick"):
+        if page.summary.quick:
             parts.append("quick (CI-sized) run")
     return "".join(f"<p class=\"meta\">{_esc(p)}</p>" for p in parts)
 
@@ -545,7 +487,7 @@ def _files_line(page: _Page, embed: bool) -> str:
     elif page.kind == "demo":
         candidates.append(page.out.parent / Path(DEMO_FIGURE).with_suffix(".png"))
     if page.audit_dir is not None:           # every page of the audit figure (older audits: audit.png)
-        pages = [p.get("file") for p in page.audit.get("pages") or [] if isinstance(p, dict)]
+        pages = [p.file for p in page.audit.pages]
         candidates += [page.audit_dir / str(f) for f in pages if f] or [page.audit_dir / "audit.png"]
     links = [f'<a href="{_esc(quote(Path(os.path.relpath(p, page.out.parent)).as_posix()))}">{_esc(p.name)}</a>'
              for p in candidates if p.is_file()]
@@ -564,7 +506,7 @@ def _data_table(rows: list[dict], columns: list) -> str:
             if k == "kind":
                 cells.append(f'<td><a href="#image-{r["image"]}">{r["thumb"]}<span>{_esc(v)}</span></a></td>')
             elif num:
-                value, shown = (_data_value(v), _fmt(k, v)) if _finite(v) else ("", "")
+                value, shown = (_data_value(v), _fmt(k, v)) if is_finite_number(v) else ("", "")
                 cells.append(f'<td class="n" data-value="{_esc(value)}">{_esc(shown)}</td>')
             else:
                 cells.append(f"<td>{_esc('' if v is None else v)}</td>")
@@ -580,14 +522,14 @@ def _body(page: _Page, embed: bool) -> str:
     queries = _Queries(page.audit, page.audit_dir)
     cards, rows = [], []
     if page.report is not None:
-        for i, entry in enumerate(page.report["images"]):
+        for i, entry in enumerate(page.report.images):
             card, entry_rows = _card(i, entry, page, ctx, names, queries)
             cards.append(card)
             rows += entry_rows
         columns = COLUMNS + (AUDIT_COLUMNS if queries else [])
     elif page.audit is not None:
         tiles = []
-        for i, query in enumerate(page.audit.get("queries", [])):
+        for i, query in enumerate(page.audit.queries):
             tile, row = _audit_tile(i, query, page, ctx, names, queries)
             tiles.append(tile)
             rows.append(row)

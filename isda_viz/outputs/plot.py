@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.data.datasets import TensorImages, load_split
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
+from isda_viz.outputs.folders import is_finite_number
 from isda_viz.runs import read_jsonl, write_bytes_atomic, write_json_atomic
 
 EMBEDDINGS = ("none", "pca", "tsne")
@@ -259,17 +259,17 @@ def plot_runs(run_dirs, out, embedding: str = "none", embedding_points: int = 20
     } for run in runs]}
     png = _draw(runs)
     write_bytes_atomic(table.getvalue().encode(), paths["csv"])
-    write_json_atomic(_finite(summary), paths["json"])
+    write_json_atomic(_nonfinite_as_null(summary), paths["json"])
     write_bytes_atomic(png, paths["png"])
     return paths
 
 
-def _finite(obj):
+def _nonfinite_as_null(obj):
     """JSON has no NaN/inf: such values (a diverged epoch) are written as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
+    if isinstance(obj, float) and not is_finite_number(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: _nonfinite_as_null(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return [_nonfinite_as_null(v) for v in obj]
     return obj

@@ -24,12 +24,22 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from isda_viz.errors import IsdaVizError
-from isda_viz.outputs.html import html_fragment
 from isda_viz.runs import write_json_atomic
 
 REPORT = "report.json"
+
+# How a written report shows itself in Jupyter: `path -> HTML`, set by `isda_viz.outputs` to the page of
+# `isda_viz.outputs.html`. The page renders from the types here, so this module imports nothing of it.
+_notebook_view: Callable[[Path], str] | None = None
+
+
+def set_notebook_view(view: Callable[[Path], str]) -> None:
+    """Make `view(path)` what `Report._repr_html_` shows for a report written to `path`."""
+    global _notebook_view
+    _notebook_view = view
 
 
 @dataclass(kw_only=True)
@@ -148,10 +158,9 @@ class Report:
 
     def _repr_html_(self) -> str | None:
         """Jupyter's view: the page of the written report, images inlined (None: not written, plain repr)."""
-        if self.path is None:
+        if self.path is None or _notebook_view is None:
             return None
-
-        return html_fragment(self.path, embed=True)
+        return _notebook_view(self.path)
 
     def listed_images(self) -> list[tuple[str, str, str]]:
         """Every image file the report lists, as `(file, "reconstruction" | "augmented", source)`."""
@@ -208,8 +217,18 @@ def read_report(path) -> Report:
     if not file.is_file():
         raise IsdaVizError(f"{path} has no {REPORT}; give the --out folder of an augment run or a grid's FIG.json")
     try:
-        report = Report.from_dict(json.loads(file.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise IsdaVizError(f"cannot read {file} ({e.strerror or type(e).__name__})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IsdaVizError(f"{file} is not valid JSON ({type(e).__name__}); is it a report of augment or grid?") \
+            from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not all(
+            isinstance(e, dict) for e in data["images"]):
+        raise IsdaVizError(f"{file} is not a report of augment or grid (no list of images)")
+    try:
+        report = Report.from_dict(data)
+    except (KeyError, TypeError, AttributeError) as e:
         raise IsdaVizError(f"{file} is not a report of augment or grid ({type(e).__name__}: {e})") from None
     report.path = file
     return report

@@ -57,12 +57,12 @@ from isda_viz import distributed
 from isda_viz._version import __version__
 from isda_viz.classifiers.networks import build_model
 from isda_viz.data.batches import augment_batch, iterate_batches, labeled_subset
-from isda_viz.data.datasets import FOLDER_DATASETS, TensorImages, dataset_spec, load_split
+from isda_viz.data.datasets import FOLDER_DATASETS, DatasetSpec, TensorImages, dataset_spec, load_split
 from isda_viz.data.images import normalize
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
-from isda_viz.isda.estimator import CovarianceEstimator
-from isda_viz.isda.loss import isda_augmented_logits
+from isda_viz.isda.estimator import CovarianceEstimator, check_covariance
+from isda_viz.isda.loss import isda_loss
 from isda_viz.isda.sampling import expected_cross_entropy_mc, explicit_sda_loss
 from isda_viz.isda.schedules import isda_strength, learning_rate, sigmoid_rampup, step_lr
 from isda_viz.isda.semi import semi_supervised_isda_loss
@@ -119,6 +119,35 @@ class TrainConfig:
     track_bound: bool = False          # log `bound` and `expected_ce_mc` per epoch
     bound_samples: int = 1000          # Monte-Carlo draws per image
     bound_subset: int = 500            # fixed (labeled) training images, a seeded random subset
+
+    def __post_init__(self) -> None:
+        """One-line `IsdaVizError`s for option values and combinations no run can use."""
+        if self.loss not in LOSSES:
+            raise IsdaVizError(f"unknown loss '{self.loss}'; choose {', '.join(LOSSES)}")
+        if self.covariance is not None:
+            check_covariance(self.covariance)
+        if self.schedule not in ("cosine", "step"):
+            raise IsdaVizError(f"unknown schedule '{self.schedule}'; choose cosine or step")
+        if self.ssl not in SSL_METHODS:
+            raise IsdaVizError(f"unknown --ssl '{self.ssl}'; choose {', '.join(SSL_METHODS)}")
+        if self.samples < 1:
+            raise IsdaVizError(f"--samples must be at least 1, got {self.samples}")
+        if self.labeled is None and self.ssl != "none":
+            raise IsdaVizError(f"--ssl {self.ssl} is semi-supervised: give --labeled N, the number of labels to keep")
+        if self.labeled is not None:
+            if self.dataset in FOLDER_DATASETS:
+                raise IsdaVizError("--labeled works with the in-memory datasets (fashion-mnist, cifar10, cifar100)")
+            if not 1 <= labeled_batch_size(self) < self.batch_size:
+                raise IsdaVizError(f"--labeled-batch must be between 1 and --batch-size - 1 ({self.batch_size - 1}), "
+                                   f"got {labeled_batch_size(self)}")
+            if not 0 <= self.ema_decay < 1 or not 0 <= self.rampup <= 1 or self.eta1 < 0 or self.eta2 < 0:
+                raise IsdaVizError("--ema-decay must lie in [0, 1), --rampup in [0, 1], --eta1 and --eta2 be >= 0")
+        if self.track_bound:
+            if self.loss == "ce":
+                raise IsdaVizError("--track-bound compares the ISDA loss with the expectation it bounds; "
+                                   "use it with --loss isda or explicit")
+            if self.bound_samples < 2 or self.bound_subset < 1:
+                raise IsdaVizError("--bound-samples must be at least 2 and --bound-subset at least 1")
 
     def resolved(self) -> "TrainConfig":
         spec = dataset_spec(self.dataset, self.data_root)
@@ -187,36 +216,6 @@ def _open_run_dir(cfg: TrainConfig, resume: bool, num_classes: int, log) -> tupl
     write_json_atomic({**dataclasses.asdict(cfg), "isda_viz_version": __version__, "torch": torch.__version__},
                       out / "config.json")
     return cfg, ckpt
-
-
-def _check_config(cfg: TrainConfig, in_memory: bool) -> None:
-    """One-line `IsdaVizError`s for option values and combinations `fit` cannot run."""
-    if cfg.loss not in LOSSES:
-        raise IsdaVizError(f"unknown loss '{cfg.loss}'; choose {', '.join(LOSSES)}")
-    if cfg.covariance not in ("full", "diagonal"):
-        raise IsdaVizError(f"unknown covariance '{cfg.covariance}'; choose full or diagonal")
-    if cfg.schedule not in ("cosine", "step"):
-        raise IsdaVizError(f"unknown schedule '{cfg.schedule}'; choose cosine or step")
-    if cfg.ssl not in SSL_METHODS:
-        raise IsdaVizError(f"unknown --ssl '{cfg.ssl}'; choose {', '.join(SSL_METHODS)}")
-    if cfg.samples < 1:
-        raise IsdaVizError(f"--samples must be at least 1, got {cfg.samples}")
-    if cfg.labeled is None and cfg.ssl != "none":
-        raise IsdaVizError(f"--ssl {cfg.ssl} is semi-supervised: give --labeled N, the number of labels to keep")
-    if cfg.labeled is not None:
-        if not in_memory:
-            raise IsdaVizError("--labeled works with the in-memory datasets (fashion-mnist, cifar10, cifar100)")
-        if not 1 <= labeled_batch_size(cfg) < cfg.batch_size:
-            raise IsdaVizError(f"--labeled-batch must be between 1 and --batch-size - 1 ({cfg.batch_size - 1}), "
-                               f"got {labeled_batch_size(cfg)}")
-        if not 0 <= cfg.ema_decay < 1 or not 0 <= cfg.rampup <= 1 or cfg.eta1 < 0 or cfg.eta2 < 0:
-            raise IsdaVizError("--ema-decay must lie in [0, 1), --rampup in [0, 1], --eta1 and --eta2 be >= 0")
-    if cfg.track_bound:
-        if cfg.loss == "ce":
-            raise IsdaVizError("--track-bound compares the ISDA loss with the expectation it bounds; "
-                               "use it with --loss isda or explicit")
-        if cfg.bound_samples < 2 or cfg.bound_subset < 1:
-            raise IsdaVizError("--bound-samples must be at least 2 and --bound-subset at least 1")
 
 
 def labeled_batch_size(cfg: TrainConfig) -> int:
@@ -352,8 +351,8 @@ def training_loss(cfg: TrainConfig, fc: nn.Linear, estimator: CovarianceEstimato
     labeled_logits = logits[:n_l]
     if estimator is not None:  # Sigma of a class (and of a pseudo label) from labeled features only
         estimator.update(features[:n_l].detach(), y)
-    if cfg.loss == "isda" and strength > 0:
-        supervised = F.cross_entropy(isda_augmented_logits(labeled_logits, fc.weight, y, estimator, strength), y)
+    if cfg.loss == "isda":
+        supervised = isda_loss(labeled_logits, fc.weight, y, estimator, strength)
     elif cfg.loss == "explicit" and strength > 0:
         supervised = explicit_sda_loss(features[:n_l], fc, y, estimator, strength, cfg.samples, generator)
     else:  # CE, and ISDA/explicit at lambda = 0
@@ -404,7 +403,7 @@ def bound_tightness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     features = torch.cat([model.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
     features = features.float()
     logits = model.fc(features)
-    bound = F.cross_entropy(isda_augmented_logits(logits, model.fc.weight, labels, estimator, strength), labels)
+    bound = isda_loss(logits, model.fc.weight, labels, estimator, strength)
     mc, stderr = expected_cross_entropy_mc(features, model.fc, labels, estimator, strength, samples, generator)
     return {"bound": bound.item(), "expected_ce_mc": mc, "expected_ce_mc_stderr": stderr}
 
@@ -429,15 +428,50 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
         return _fit(cfg, device, resume, progress, log)
 
 
-def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, log) -> dict:
-    cfg = cfg.resolved()
-    in_memory = cfg.dataset not in FOLDER_DATASETS
-    _check_config(cfg, in_memory)
-    main = distributed.is_main()
-    if not main:
-        progress, log = False, (lambda *a, **k: None)
-    out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT
+@dataclass
+class _Training:
+    """Everything one run trains with, built by `_setup` (each rank holds its own)."""
+    cfg: TrainConfig
+    device: torch.device
+    spec: DatasetSpec
+    train_set: object                        # TensorImages, or a dataset of image files
+    test_set: object
+    class_names: list[str]
+    plan: BatchPlan
+    model: nn.Module                         # the bare network (its state is what checkpoints hold)
+    net: nn.Module                           # `model.features`, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+    estimator: CovarianceEstimator | None    # None for plain CE runs
+    teacher: nn.Module | None                # mean teacher only
+    channels_last: bool
+
+    @property
+    def semi(self) -> bool:
+        return self.cfg.labeled is not None
+
+    @property
+    def in_memory(self) -> bool:
+        return self.cfg.dataset not in FOLDER_DATASETS
+
+    @property
+    def uses_estimator(self) -> bool:
+        return self.estimator is not None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.plan.steps_per_epoch
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 `(N, C, H, W)` → normalised float input on the device."""
+        x = normalize(images.to(self.device, non_blocking=True).float() / 255, self.spec.mean, self.spec.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def _setup(cfg: TrainConfig, device: torch.device, resume: bool, log) -> tuple[_Training, int]:
+    """Data, network, optimizer, estimator and teacher of the run in `cfg.out`, restored from its checkpoint
+    when resuming; returns them and the first epoch to train (0-based)."""
     spec = dataset_spec(cfg.dataset, cfg.data_root)
     train_set = load_split(cfg.dataset, True, cfg.data_root, cfg.limit_train)
     test_set = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test)
@@ -455,122 +489,166 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
     cfg, ckpt = distributed.from_main(lambda: _open_run_dir(cfg, resume, num_classes, log))
     if ckpt is not None:
         plan = _batch_plan(cfg, train_set, num_classes)  # a resumed run's own settings
-    semi = cfg.labeled is not None
-    uses_estimator = cfg.loss in ("isda", "explicit") or (semi and cfg.eta1 > 0)
+    uses_estimator = cfg.loss in ("isda", "explicit") or (cfg.labeled is not None and cfg.eta1 > 0)
     estimator = CovarianceEstimator(model.feature_dim, num_classes, cfg.covariance == "diagonal") \
         if uses_estimator else None
-    start_epoch = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("estimator") and estimator is not None:
-            estimator.load_state_dict(ckpt["estimator"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if semi and not torch.equal(ckpt.get("labeled_indices", torch.empty(0)), plan.labeled_idx):
-            raise IsdaVizError(f"{ckpt_path} was trained on another labeled subset (the training set changed); "
-                               "choose another --out")
-        start_epoch = ckpt["epoch"]
-    if estimator is not None:
-        estimator.to(device)
     if cfg.sync_bn and distributed.active():  # same parameters and names: the optimizer and checkpoints still fit
         model = distributed.convert_sync_batchnorm(model, device)
-
     # faster convolutions on CPU (0.33 s vs 0.40 s per ResNet-32 step) and with CUDA's tensor cores
     channels_last = device.type in ("cpu", "cuda")
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    teacher = None
-    if cfg.ssl == "mean-teacher":  # every rank holds the same teacher: the same student, the same averages
-        teacher = copy.deepcopy(model).requires_grad_(False)
-        if ckpt is not None:
-            teacher.load_state_dict(ckpt["teacher"])
-    net = distributed.wrap(model, device)   # model.features, DDP-wrapped under torchrun
+    # every rank holds the same teacher: the same student, the same averages
+    teacher = copy.deepcopy(model).requires_grad_(False) if cfg.ssl == "mean-teacher" else None
+    run = _Training(cfg=cfg, device=device, spec=spec, train_set=train_set, test_set=test_set,
+                    class_names=class_names, plan=plan, model=model, net=model, optimizer=optimizer, scaler=scaler,
+                    amp=amp, estimator=estimator, teacher=teacher, channels_last=channels_last)
+    start_epoch = _restore(run, ckpt) if ckpt is not None else 0
+    if estimator is not None:
+        estimator.to(device)
+    run.net = distributed.wrap(model, device)
+    return run, start_epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint: what is saved after each epoch, and how a resumed run reads it back
+
+
+def _checkpoint(run: _Training, epoch: int) -> dict:
+    """The state after `epoch` (1-based) epochs: everything `_restore` needs, and what `load_classifier` reads."""
+    spec = run.spec
+    return {
+        "model": {k: v.contiguous() for k, v in run.model.state_dict().items()},
+        "optimizer": run.optimizer.state_dict(),
+        "estimator": run.estimator.state_dict() if run.estimator is not None else None,
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "epoch": epoch, "config": dataclasses.asdict(run.cfg), "class_names": run.class_names,
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
+        "input": {"channels": spec.channels, "size": spec.image_size},
+        **({"labeled_indices": run.plan.labeled_idx} if run.semi else {}),
+        **({"teacher": {k: v.contiguous() for k, v in run.teacher.state_dict().items()}} if run.teacher else {}),
+    }
+
+
+def _restore(run: _Training, ckpt: dict) -> int:
+    """Load `_checkpoint`'s state into `run`; returns the epochs it had finished."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("estimator") and run.estimator is not None:
+        run.estimator.load_state_dict(ckpt["estimator"])
+    if ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    if run.semi and not torch.equal(ckpt.get("labeled_indices", torch.empty(0)), run.plan.labeled_idx):
+        raise IsdaVizError(f"{Path(run.cfg.out) / CHECKPOINT} was trained on another labeled subset (the training "
+                           "set changed); choose another --out")
+    if run.teacher is not None:
+        run.teacher.load_state_dict(ckpt["teacher"])
+    return ckpt["epoch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch, and its record
+
+
+def _epoch_batches(run: _Training, generator: torch.Generator):
+    """This epoch's global batches `(images, labels, n_unlabeled)`, drawn from `generator`."""
+    cfg, plan = run.cfg, run.plan
+    if run.semi:
+        return ssl_batches(run.train_set, plan.labeled_idx, plan.unlabeled_idx, plan.labeled_batch,
+                           plan.unlabeled_batch, generator)
     # Folders load only this rank's part of each global batch; in-memory sets are augmented as whole global
     # batches (the same randomness as one process) and cut in `_views`.
-    shard = (distributed.rank(), distributed.world_size()) if distributed.active() and not in_memory else None
-    pad = max(2, spec.image_size // 8)
-    total_steps = cfg.epochs * plan.steps_per_epoch
+    shard = (distributed.rank(), distributed.world_size()) if distributed.active() and not run.in_memory else None
+    return ((images, labels, 0) for images, labels in iterate_batches(
+        run.train_set, cfg.batch_size, True, generator, cfg.workers, shard, pin_memory=run.device.type == "cuda"))
 
-    def to_input(images):
-        x = normalize(images.to(device, non_blocking=True).float() / 255, spec.mean, spec.std)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
+def _train_epoch(run: _Training, epoch: int, progress: bool) -> tuple[dict[str, float], float]:
+    """One pass over the epoch's batches; returns the loss terms' means per labeled image (over all ranks)
+    and the training accuracy of the labeled images."""
+    cfg, plan, model = run.cfg, run.plan, run.model
+    model.train()
+    if run.teacher is not None:
+        run.teacher.train()
+    epoch_seed = cfg.seed * 100_003 + epoch
+    generator = torch.Generator().manual_seed(epoch_seed)
+    # explicit SDA's draws: per rank (shards differ in size), apart from the shared augmentation generator
+    sampler = torch.Generator().manual_seed(epoch_seed * 1_009 + 1 + distributed.rank())
+    pad = max(2, run.spec.image_size // 8)
+    sums: dict[str, float] = {}
+    correct, seen = 0, 0
+    bar = tqdm(_epoch_batches(run, generator), total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not progress, leave=False)
+    for i, (images, labels, n_unlabeled) in enumerate(bar):
+        step = epoch * plan.steps_per_epoch + i
+        for group in run.optimizer.param_groups:
+            group["lr"] = scheduled_lr(cfg, step / run.total_steps)
+        strength = isda_strength(cfg.lambda0, step / run.total_steps) if run.uses_estimator else 0.0
+        global_labeled = plan.labeled_batch if run.semi else min(cfg.batch_size, len(run.train_set) - i * cfg.batch_size)
+        views = _views(images, labels, n_unlabeled, global_labeled, generator, pad, run.in_memory,
+                       cfg.ssl != "none", run.to_input, run.device)
+        features, target_logits = _forward(run.net, model.fc, run.teacher, views, cfg.ssl, run.device, run.amp)
+        ramp = sigmoid_rampup(step / run.total_steps, cfg.rampup) if run.semi else 1.0
+        loss, terms, labeled_logits = training_loss(cfg, model.fc, run.estimator, features, views, strength, ramp,
+                                                    target_logits, sampler)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        if run.teacher is not None:
+            update_teacher(run.teacher, model, cfg.ema_decay, step)
+        with torch.no_grad():
+            correct += (labeled_logits.argmax(1) == views.y).sum().item()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value * views.n_labeled
+        seen += views.n_labeled
+        bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    names = sorted(sums)
+    *totals, correct, seen = distributed.all_sum([sums[n] for n in names] + [correct, seen])
+    return {n: t / seen for n, t in zip(names, totals)}, correct / seen
+
+
+def _epoch_record(run: _Training, epoch: int, means: dict[str, float], train_accuracy: float,
+                  test_accuracy: float, seconds: float) -> dict:
+    """The metrics.jsonl line of epoch `epoch` (0-based): losses, accuracies, lambda and lr at its end."""
+    cfg = run.cfg
+    record = {"epoch": epoch + 1, "train_loss": means["loss"], "train_accuracy": train_accuracy,
+              "test_accuracy": test_accuracy, "lambda": _epoch_strength(run, epoch),
+              "lr": scheduled_lr(cfg, (epoch + 1) / cfg.epochs), "seconds": seconds}
+    if run.semi:  # the terms of Eq. 19, per labeled image of this epoch
+        record.update({f"train_{n}_loss": means[n] for n in sorted(means) if n != "loss"})
+    return record
+
+
+def _epoch_strength(run: _Training, epoch: int) -> float:
+    """lambda at the end of epoch `epoch` (0-based)."""
+    return isda_strength(run.cfg.lambda0, (epoch + 1) / run.cfg.epochs) if run.uses_estimator else 0.0
+
+
+def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, log) -> dict:
+    cfg = cfg.resolved()
+    main = distributed.is_main()
+    if not main:
+        progress, log = False, (lambda *a, **k: None)
+    run, start_epoch = _setup(cfg, device, resume, log)
+    cfg, out = run.cfg, Path(run.cfg.out)
     if cfg.track_bound:
-        bound_x, bound_y = _bound_images(train_set, plan.labeled_idx, cfg)
-        bound_x, bound_y = to_input(bound_x), bound_y.to(device)
+        bound_x, bound_y = _bound_images(run.train_set, run.plan.labeled_idx, cfg)
+        bound_x, bound_y = run.to_input(bound_x), bound_y.to(device)
     record: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
-        model.train()
-        if teacher is not None:
-            teacher.train()
-        epoch_seed = cfg.seed * 100_003 + epoch
-        generator = torch.Generator().manual_seed(epoch_seed)
-        # explicit SDA's draws: per rank (shards differ in size), apart from the shared augmentation generator
-        sampler = torch.Generator().manual_seed(epoch_seed * 1_009 + 1 + distributed.rank())
-        if semi:
-            batches = ssl_batches(train_set, plan.labeled_idx, plan.unlabeled_idx, plan.labeled_batch,
-                                  plan.unlabeled_batch, generator)
-        else:
-            batches = ((images, labels, 0) for images, labels in iterate_batches(
-                train_set, cfg.batch_size, True, generator, cfg.workers, shard, pin_memory=device.type == "cuda"))
-        sums: dict[str, float] = {}
-        correct, seen = 0, 0
-        bar = tqdm(batches, total=plan.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False)
-        for i, (images, labels, n_unlabeled) in enumerate(bar):
-            step = epoch * plan.steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = scheduled_lr(cfg, step / total_steps)
-            strength = isda_strength(cfg.lambda0, step / total_steps) if uses_estimator else 0.0
-            global_labeled = plan.labeled_batch if semi else min(cfg.batch_size, len(train_set) - i * cfg.batch_size)
-            views = _views(images, labels, n_unlabeled, global_labeled, generator, pad, in_memory,
-                           cfg.ssl != "none", to_input, device)
-            features, target_logits = _forward(net, model.fc, teacher, views, cfg.ssl, device, amp)
-            ramp = sigmoid_rampup(step / total_steps, cfg.rampup) if semi else 1.0
-            loss, terms, labeled_logits = training_loss(cfg, model.fc, estimator, features, views, strength, ramp,
-                                                        target_logits, sampler)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if teacher is not None:
-                update_teacher(teacher, model, cfg.ema_decay, step)
-            with torch.no_grad():
-                correct += (labeled_logits.argmax(1) == views.y).sum().item()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value * views.n_labeled
-            seen += views.n_labeled
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
-        bar.close()
-        names = sorted(sums)
-        *totals, correct, seen = distributed.all_sum([sums[n] for n in names] + [correct, seen])
-        means = {n: t / seen for n, t in zip(names, totals)}
-        distributed.broadcast_buffers(model)  # without --sync-bn each rank's running statistics differ: use rank 0's
-        test_acc = evaluate(model, test_set, spec.mean, spec.std, device, amp=amp)
-        epoch_strength = isda_strength(cfg.lambda0, (epoch + 1) / cfg.epochs) if uses_estimator else 0.0
-        record = {"epoch": epoch + 1, "train_loss": means["loss"], "train_accuracy": correct / seen,
-                  "test_accuracy": test_acc, "lambda": epoch_strength,
-                  "lr": scheduled_lr(cfg, (epoch + 1) / cfg.epochs), "seconds": time.time() - started}
-        if semi:  # the terms of Eq. 19, per labeled image of this epoch
-            record.update({f"train_{n}_loss": means[n] for n in names if n != "loss"})
+        means, train_accuracy = _train_epoch(run, epoch, progress)
+        distributed.broadcast_buffers(run.model)  # without --sync-bn each rank's running statistics differ: use rank 0's
+        test_acc = evaluate(run.model, run.test_set, run.spec.mean, run.spec.std, device, amp=run.amp)
+        record = _epoch_record(run, epoch, means, train_accuracy, test_acc, time.time() - started)
         if not main:
             continue
         if cfg.track_bound:  # rank 0 alone: no collective in eval mode, the same model and statistics as all ranks
-            record.update(bound_tightness(model, bound_x, bound_y, estimator, epoch_strength, cfg.bound_samples,
-                                          torch.Generator().manual_seed(epoch_seed)))
-        save_atomic({
-            "model": {k: v.contiguous() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "estimator": estimator.state_dict() if estimator is not None else None,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "epoch": epoch + 1, "config": dataclasses.asdict(cfg), "class_names": class_names,
-            "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
-            "input": {"channels": spec.channels, "size": spec.image_size},
-            **({"labeled_indices": plan.labeled_idx} if semi else {}),
-            **({"teacher": {k: v.contiguous() for k, v in teacher.state_dict().items()}} if teacher else {}),
-        }, ckpt_path)
+            record.update(bound_tightness(run.model, bound_x, bound_y, run.estimator, _epoch_strength(run, epoch),
+                                          cfg.bound_samples, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)))
+        save_atomic(_checkpoint(run, epoch + 1), out / CHECKPOINT)
         append_jsonl(record, out / "metrics.jsonl")
         bound = f"  bound {record['bound']:.4f} >= MC {record['expected_ce_mc']:.4f}" if cfg.track_bound else ""
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.4f}"

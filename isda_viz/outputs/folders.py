@@ -1,0 +1,24 @@
+"""Small rules every output shares: may an `--out` folder be written, is a value a finite number."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from isda_viz.errors import IsdaVizError
+
+
+def check_out_dir(out, ours: str | None = None, what: str = "") -> None:
+    """Raise `IsdaVizError` unless `out` may be written: never a file; with `ours` (the file an earlier
+    output of the command holds, e.g. `report.json`, for folders that are replaced whole) also absent,
+    empty, or holding `ours`. `what` names that output in the message ("an augment output")."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise IsdaVizError(f"--out {out} is a file; give a folder")
+    if ours is not None and out.is_dir() and any(out.iterdir()) and not (out / ours).exists():
+        raise IsdaVizError(f"--out {out} holds files that are not {what}; choose another --out")
+
+
+def is_finite_number(value) -> bool:
+    """True for an int or float that is not NaN or infinite (bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
