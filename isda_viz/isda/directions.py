@@ -161,3 +161,16 @@ def binomial_interval(kept: int, total: int) -> tuple[float, float]:
     centre = (p + z2 / (2 * total)) / (1 + z2 / total)
     half = Z_95 * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total)) / (1 + z2 / total)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+TOP_DIRECTIONS = 5   # the directions each augmented image of `augment`/`grid` is broken down along
+
+
+def augmentation_shares(eps: torch.Tensor, labels: torch.Tensor, covariance_of, k: int = TOP_DIRECTIONS
+                        ) -> torch.Tensor:
+    """The share of each augmentation's ||eps||^2 along the top `k` directions of its class and the rest:
+    `eps (N, K, A)`, `labels (N,)` class indices, `covariance_of(c)` Sigma_c → float64 `(N, K, k + 1)`
+    (k capped at A)."""
+    k = min(k, eps.shape[-1])
+    tops = {c: class_directions(covariance_of(c), k) for c in sorted(set(labels.tolist()))}
+    return torch.stack([direction_shares(eps[i], tops[int(c)].vectors) for i, c in enumerate(labels.tolist())])

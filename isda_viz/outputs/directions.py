@@ -284,7 +284,8 @@ _PAGE_CSS = """
 .isda-viz .frames{display:flex;gap:4px;flex-wrap:wrap}
 .isda-viz .frame{font-size:11px;width:64px;border:2px solid transparent}
 .isda-viz .frame.current{border-color:#2f6fd6}
-.isda-viz .frame .num{display:block;color:#444}
+.isda-viz .frame .nums{display:none}
+.isda-viz .frame-info .num{display:flex;justify-content:space-between;gap:4px;color:#444}
 .isda-viz .frame .wrong{color:#c0392b}
 .isda-viz table.test td,.isda-viz table.test th{padding:2px 10px;border-top:1px solid #e4e4e8;text-align:right}
 .isda-viz table.test th:first-child,.isda-viz table.test td:first-child{text-align:left}
@@ -333,8 +334,10 @@ def _direction_html(i: int, image: DirectionsImage, direction: Direction, base: 
                 + _value("pixel_distance", "pixel dist.", f.pixel_distance)
                 + _class_value("predicted", "classifier", f.predicted, image.label, names)
                 + _class_value("judge_predicted", "judge", f.judge_predicted, image.label, names))
+        name = names[f.predicted] if 0 <= f.predicted < len(names) else str(f.predicted)
+        wrong = ' class="wrong"' if f.predicted != image.label else ""
         frames.append(f'<div class="frame" data-index="{j}">{ctx.image(base / f.file, f.file, 56)}'
-                      f'<div class="nums">{nums}</div></div>')
+                      f'<div>t {f.t:+.1f}</div><div{wrong}>{_esc(name)}</div><div class="nums">{nums}</div></div>')
     middle = len(direction.frames) // 2
     shown = direction.frames[middle]
     about = (f'<div class="about"><b>u{direction.k}</b>: {100 * direction.share:.1f}% of tr Σ'

@@ -310,6 +310,16 @@ def _number(key: str, label: str, value) -> str:
             f'<b>{_esc(_fmt(key, value))}</b></div>')
 
 
+def _direction_shares(shares) -> str:
+    """Which directions an augmentation moved along: its share of ||eps||^2 on u_1..u_K of Sigma_y, then the rest."""
+    if not isinstance(shares, list) or not shares:
+        return ""
+    along = " ".join(f"{100 * x:.0f}" for x in shares[:-1])
+    return (f'<div class="num shares" data-key="direction_shares" data-value="{_esc(_data_value(shares))}" '
+            f'title="share of ‖ε‖² along the top eigen-directions of Σ_y, in %, then the rest">'
+            f'‖ε‖² on u1–u{len(shares) - 1} <b>{_esc(along)} · rest {100 * shares[-1]:.0f}%</b></div>')
+
+
 def _prediction(key: str, label: str, value, true_label, names: _Names) -> str:
     if value is None:
         return ""
@@ -441,7 +451,8 @@ def _card(i: int, entry: dict, page: _Page, ctx: _Ctx, names: _Names, queries: _
                    + _number("negative_target_floor", "its floor", aug.get("negative_target_floor"))
                    + _prediction("predicted", "classifier", aug.get("predicted"), label, names)
                    + _prediction("judge_predicted", "judge", aug.get("judge_predicted"), label, names)
-                   + _number("pixel_distance", "pixel dist.", aug.get("pixel_distance")))
+                   + _number("pixel_distance", "pixel dist.", aug.get("pixel_distance"))
+                   + _direction_shares(aug.get("direction_shares")))
         tiles.append(_tile(f"augmented {j + 1}", ctx.image(path, name, TILE_PX), numbers,
                            _neighbours(query, queries, names, ctx), bool(query and query.get("flagged"))))
         row(f"augmented {j + 1}", path, name,
@@ -503,7 +514,9 @@ def _legend(page: _Page) -> str:
                   "<b>shift error</b> ‖f(G(ẑ′)) − ã‖/‖ã − a‖: 0 = the augmented image carries all of the sampled "
                   "feature shift, 1 = none of it; <b>its floor</b>: the part of the shift no image can reach "
                   "(negative targets); <b>pixel dist.</b>: RMS difference to the reconstruction, [0, 1] pixels",
-                  "<b>classifier</b>, <b>judge</b>: the class each network sees (red: not the image's class)"]
+                  "<b>classifier</b>, <b>judge</b>: the class each network sees (red: not the image's class)",
+                  "<b>‖ε‖² on u1–u5</b>: the share (%) of the augmentation's squared norm along each of the top "
+                  "eigen-directions of its class covariance Σ_y, and the rest (see `isda-viz directions`)"]
     if page.audit is not None:
         threshold = page.audit.get("threshold")
         below = f" below {_fmt('threshold', threshold)}" if _finite(threshold) else ""
