@@ -7,6 +7,8 @@ Stages (each skipped, with a status line saying so, when DIR already holds its f
   5.   the FAISS audit of the augmented images against the training set.
   6.   `summary.json` and a table of the figures, and the page `index.html` joining the figure's
        images to their audit neighbours (`isda_viz.outputs.html`).
+  7.   (run before 6) the directions figure `directions.png` (`isda-viz directions --test`): each class's
+       top eigen-directions of Sigma_y, one at a time, and the semantic test; its rates join the summary.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from isda_viz.audit.run import AuditConfig, run_audit
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators.wgan_train import GanConfig, train_gan
+from isda_viz.inversion.directions import DirectionsOptions, make_directions
 from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipelines import VisualizeOptions, make_grid
+from isda_viz.outputs.directions import DirectionsReport, read_directions_report
 from isda_viz.outputs.html import write_html
 from isda_viz.outputs.report import Report, read_report
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
@@ -42,6 +46,10 @@ class DemoPlan:
     num_augmented: int = 4
     audit_limit_train: int | None = None
     audit_limit_test: int | None = None
+    directions: int = 5                   # the directions figure: top K, frames, semantic-test draws
+    directions_steps: int = 7
+    test_draws: int = 1000
+    pixel_draws: int = 4
 
     @classmethod
     def make(cls, quick: bool) -> "DemoPlan":
@@ -50,7 +58,8 @@ class DemoPlan:
         return cls(classifier_epochs=1, judge_epochs=1, classifier_arch="resnet8", limit_train=1024, limit_test=500,
                    gan_iterations=30, inversion=InversionOptions(reconstruct_iterations=30, augment_iterations=20,
                                                                  restarts=2),
-                   num_augmented=2, audit_limit_train=5000, audit_limit_test=500)
+                   num_augmented=2, audit_limit_train=5000, audit_limit_test=500, directions=2, directions_steps=3,
+                   test_draws=100, pixel_draws=1)
 
 
 def _train_finished(run_dir: Path, epochs: int) -> bool:
@@ -78,7 +87,9 @@ def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: 
     models = _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
     report = _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed)
     audit = _audit_stage(out, plan, device, log, progress, seconds, embed)
+    directions = _directions_stage(out, plan, models, device, seed, log, progress, seconds, embed)
     summary = _summary(models, report, audit, seconds, quick, from_scratch)
+    summary.update(_directions_summary(directions))
     write_json_atomic(summary, out / "summary.json")
     write_html(out, embed=embed)
     return summary
@@ -159,6 +170,32 @@ def _audit_stage(out, plan, device, log, progress, seconds, embed) -> dict:
     return result.report
 
 
+def _directions_stage(out, plan, models, device, seed, log, progress, seconds, embed) -> DirectionsReport:
+    figure = out / "directions.png"
+    if figure.exists() and figure.with_suffix(".json").exists():
+        _status(log, "directions", f"reusing the finished directions figure {figure}")
+        return read_directions_report(figure)
+    visualize = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),
+                                 judge=str(models["judge"]) if models.get("judge") else None, device=device,
+                                 strength=0.5, inversion=plan.inversion, seed=seed, progress=progress, embed=embed)
+    options = DirectionsOptions(visualize=visualize, directions=plan.directions, steps=plan.directions_steps,
+                                test=True, feature_draws=plan.test_draws, pixel_draws=plan.pixel_draws)
+    _status(log, "directions", f"the top {plan.directions} directions of each class covariance, one test image "
+                               "per class, and the semantic test")
+    return _timed(seconds, "directions", lambda: make_directions(out=figure, options=options))
+
+
+def _directions_summary(report: DirectionsReport) -> dict:
+    """The semantic test's overall rates (class kept under each noise), for summary.json and the page."""
+    test = report.test
+    rates = {f"semantic_feature_{noise}": getattr(test.overall_feature, noise).rate
+             for noise in ("isda", "isotropic", "other_class")}
+    if test.overall_pixels is not None:
+        rates |= {f"semantic_pixels_{noise}": getattr(test.overall_pixels, noise).rate
+                  for noise in ("isda", "isotropic", "other_class")}
+    return rates
+
+
 def _metrics_of(run_dir) -> dict:
     history = read_jsonl(Path(run_dir) / "metrics.jsonl")
     if not history:  # shipped weights keep their metrics in provenance.json
@@ -205,6 +242,10 @@ def summary_table(summary: dict) -> str:
         ("median pixel distance to reconstr.", summary["median_pixel_distance_to_reconstruction"]),
         ("audit: likely copies flagged", f"{summary['audit_flagged_copies']} of {summary['audit_queries']}"),
     ]
+    for space in ("feature", "pixels"):
+        if f"semantic_{space}_isda" in summary:
+            rows.append((f"class kept, {space}: isda/iso/other", " / ".join(
+                fmt(summary[f"semantic_{space}_{noise}"]) for noise in ("isda", "isotropic", "other_class"))))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {fmt(value)}" for name, value in rows)
 

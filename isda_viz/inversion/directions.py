@@ -113,7 +113,7 @@ def make_directions(*, out, options: DirectionsOptions | None = None,
                                   progress=vis.progress)
     tops = {c: class_directions(statistics.covariance(c), options.directions) for c in sorted(set(labels.tolist()))}
     noises = _test_noises(statistics, labels, others, options, test_rng) if options.test else None
-    traversal = _traverse(models, images, labels, sources, tops, noises, options)
+    traversal = traverse_directions(models, images, labels, sources, tops, noises, options)
     test = _semantic_test(models, statistics, images, labels, others, noises, traversal, options) \
         if options.test else None
     report = DirectionsReport(t=traversal_steps(options.steps, options.extent).tolist(),
@@ -153,7 +153,7 @@ def _test_noises(statistics: ClassStatistics, labels, others, options: Direction
     return {noise: torch.cat(chunks, 1) for noise, chunks in draws.items()}
 
 
-def _traverse(models: Models, images, labels, sources, tops: dict[int, ClassDirections], noises: dict | None,
+def traverse_directions(models: Models, images, labels, sources, tops: dict[int, ClassDirections], noises: dict | None,
               options: DirectionsOptions) -> Traversal:
     """Step I once per image, then every frame (and test target) of every image in one Step II batch."""
     classifier, generator, vis = models.classifier, models.generator, options.visualize
@@ -272,6 +272,8 @@ def _semantic_test(models: Models, statistics: ClassStatistics, images, labels, 
     the share of the inverted a + eps (the first `pixel_draws` draws) the judge keeps."""
     classifier = models.classifier
     features = classifier.features(images.to(classifier.device))
+    with torch.no_grad():
+        clean = (classifier.model.fc(features).argmax(1) == labels.to(features.device)).cpu()
     feature_kept = {noise: kept_class(classifier.model.fc, features, labels, noises[noise]) for noise in NOISES}
     feature_total = {noise: torch.full((len(labels),), noises[noise].shape[1]) for noise in NOISES}
     pixel_kept = pixel_total = None
@@ -288,12 +290,14 @@ def _semantic_test(models: Models, statistics: ClassStatistics, images, labels, 
         rows = labels.cpu() == c
         classes.append(ClassTest(label=c, label_name=classifier.class_names[c],
                                  feature=_counts(feature_kept, feature_total, rows),
-                                 pixels=_counts(pixel_kept, pixel_total, rows) if pixel_kept else None))
+                                 pixels=_counts(pixel_kept, pixel_total, rows) if pixel_kept else None,
+                                 clean=_kept(int(clean[rows].sum()), int(rows.sum()))))
     everything = torch.ones(len(labels), dtype=torch.bool)
     return SemanticTest(feature_draws=options.feature_draws, pixel_draws=options.pixel_draws,
                         judged_by="judge" if models.judge is not None else "classifier", classes=classes,
                         overall_feature=_counts(feature_kept, feature_total, everything),
                         overall_pixels=_counts(pixel_kept, pixel_total, everything) if pixel_kept else None,
+                        overall_clean=_kept(int(clean.sum()), len(labels)),
                         other_classes=others.tolist())
 
 

@@ -11,8 +11,9 @@ FIG.json, written and read only through `DirectionsReport` (keys are the field n
                                  "frames": [{"t", "file", "reached_shift_error", "negative_target_floor",
                                              "shift_norm", "predicted", "judge_predicted", "pixel_distance"}]}]}],
      "test": null | {"feature_draws", "pixel_draws", "judged_by",
-                     "classes": [{"label", "label_name", "feature": COUNTS, "pixels": COUNTS | null}],
-                     "overall_feature": COUNTS, "overall_pixels": COUNTS | null},
+                     "classes": [{"label", "label_name", "feature": COUNTS, "pixels": COUNTS | null, "clean": KEPT}],
+                     "overall_feature": COUNTS, "overall_pixels": COUNTS | null, "overall_clean": KEPT,
+                     "other_classes": [y' per image]},
      "settings": {...}, "seconds": {...}, "class_names": [...], "change_scale"}
 
     COUNTS = {"isda": KEPT, "isotropic": KEPT, "other_class": KEPT}, KEPT = {"kept", "total", "rate", "low", "high"}
@@ -71,6 +72,7 @@ class ClassTest:
     label_name: str
     feature: NoiseCounts
     pixels: NoiseCounts | None = None
+    clean: Kept | None = None         # the class's images whose own features a the last layer puts in it
 
 
 @dataclass(kw_only=True)
@@ -83,6 +85,7 @@ class SemanticTest:
     classes: list[ClassTest]
     overall_feature: NoiseCounts
     overall_pixels: NoiseCounts | None = None
+    overall_clean: Kept | None = None
     other_classes: list[int] = field(default_factory=list)
 
 
@@ -378,14 +381,16 @@ def _kept_cells(counts: NoiseCounts | None, where: str) -> str:
 def semantic_test_table(test: SemanticTest) -> str:
     """The test as an HTML table: rows per class and overall, per noise the rate kept, its 95% interval
     and the counts, in feature space and in pixels."""
-    head = "".join(f"<th>{_esc(label)}</th>" for label in NOISE_LABELS.values())
+    head = "".join(f"<th>{_esc(label)}</th>" for label in NOISE_LABELS.values()) + "<th>no noise (images)</th>"
     rows = []
-    for name, feature, pixels in ([(c.label_name, c.feature, c.pixels) for c in test.classes]
-                                  + [("all classes", test.overall_feature, test.overall_pixels)]):
+    for name, feature, pixels, clean in ([(c.label_name, c.feature, c.pixels, c.clean) for c in test.classes]
+                                         + [("all classes", test.overall_feature, test.overall_pixels,
+                                             test.overall_clean)]):
+        plain = f"<td>{clean.kept}/{clean.total}</td>" if clean is not None else "<td>n/a</td>"
         rows.append(f'<tr data-class="{_esc(name)}" data-space="feature"><td>{_esc(name)}, feature space</td>'
-                    f'{_kept_cells(feature, "feature")}</tr>')
+                    f'{_kept_cells(feature, "feature")}{plain}</tr>')
         rows.append(f'<tr data-class="{_esc(name)}" data-space="pixels"><td>{_esc(name)}, pixels ({test.judged_by})'
-                    f'</td>{_kept_cells(pixels, "pixels")}</tr>')
+                    f'</td>{_kept_cells(pixels, "pixels")}<td></td></tr>')
     return (f'<table class="test"><thead><tr><th>class kept: rate [95% interval] (kept/total)</th>{head}</tr>'
             f'</thead><tbody>{"".join(rows)}</tbody></table>'
             f'<p class="meta">{test.feature_draws} draws per image and noise in feature space (the last layer on '

@@ -72,11 +72,20 @@ SUMMARY_LABELS = {
     "threshold": "copy-score threshold (flags ≤ 1% of held-out test images)",
     "median_test_distance": "median nearest-neighbour distance of held-out test images",
     "flagged": "queries flagged as likely copies",
+    "semantic_feature_isda": "class kept in feature space, ISDA noise N(0, λΣ_y)",
+    "semantic_feature_isotropic": "… isotropic noise of the same E‖ε‖²",
+    "semantic_feature_other_class": "… another class's Σ, same E‖ε‖²",
+    "semantic_pixels_isda": "class kept in pixels (judge), ISDA noise",
+    "semantic_pixels_isotropic": "… isotropic noise",
+    "semantic_pixels_other_class": "… another class's Σ",
 }
 DEMO_KEYS = ("classifier_test_accuracy", "judge_test_accuracy", "gan_class_agreement", "step1_median_feature_error",
              "reconstruction_true_label_rate", "step2_median_reached_shift_error",
              "step2_median_negative_target_floor", "augmented_judge_label_kept_rate",
              "median_pixel_distance_to_reconstruction")
+DEMO_DIRECTIONS = "directions.png"   # the demo's directions figure (`isda-viz directions --test`), when it has one
+DEMO_DIRECTIONS_KEYS = tuple(f"semantic_{space}_{noise}" for space in ("feature", "pixels")
+                             for noise in ("isda", "isotropic", "other_class"))
 DECIMALS = {"psnr": 1, "step1_median_psnr": 1}   # everything else: 3 decimals
 
 # The per-image table: (JSON key, header, is a number).
@@ -492,6 +501,7 @@ def _summary_table(page: _Page) -> str:
     if page.summary is not None:
         s = page.summary
         rows += [(k, s.get(k)) for k in DEMO_KEYS]
+        rows += [(k, s[k]) for k in DEMO_DIRECTIONS_KEYS if k in s]
         if s.get("audit_queries") is not None:
             rows.append(("audit_flagged_copies", f"{s.get('audit_flagged_copies')} of {s.get('audit_queries')}"))
     elif page.report is not None:
@@ -557,6 +567,7 @@ def _files_line(page: _Page, embed: bool) -> str:
         candidates.append(page.report_dir / "grid.png")
     elif page.kind == "demo":
         candidates.append(page.out.parent / Path(DEMO_FIGURE).with_suffix(".png"))
+        candidates += [page.out.parent / DEMO_DIRECTIONS, page.out.parent / Path(DEMO_DIRECTIONS).with_suffix(".html")]
     if page.audit_dir is not None:           # every page of the audit figure (older audits: audit.png)
         pages = [p.get("file") for p in page.audit.get("pages") or [] if isinstance(p, dict)]
         candidates += [page.audit_dir / str(f) for f in pages if f] or [page.audit_dir / "audit.png"]
@@ -612,6 +623,13 @@ def _body(page: _Page, embed: bool) -> str:
     nav = f'<p class="meta"><a href="#cards">{per}</a> · <a href="#table">Every image, sortable</a></p>'
     parts = [f"<h1>{_esc(page.title)}</h1>", _settings_line(page), _files_line(page, embed), nav if rows else "",
              f'<div class="top">{_summary_table(page)}{_legend(page)}</div>']
+    directions = page.out.parent / DEMO_DIRECTIONS
+    if page.kind == "demo" and directions.is_file():     # the directions figure; its page has the sliders
+        link = "" if embed else (f' (<a href="{_esc(Path(DEMO_DIRECTIONS).with_suffix(".html").as_posix())}">'
+                                 'its page, with a slider per direction</a>)')
+        parts += [f'<h2 id="directions">Each class\'s top directions of Σ_y, one at a time{link}</h2>',
+                  ctx.image(directions, DEMO_DIRECTIONS, max(_image_size(directions)) // 2 + 1,  # its own size
+                            "the directions figure")]
     if cards:
         parts += [f'<h2 id="cards">{per}</h2>', *cards]
     if rows:
