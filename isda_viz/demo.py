@@ -50,11 +50,14 @@ class DemoPlan:
     directions_steps: int = 7
     test_draws: int = 1000
     pixel_draws: int = 4
+    directions_inversion: InversionOptions = None   # None: `inversion`; the full demo searches less (below)
 
     @classmethod
     def make(cls, quick: bool) -> "DemoPlan":
         if not quick:
-            return cls(inversion=InversionOptions())
+            # directions: 10 x 31 frames and 120 test targets in one Step II batch, 11x the grid's, so 60 + 90
+            # iterations instead of 200 + 300 keep the stage within minutes on a CPU (the README's figure too)
+            return cls(inversion=InversionOptions(), directions_inversion=InversionOptions.make(iterations=60))
         return cls(classifier_epochs=1, judge_epochs=1, classifier_arch="resnet8", limit_train=1024, limit_test=500,
                    gan_iterations=30, inversion=InversionOptions(reconstruct_iterations=30, augment_iterations=20,
                                                                  restarts=2),
@@ -177,7 +180,8 @@ def _directions_stage(out, plan, models, device, seed, log, progress, seconds, e
         return read_directions_report(figure)
     visualize = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),
                                  judge=str(models["judge"]) if models.get("judge") else None, device=device,
-                                 strength=0.5, inversion=plan.inversion, seed=seed, progress=progress, embed=embed)
+                                 strength=0.5, inversion=plan.directions_inversion or plan.inversion, seed=seed,
+                                 progress=progress, embed=embed)
     options = DirectionsOptions(visualize=visualize, directions=plan.directions, steps=plan.directions_steps,
                                 test=True, feature_draws=plan.test_draws, pixel_draws=plan.pixel_draws)
     _status(log, "directions", f"the top {plan.directions} directions of each class covariance, one test image "
