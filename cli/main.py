@@ -10,6 +10,7 @@ from isda_viz.errors import IsdaVizError
 from .audit import audit_command
 from .augment import augment_command, grid_command
 from .demo import demo_command
+from .directions import directions_command
 from .gan import train_gan_command
 from .plot import plot_command
 from .train import train_command
@@ -37,3 +38,4 @@ main.add_command(augment_command)
 main.add_command(grid_command)
 main.add_command(demo_command)
 main.add_command(plot_command)
+main.add_command(directions_command)

@@ -7,6 +7,8 @@ Stages (each skipped, with a status line saying so, when DIR already holds its f
   5.   the FAISS audit of the augmented images against the training set.
   6.   `summary.json` and a table of the figures, and the page `index.html` joining the figure's
        images to their audit neighbours (`isda_viz.outputs.html`).
+  7.   (run before 6) the directions figure `directions.png` (`isda-viz directions --test`): each class's
+       top eigen-directions of Sigma_y, one at a time, and the semantic test; its rates join the summary.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from pathlib import Path
 from isda_viz.audit.run import AuditConfig, run_audit
 from isda_viz.devices import pick_device
 from isda_viz.generators.wgan_train import GanConfig, train_gan
+from isda_viz.inversion.directions import DirectionsOptions, make_directions
 from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipelines import VisualizeOptions, make_grid
 from isda_viz.outputs.audit_report import AUDIT, AuditReport, read_audit
 from isda_viz.outputs.folders import check_out_dir
+from isda_viz.outputs.directions import DirectionsReport, read_directions_report
 from isda_viz.outputs.html import write_html
 from isda_viz.outputs.report import Report, read_report
 from isda_viz.outputs.summary import SUMMARY, DemoSummary, read_summary, write_summary
@@ -44,15 +48,23 @@ class DemoPlan:
     num_augmented: int = 4
     audit_limit_train: int | None = None
     audit_limit_test: int | None = None
+    directions: int = 5                   # the directions figure: top K, frames, semantic-test draws
+    directions_steps: int = 7
+    test_draws: int = 1000
+    pixel_draws: int = 4
+    directions_inversion: InversionOptions = None   # None: `inversion`; the full demo searches less (below)
 
     @classmethod
     def make(cls, quick: bool) -> "DemoPlan":
         if not quick:
-            return cls(inversion=InversionOptions())
+            # directions: 10 x 31 frames and 120 test targets in one Step II batch, 11x the grid's, so 60 + 90
+            # iterations instead of 200 + 300 keep the stage within minutes on a CPU (the README's figure too)
+            return cls(inversion=InversionOptions(), directions_inversion=InversionOptions.make(iterations=60))
         return cls(classifier_epochs=1, judge_epochs=1, classifier_arch="resnet8", limit_train=1024, limit_test=500,
                    gan_iterations=30, inversion=InversionOptions(reconstruct_iterations=30, augment_iterations=20,
                                                                  restarts=2),
-                   num_augmented=2, audit_limit_train=5000, audit_limit_test=500)
+                   num_augmented=2, audit_limit_train=5000, audit_limit_test=500, directions=2, directions_steps=3,
+                   test_draws=100, pixel_draws=1)
 
 
 def _train_finished(run_dir: Path, epochs: int) -> bool:
@@ -80,7 +92,8 @@ def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: 
     models = _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
     report = _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed)
     audit = _audit_stage(out, plan, device, log, progress, seconds, embed)
-    summary = _summary(models, report, audit, seconds, quick, from_scratch)
+    directions = _directions_stage(out, plan, models, device, seed, log, progress, seconds, embed)
+    summary = _summary(models, report, audit, seconds, quick, from_scratch, directions)
     write_summary(summary, out / SUMMARY)
     write_html(out, embed=embed)
     return summary
@@ -161,6 +174,33 @@ def _audit_stage(out, plan, device, log, progress, seconds, embed) -> AuditRepor
     return result.report
 
 
+def _directions_stage(out, plan, models, device, seed, log, progress, seconds, embed) -> DirectionsReport:
+    figure = out / "directions.png"
+    if figure.exists() and figure.with_suffix(".json").exists():
+        _status(log, "directions", f"reusing the finished directions figure {figure}")
+        return read_directions_report(figure)
+    visualize = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),
+                                 judge=str(models["judge"]) if models.get("judge") else None, device=device,
+                                 strength=0.5, inversion=plan.directions_inversion or plan.inversion, seed=seed,
+                                 progress=progress, embed=embed)
+    options = DirectionsOptions(visualize=visualize, directions=plan.directions, steps=plan.directions_steps,
+                                test=True, feature_draws=plan.test_draws, pixel_draws=plan.pixel_draws)
+    _status(log, "directions", f"the top {plan.directions} directions of each class covariance, one test image "
+                               "per class, and the semantic test")
+    return _timed(seconds, "directions", lambda: make_directions(out=figure, options=options))
+
+
+def _directions_summary(report: DirectionsReport) -> dict:
+    """The semantic test's overall rates (class kept under each noise), for summary.json and the page."""
+    test = report.test
+    rates = {f"semantic_feature_{noise}": getattr(test.overall_feature, noise).rate
+             for noise in ("isda", "isotropic", "other_class")}
+    if test.overall_pixels is not None:
+        rates |= {f"semantic_pixels_{noise}": getattr(test.overall_pixels, noise).rate
+                  for noise in ("isda", "isotropic", "other_class")}
+    return rates
+
+
 def _metrics_of(run_dir) -> dict:
     history = read_jsonl(Path(run_dir) / "metrics.jsonl")
     if not history:  # shipped weights keep their metrics in provenance.json
@@ -169,7 +209,8 @@ def _metrics_of(run_dir) -> dict:
     return history[-1]
 
 
-def _summary(models, report: Report, audit: AuditReport, seconds, quick, from_scratch) -> DemoSummary:
+def _summary(models, report: Report, audit: AuditReport, seconds, quick, from_scratch,
+             directions: DirectionsReport | None = None) -> DemoSummary:
     s = report.summary
     gan = _metrics_of(models["generator"])
     return DemoSummary(
@@ -187,4 +228,5 @@ def _summary(models, report: Report, audit: AuditReport, seconds, quick, from_sc
         audit_flagged_copies=sum(q.flagged for q in audit.queries),
         seconds=seconds,
         models={k: str(v) if v else None for k, v in models.items()},
+        **(_directions_summary(directions) if directions is not None else {}),
     )

@@ -31,10 +31,14 @@ def test_quick_demo_from_scratch_runs_every_stage_then_reuses_them(tmp_path):
     for page in (out / "index.html", out / "figure.html", out / "audit" / "index.html"):   # each stage's page
         assert "<table" in page.read_text(encoding="utf-8")
     assert f"page: {out / 'index.html'}" in first.output
+    directions = json.loads((out / "directions.json").read_text())        # the directions figure and its test
+    assert (out / "directions.png").is_file() and (out / "directions.html").is_file()
+    assert summary["semantic_feature_isda"] == directions["test"]["overall_feature"]["isda"]["rate"]
+    assert 'src="directions.png"' in (out / "index.html").read_text(encoding="utf-8")
 
     second = CliRunner().invoke(main, ["demo", "--quick", "--from-scratch", "--out", str(out)])
     assert second.exit_code == 0, second.output
-    assert second.output.count("reusing") == 5
+    assert second.output.count("reusing") == 6
     again = json.loads((out / "summary.json").read_text())
     assert again["step1_median_feature_error"] == summary["step1_median_feature_error"]
     assert again["seconds"] == summary["seconds"]

@@ -31,6 +31,7 @@ from isda_viz.generators import load_generator
 from isda_viz.inversion.adapter import GeneratorAdapter, read_class_map
 from isda_viz.inversion.optimizer import InversionOptions, augment, normalize_latent, reconstruct
 from isda_viz.isda.estimator import check_covariance
+from isda_viz.isda.directions import augmentation_shares
 from isda_viz.isda.sampling import sample_augmented_features
 from isda_viz.outputs.figures import labelled_grid, to_pil
 from isda_viz.outputs.folders import check_out_dir
@@ -183,6 +184,7 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
                                   covariance=options.covariance, progress=options.progress)
     wanted = sample_augmented_features(target, statistics.slots(labels), statistics.estimator, options.strength,
                                        k, rng)                                                     # (N, K, A)
+    shares = augmentation_shares(wanted - target[:, None], labels, statistics.covariance)             # (N, K, 6)
     step2 = augment(render, classifier.model.features, target, wanted, step1.z, opts, progress=options.progress)
     y_aug = None if y is None else y.repeat_interleave(k)
     aug_unit = pixels(step2.z.flatten(0, 1), y_aug).view(n, k, *recon_unit.shape[1:])
@@ -211,7 +213,7 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
                 shift_norm=float(step2.shift_norm[i, j]),
                 negative_target_floor=float(step2.negative_target_floor[i, j]),
                 predicted=aug_pred[i * k + j], judge_predicted=aug_judge[i * k + j],
-                pixel_distance=float(distance[i, j])) for j in range(k)]))
+                pixel_distance=float(distance[i, j]), direction_shares=shares[i, j].tolist()) for j in range(k)]))
     return AugmentationResult(images.cpu(), labels.cpu(), recon_unit.cpu(), aug_unit.cpu(), entries, timings)
 
 

@@ -57,6 +57,7 @@ TILE_PX, THUMB_PX = 128, 56          # shown sizes: images are enlarged by whole
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
         ".webp": "image/webp", ".bmp": "image/bmp"}
 
+DEMO_DIRECTIONS = "directions.png"   # the demo's directions figure (`isda-viz directions --test`), when it has one
 DECIMALS = {"psnr": 1, "step1_median_psnr": 1}   # everything else: 3 decimals
 
 # The per-image table: (JSON key, header, is a number).
@@ -258,6 +259,16 @@ def _number(key: str, label: str, value) -> str:
             f'<b>{_esc(_fmt(key, value))}</b></div>')
 
 
+def _direction_shares(shares) -> str:
+    """Which directions an augmentation moved along: its share of ||eps||^2 on u_1..u_K of Sigma_y, then the rest."""
+    if not isinstance(shares, list) or not shares:
+        return ""
+    along = " ".join(f"{100 * x:.0f}" for x in shares[:-1])
+    return (f'<div class="num shares" data-key="direction_shares" data-value="{_esc(_data_value(shares))}" '
+            f'title="share of ‖ε‖² along the top eigen-directions of Σ_y, in %, then the rest">'
+            f'‖ε‖² on u1–u{len(shares) - 1} <b>{_esc(along)} · rest {100 * shares[-1]:.0f}%</b></div>')
+
+
 def _prediction(key: str, label: str, value, true_label, names: _Names) -> str:
     if value is None:
         return ""
@@ -388,7 +399,8 @@ def _card(i: int, entry: ImageEntry, page: _Page, ctx: _Ctx, names: _Names, quer
                    + _number("negative_target_floor", "its floor", aug.negative_target_floor)
                    + _prediction("predicted", "classifier", aug.predicted, label, names)
                    + _prediction("judge_predicted", "judge", aug.judge_predicted, label, names)
-                   + _number("pixel_distance", "pixel dist.", aug.pixel_distance))
+                   + _number("pixel_distance", "pixel dist.", aug.pixel_distance)
+                   + _direction_shares(aug.direction_shares))
         tiles.append(_tile(f"augmented {j + 1}", ctx.image(path, name, TILE_PX), numbers,
                            _neighbours(query, queries, names, ctx), bool(query and query.flagged)))
         row(f"augmented {j + 1}", path, name,
@@ -445,7 +457,9 @@ def _legend(page: _Page) -> str:
                   "<b>shift error</b> ‖f(G(ẑ′)) − ã‖/‖ã − a‖: 0 = the augmented image carries all of the sampled "
                   "feature shift, 1 = none of it; <b>its floor</b>: the part of the shift no image can reach "
                   "(negative targets); <b>pixel dist.</b>: RMS difference to the reconstruction, [0, 1] pixels",
-                  "<b>classifier</b>, <b>judge</b>: the class each network sees (red: not the image's class)"]
+                  "<b>classifier</b>, <b>judge</b>: the class each network sees (red: not the image's class)",
+                  "<b>‖ε‖² on u1–u5</b>: the share (%) of the augmentation's squared norm along each of the top "
+                  "eigen-directions of its class covariance Σ_y, and the rest (see `isda-viz directions`)"]
     if page.audit is not None:
         threshold = page.audit.threshold
         below = f" below {_fmt('threshold', threshold)}" if is_finite_number(threshold) else ""
@@ -486,6 +500,7 @@ def _files_line(page: _Page, embed: bool) -> str:
         candidates.append(page.report_dir / "grid.png")
     elif page.kind == "demo":
         candidates.append(page.out.parent / Path(DEMO_FIGURE).with_suffix(".png"))
+        candidates += [page.out.parent / DEMO_DIRECTIONS, page.out.parent / Path(DEMO_DIRECTIONS).with_suffix(".html")]
     if page.audit_dir is not None:           # every page of the audit figure (older audits: audit.png)
         pages = [p.file for p in page.audit.pages]
         candidates += [page.audit_dir / str(f) for f in pages if f] or [page.audit_dir / "audit.png"]
@@ -541,6 +556,13 @@ def _body(page: _Page, embed: bool) -> str:
     nav = f'<p class="meta"><a href="#cards">{per}</a> · <a href="#table">Every image, sortable</a></p>'
     parts = [f"<h1>{_esc(page.title)}</h1>", _settings_line(page), _files_line(page, embed), nav if rows else "",
              f'<div class="top">{_summary_table(page)}{_legend(page)}</div>']
+    directions = page.out.parent / DEMO_DIRECTIONS
+    if page.kind == "demo" and directions.is_file():     # the directions figure; its page has the sliders
+        link = "" if embed else (f' (<a href="{_esc(Path(DEMO_DIRECTIONS).with_suffix(".html").as_posix())}">'
+                                 'its page, with a slider per direction</a>)')
+        parts += [f'<h2 id="directions">Each class\'s top directions of Σ_y, one at a time{link}</h2>',
+                  ctx.image(directions, DEMO_DIRECTIONS, max(_image_size(directions)) // 2 + 1,  # its own size
+                            "the directions figure")]
     if cards:
         parts += [f'<h2 id="cards">{per}</h2>', *cards]
     if rows:

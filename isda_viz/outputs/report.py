@@ -8,12 +8,13 @@ then `summary` (medians and rates, `summarize`), `seconds` per stage and
     {"images": [{"source", "label", "label_name", "predicted",
                  "reconstruction": {"file", "feature_error", "psnr", "predicted", "judge_predicted"},
                  "augmented": [{"file", "reached_shift_error", "shift_norm", "negative_target_floor",
-                                "predicted", "judge_predicted", "pixel_distance"}, ...],
+                                "predicted", "judge_predicted", "pixel_distance", "direction_shares"}, ...],
                  "original": {"file"}, "samples": [{"file"}, ...]}, ...],
      "summary": {...}, "seconds": {"reconstruct", "augment"}, "settings": {...}, "class_names": [...]}
 
 Errors are relative to feature norms (no unit), `psnr` in dB, `pixel_distance` RMS in [0, 1]
-pixel units; `judge_predicted` is null without a judge. `original` (the input as the classifier
+pixel units; `judge_predicted` is null without a judge; `direction_shares` the share of ||eps||^2 along
+each of the top 5 eigen-directions of Sigma_y and the rest (`isda.directions`; null in older reports). `original` (the input as the classifier
 saw it), `samples` (grid: random same-class generator images) and `class_names` came later:
 reports written before them read back with `original` None, `samples` empty, `class_names` None.
 """
@@ -65,6 +66,7 @@ class AugmentedEntry:
     predicted: int
     judge_predicted: int | None = None
     pixel_distance: float
+    direction_shares: list[float] | None = None   # share of ||eps||^2 along u_1..u_5 of Sigma_y, then the rest
 
 
 @dataclass(kw_only=True)

@@ -4,6 +4,7 @@
      "step1_median_feature_error", "reconstruction_true_label_rate", "step2_median_reached_shift_error",
      "step2_median_negative_target_floor", "augmented_judge_label_kept_rate",
      "median_pixel_distance_to_reconstruction", "audit_queries", "audit_flagged_copies",
+     "semantic_{feature,pixels}_{isda,isotropic,other_class}",
      "seconds": {STAGE: seconds}, "models": {"classifier", "judge", "generator"}}
 
 Accuracies and rates in [0, 1], errors relative to feature norms (see `isda_viz.outputs.report`),
@@ -43,6 +44,12 @@ LABELS = {
     "threshold": "copy-score threshold (flags ≤ 1% of held-out test images)",
     "median_test_distance": "median nearest-neighbour distance of held-out test images",
     "flagged": "queries flagged as likely copies",
+    "semantic_feature_isda": "class kept in feature space, ISDA noise N(0, λΣ_y)",
+    "semantic_feature_isotropic": "… isotropic noise of the same E‖ε‖²",
+    "semantic_feature_other_class": "… another class's Σ, same E‖ε‖²",
+    "semantic_pixels_isda": "class kept in pixels (judge), ISDA noise",
+    "semantic_pixels_isotropic": "… isotropic noise",
+    "semantic_pixels_other_class": "… another class's Σ",
 }
 
 # The figures a demo shows, in this order (its terminal table and its page).
@@ -50,6 +57,9 @@ DEMO_FIGURES = ("classifier_test_accuracy", "judge_test_accuracy", "gan_class_ag
                 "step1_median_feature_error", "reconstruction_true_label_rate", "step2_median_reached_shift_error",
                 "step2_median_negative_target_floor", "augmented_judge_label_kept_rate",
                 "median_pixel_distance_to_reconstruction", "audit_flagged_copies")
+# The semantic test's overall rates (`isda-viz directions --test`), shown after those where the demo ran it.
+SEMANTIC_FIGURES = tuple(f"semantic_{space}_{noise}" for space in ("feature", "pixels")
+                         for noise in ("isda", "isotropic", "other_class"))
 
 
 def figure_label(key: str) -> str:
@@ -60,7 +70,8 @@ def figure_label(key: str) -> str:
 @dataclass(kw_only=True)
 class DemoSummary:
     """A demo's summary.json, and `path`: the file it was written to or read from (not part of the JSON).
-    `step2_median_negative_target_floor` came later: older summaries read back with None."""
+    `step2_median_negative_target_floor` and the `semantic_*` rates (fraction of augmentations keeping the
+    class, `isda-viz directions --test`) came later: older summaries read back with None."""
     quick: bool
     from_scratch: bool
     classifier_test_accuracy: float | None
@@ -74,6 +85,12 @@ class DemoSummary:
     median_pixel_distance_to_reconstruction: float | None
     audit_queries: int | None
     audit_flagged_copies: int | None
+    semantic_feature_isda: float | None = None
+    semantic_feature_isotropic: float | None = None
+    semantic_feature_other_class: float | None = None
+    semantic_pixels_isda: float | None = None
+    semantic_pixels_isotropic: float | None = None
+    semantic_pixels_other_class: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     models: dict[str, str | None] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False, repr=False)
@@ -93,6 +110,7 @@ class DemoSummary:
         rows = [(key, getattr(self, key)) for key in DEMO_FIGURES if key != "audit_flagged_copies"]
         if self.audit_queries is not None:
             rows.append(("audit_flagged_copies", f"{self.audit_flagged_copies} of {self.audit_queries}"))
+        rows += [(key, getattr(self, key)) for key in SEMANTIC_FIGURES if getattr(self, key) is not None]
         return rows
 
     def table(self) -> str:

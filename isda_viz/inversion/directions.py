@@ -1,0 +1,362 @@
+"""`isda-viz directions`: each class's eigen-directions of Sigma_y, one at a time, and the semantic test.
+
+Data flows one way: images → features a → Step I, `reconstruct` (z*) → the top K eigenvectors u_k of
+Sigma_y (`isda.directions.class_directions`) → targets a + t sqrt(lambda e_k) u_k for S values of t
+(and, with the test, a + eps for the test's three noises) → Step II, `augment`, every target of every
+image in one batch from its z* → frames, predictions, distances → FIG_files/, FIG.json, FIG.png, FIG.html
+(`isda_viz.outputs.directions`).
+
+The t = 0 target is a itself, shared by an image's directions (one problem, not K identical ones).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from isda_viz.classifiers.statistics import ClassStatistics, class_statistics
+from isda_viz.data.images import load_image_file
+from isda_viz.errors import IsdaVizError
+from isda_viz.inversion.optimizer import augment, normalize_latent, reconstruct
+from isda_viz.inversion.pipelines import Models, VisualizeOptions, check_models, images_per_class
+from isda_viz.isda.directions import (NOISES, ClassDirections, binomial_interval, class_directions, isda_noise,
+                                      isotropic_noise, kept_class, other_class_noise, pick_other_classes,
+                                      traversal_steps, traversal_targets)
+from isda_viz.outputs.directions import (ClassSummary, ClassTest, Direction, DirectionsImage, DirectionsReport,
+                                         DirectionsSettings, Frame, Kept, NoiseCounts, SemanticTest, change_heatmap,
+                                         draw_directions_figure, write_directions_page, write_directions_report)
+from isda_viz.outputs.figures import to_pil
+from isda_viz.outputs.report import ImageFile, ReconstructionEntry
+
+FILES_REPORT = "directions.json"     # the report inside FIG_files/, its paths relative to that folder
+DRAW_CHUNK = 250                     # feature-space test draws per sampling call (bounds memory for large A)
+
+
+@dataclass(kw_only=True)
+class DirectionsOptions:
+    """What `isda-viz directions` draws: `visualize` (the options `augment` and `grid` share; its
+    `num_augmented` is not used), the inputs (`images` files with `label`, else `per_class` test images
+    of `classes`, names or indices, default all), `directions` K, `steps` S (odd, so t = 0 is a frame)
+    over [-`extent`, `extent`], and the semantic `test` with `feature_draws` and `pixel_draws` per image
+    and noise."""
+
+    visualize: VisualizeOptions = field(default_factory=VisualizeOptions)
+    images: list = field(default_factory=list)
+    label: str | None = None
+    classes: list[str] | None = None
+    per_class: int = 1
+    directions: int = 5
+    steps: int = 7
+    extent: float = 3.0
+    test: bool = False
+    feature_draws: int = 1000
+    pixel_draws: int = 4
+
+    def __post_init__(self) -> None:
+        """Raise `IsdaVizError` for values no run can use (before any model is loaded); `visualize` checks itself."""
+        if self.directions < 1:
+            raise IsdaVizError("--directions must be >= 1")
+        if self.steps < 3 or self.steps % 2 == 0:
+            raise IsdaVizError("--steps must be odd and >= 3, so that t = 0 is one of the frames")
+        if not self.extent > 0:
+            raise IsdaVizError("--range must be > 0")
+        if self.per_class < 1:
+            raise IsdaVizError("--per-class must be >= 1")
+        if self.test and (self.feature_draws < 1 or self.pixel_draws < 0):
+            raise IsdaVizError("--test-draws must be >= 1 and --pixel-draws >= 0")
+
+
+@dataclass
+class Traversal:
+    """What one batch produced: `frames (N, K, S, C, H, W)`, `changes (N, K, 3, H, W)` and per image its
+    report entry; `test_pixels (N, 3, P, C, H, W)` the inverted test targets (noises in `NOISES` order)."""
+    originals: torch.Tensor
+    reconstructions: torch.Tensor
+    frames: torch.Tensor
+    changes: torch.Tensor
+    images: list[DirectionsImage]
+    test_pixels: torch.Tensor | None
+    change_scale: float
+    seconds: dict
+
+
+def make_directions(*, out, options: DirectionsOptions | None = None,
+                    models: Models | None = None) -> DirectionsReport:
+    """`isda-viz directions`: writes FIG_files/ (every frame as a PNG), FIG.json, FIG.png and the page FIG.html;
+    returns the report written as FIG.json (file paths relative to it)."""
+    options = options or DirectionsOptions()
+    out_png = Path(out)
+    if out_png.suffix.lower() != ".png":
+        raise IsdaVizError(f"--out must name a .png file, not {out_png}")
+    files_dir = out_png.with_name(out_png.stem + "_files")
+    _check_files_dir(files_dir)
+    vis = options.visualize
+    models = models or vis.load_models()
+    check_models(models)
+    classifier = models.classifier
+    if options.directions > classifier.feature_dim:
+        raise IsdaVizError(f"--directions {options.directions} is more than the classifier's "
+                           f"{classifier.feature_dim} feature dimensions")
+    images, labels, sources = _inputs(models, options)
+    test_rng = torch.Generator().manual_seed(vis.seed + 1)     # the test's own draws: frames do not depend on it
+    others = pick_other_classes(labels, classifier.num_classes, test_rng) if options.test else None
+    wanted_classes = sorted(set(labels.tolist()) | (set(others.tolist()) if others is not None else set()))
+    statistics = class_statistics(classifier, vis.data_root, classes=wanted_classes, covariance=vis.covariance,
+                                  progress=vis.progress)
+    tops = {c: class_directions(statistics.covariance(c), options.directions) for c in sorted(set(labels.tolist()))}
+    noises = _test_noises(statistics, labels, others, options, test_rng) if options.test else None
+    traversal = traverse_directions(models, images, labels, sources, tops, noises, options)
+    test = _semantic_test(models, statistics, images, labels, others, noises, traversal, options) \
+        if options.test else None
+    report = DirectionsReport(t=traversal_steps(options.steps, options.extent).tolist(),
+                              classes=_class_summaries(statistics, tops, classifier.class_names),
+                              images=traversal.images, test=test, settings=_settings(options, models),
+                              seconds=traversal.seconds, class_names=list(classifier.class_names),
+                              change_scale=traversal.change_scale)
+    return _write(report, traversal, out_png, files_dir, vis.embed)
+
+
+def _inputs(models: Models, options: DirectionsOptions):
+    """The images `(N, C, H, W)` in [0, 1], their labels `(N,)` and sources: files, or test images per class."""
+    classifier = models.classifier
+    if options.images:
+        pixels = torch.stack([load_image_file(p, classifier.channels, classifier.image_size) for p in options.images])
+        if options.label is None:
+            labels = classifier.predict(pixels)
+        else:
+            labels = torch.full((len(pixels),), classifier.class_index(options.label, "--label"))
+        return pixels, labels, [str(p) for p in options.images]
+    chosen = [classifier.class_index(c, "--classes") for c in options.classes] if options.classes else None
+    return images_per_class(classifier, options.per_class, chosen, options.visualize.data_root)
+
+
+def _test_noises(statistics: ClassStatistics, labels, others, options: DirectionsOptions, rng) -> dict:
+    """Per noise name, eps `(N, M, A)` float64: the feature-space test's draws (the first P also go to pixels)."""
+    slots, other_slots = statistics.slots(labels), statistics.slots(others)
+    strength, estimator = options.visualize.strength, statistics.estimator
+    draws = {noise: [] for noise in NOISES}
+    done = 0
+    while done < options.feature_draws:
+        m = min(DRAW_CHUNK, options.feature_draws - done)
+        draws["isda"].append(isda_noise(slots, estimator, strength, m, rng))
+        draws["isotropic"].append(isotropic_noise(slots, estimator, strength, m, rng))
+        draws["other_class"].append(other_class_noise(slots, other_slots, estimator, strength, m, rng))
+        done += m
+    return {noise: torch.cat(chunks, 1) for noise, chunks in draws.items()}
+
+
+def traverse_directions(models: Models, images, labels, sources, tops: dict[int, ClassDirections], noises: dict | None,
+              options: DirectionsOptions) -> Traversal:
+    """Step I once per image, then every frame (and test target) of every image in one Step II batch."""
+    classifier, generator, vis = models.classifier, models.generator, options.visualize
+    opts, adapter, device = vis.inversion, models.adapter(), classifier.device
+    n, k, s = len(images), options.directions, options.steps
+    rng = torch.Generator().manual_seed(vis.seed)
+    images, labels = images.to(device), labels.to(device)
+    x, features = classifier.preprocess(images), classifier.features(images)
+    y = labels if generator.conditional else None
+    timings = {}
+
+    def render(z_hat, owner):
+        return adapter(z_hat, None if y is None else y[owner])
+
+    started = time.time()
+    starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, -1)
+    step1 = reconstruct(render, classifier.model.features, features, starts, opts, pixel_target=x,
+                        progress=vis.progress)
+    timings["reconstruct"] = time.time() - started
+    started = time.time()
+    t = traversal_steps(s, options.extent)
+    vectors = torch.stack([tops[int(c)].vectors for c in labels.tolist()]).to(device)
+    values = torch.stack([tops[int(c)].values for c in labels.tolist()]).to(device)
+    targets = traversal_targets(features, vectors, values, vis.strength, t.to(device))      # (N, K, S, A)
+    moving = torch.cat([targets[:, :, : s // 2], targets[:, :, s // 2 + 1:]], 2).flatten(1, 2)
+    wanted = [features[:, None], moving]                                 # t = 0 first, then K x (S - 1) frames
+    p = options.pixel_draws if noises is not None else 0
+    if p:
+        wanted += [features[:, None] + noises[noise][:, :p].to(features) for noise in NOISES]
+    step2 = augment(render, classifier.model.features, features, torch.cat(wanted, 1), step1.z, opts,
+                    progress=vis.progress)
+    timings["directions"] = time.time() - started
+    rows = step2.z.shape[1]
+    y_rows = None if y is None else y.repeat_interleave(rows)
+    with torch.no_grad():
+        unit = adapter.pixels(normalize_latent(step2.z.flatten(0, 1)), y_rows).view(n, rows, *images.shape[1:])
+        reconstructions = adapter.pixels(normalize_latent(step1.z), y)
+    frames = _frame_order(unit[:, : 1 + k * (s - 1)], k, s)                              # (N, K, S, C, H, W)
+    errors = [_frame_order(v[:, : 1 + k * (s - 1)], k, s) for v in
+              (step2.reached_shift_error, step2.negative_target_floor, step2.shift_norm)]
+    test_pixels = unit[:, 1 + k * (s - 1):].reshape(n, len(NOISES), p, *images.shape[1:]).cpu() if p else None
+    change = (frames[:, :, -1] - frames[:, :, 0]).abs().mean(2)
+    scale = max(float(change.max()), 1e-6)
+    changes = torch.stack([torch.stack([change_heatmap(frames[i, d, -1], frames[i, d, 0], scale)
+                                        for d in range(k)]) for i in range(n)]).cpu()
+    entries = _entries(models, images, labels, sources, tops, frames, errors, reconstructions, step1, t)
+    return Traversal(images.cpu(), reconstructions.cpu(), frames.cpu(), changes, entries, test_pixels, scale, timings)
+
+
+def _frame_order(rows: torch.Tensor, k: int, s: int) -> torch.Tensor:
+    """Step II's rows per image `(N, 1 + K (S - 1), ...)` (t = 0 first) → `(N, K, S, ...)` in order of t."""
+    zero, moving = rows[:, :1], rows[:, 1:].reshape(rows.shape[0], k, s - 1, *rows.shape[2:])
+    zero = zero[:, None].expand(-1, k, *zero.shape[1:])
+    return torch.cat([moving[:, :, : s // 2], zero, moving[:, :, s // 2:]], 2)
+
+
+def _predictions(model, unit: torch.Tensor) -> list:
+    """Predicted classes of images `(M, C, H, W)`, or Nones without a model."""
+    return model.predict(unit).tolist() if model is not None else [None] * len(unit)
+
+
+def _entries(models: Models, images, labels, sources, tops, frames, errors, reconstructions, step1, t):
+    """The report entries of every image, direction and frame (file names relative to FIG_files/)."""
+    classifier, judge = models.classifier, models.judge
+    n, k, s = frames.shape[:3]
+    flat = frames.flatten(0, 2)
+    predicted, judged = _predictions(classifier, flat), _predictions(judge, flat)
+    recon_predicted, recon_judged = _predictions(classifier, reconstructions), _predictions(judge, reconstructions)
+    given = classifier.predict(images).tolist()
+    distance = (frames - frames[:, :, s // 2: s // 2 + 1]).pow(2).flatten(3).mean(3).sqrt()    # RMS (N, K, S)
+    mse = (reconstructions - images).pow(2).flatten(1).mean(1)
+    shift_error, floor, shift_norm = errors
+    entries = []
+    for i in range(n):
+        label = int(labels[i])
+        top = tops[label]
+        directions = []
+        for d in range(k):
+            frame_list = []
+            for j in range(s):
+                at = (i * k + d) * s + j
+                zero = j == s // 2
+                frame_list.append(Frame(
+                    t=float(t[j]), file=f"{i:03d}_u{d + 1}_{j}.png",
+                    reached_shift_error=None if zero else float(shift_error[i, d, j]),
+                    negative_target_floor=None if zero else float(floor[i, d, j]),
+                    shift_norm=0.0 if zero else float(shift_norm[i, d, j]), predicted=predicted[at],
+                    judge_predicted=judged[at], pixel_distance=float(distance[i, d, j])))
+            directions.append(Direction(k=d + 1, eigenvalue=float(top.values[d]), share=float(top.shares[d]),
+                                        change_file=f"{i:03d}_u{d + 1}_change.png", frames=frame_list))
+        entries.append(DirectionsImage(
+            source=sources[i], label=label, label_name=classifier.class_names[label], predicted=given[i],
+            original=ImageFile(file=f"{i:03d}_original.png"),
+            reconstruction=ReconstructionEntry(
+                file=f"{i:03d}_reconstruction.png", feature_error=float(step1.feature_error[i]),
+                psnr=float(10 * torch.log10(1 / mse[i].clamp_min(1e-12))), predicted=recon_predicted[i],
+                judge_predicted=recon_judged[i]),
+            directions=directions))
+    return entries
+
+
+def _kept(kept: int, total: int) -> Kept:
+    low, high = binomial_interval(kept, total)
+    return Kept(kept=kept, total=total, rate=kept / total if total else None, low=low, high=high)
+
+
+def _counts(kept: dict[str, torch.Tensor], total: dict[str, torch.Tensor], rows: torch.Tensor) -> NoiseCounts:
+    """The noises' counts summed over the images `rows` (a boolean mask `(N,)`)."""
+    return NoiseCounts(**{noise: _kept(int(kept[noise][rows].sum()), int(total[noise][rows].sum()))
+                          for noise in NOISES})
+
+
+def _semantic_test(models: Models, statistics: ClassStatistics, images, labels, others, noises: dict,
+                   traversal: Traversal, options: DirectionsOptions) -> SemanticTest:
+    """Per class and overall: the share of a + eps the last layer keeps in the class (every draw), and
+    the share of the inverted a + eps (the first `pixel_draws` draws) the judge keeps."""
+    classifier = models.classifier
+    features = classifier.features(images.to(classifier.device))
+    with torch.no_grad():
+        clean = (classifier.model.fc(features).argmax(1) == labels.to(features.device)).cpu()
+    feature_kept = {noise: kept_class(classifier.model.fc, features, labels, noises[noise]) for noise in NOISES}
+    feature_total = {noise: torch.full((len(labels),), noises[noise].shape[1]) for noise in NOISES}
+    pixel_kept = pixel_total = None
+    judge = models.judge or classifier
+    if traversal.test_pixels is not None:
+        n, _, p = traversal.test_pixels.shape[:3]
+        pixel_kept, pixel_total = {}, {}
+        for index, noise in enumerate(NOISES):
+            predicted = judge.predict(traversal.test_pixels[:, index].flatten(0, 1)).view(n, p)
+            pixel_kept[noise] = (predicted == labels.cpu()[:, None]).sum(1)
+            pixel_total[noise] = torch.full((n,), p)
+    classes = []
+    for c in sorted(set(labels.tolist())):
+        rows = labels.cpu() == c
+        classes.append(ClassTest(label=c, label_name=classifier.class_names[c],
+                                 feature=_counts(feature_kept, feature_total, rows),
+                                 pixels=_counts(pixel_kept, pixel_total, rows) if pixel_kept else None,
+                                 clean=_kept(int(clean[rows].sum()), int(rows.sum()))))
+    everything = torch.ones(len(labels), dtype=torch.bool)
+    return SemanticTest(feature_draws=options.feature_draws, pixel_draws=options.pixel_draws,
+                        judged_by="judge" if models.judge is not None else "classifier", classes=classes,
+                        overall_feature=_counts(feature_kept, feature_total, everything),
+                        overall_pixels=_counts(pixel_kept, pixel_total, everything) if pixel_kept else None,
+                        overall_clean=_kept(int(clean.sum()), len(labels)),
+                        other_classes=others.tolist())
+
+
+def _class_summaries(statistics: ClassStatistics, tops: dict[int, ClassDirections],
+                     class_names: list[str]) -> list[ClassSummary]:
+    summaries = []
+    for c, top in tops.items():
+        mean = statistics.estimator.mean[statistics.classes.index(c)].detach().cpu().double()
+        norm = float(mean.norm())
+        cosine = abs(float(top.vectors[0] @ mean)) / norm if norm > 0 else None
+        summaries.append(ClassSummary(label=c, label_name=class_names[c], trace=top.trace,
+                                      effective_rank=top.effective_rank, mean_cosine=cosine,
+                                      eigenvalues=top.values.tolist(), shares=top.shares.tolist(),
+                                      rest_share=top.rest_share))
+    return summaries
+
+
+def _settings(options: DirectionsOptions, models: Models) -> DirectionsSettings:
+    vis = options.visualize
+    return DirectionsSettings(strength=vis.strength, directions=options.directions, steps=options.steps,
+                              extent=options.extent, seed=vis.seed, covariance=vis.covariance,
+                              options={key: list(v) if isinstance(v, tuple) else v
+                                       for key, v in vars(vis.inversion).items()},
+                              classifier=str(models.classifier.source),
+                              judge=str(models.judge.source) if models.judge else None)
+
+
+def _check_files_dir(folder: Path) -> None:
+    """A FIG_files/ folder we may replace: absent, empty, or an earlier output of `directions`."""
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / FILES_REPORT).exists())):
+        raise IsdaVizError(f"{folder} holds files that are not a directions output; choose another --out")
+
+
+def _write(report: DirectionsReport, traversal: Traversal, out_png: Path, files_dir: Path,
+           embed: bool) -> DirectionsReport:
+    """FIG_files/ assembled aside and moved into place, then FIG.json, FIG.png and FIG.html."""
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_png.parent, prefix=f".{files_dir.name}.tmp."))
+    try:
+        for i, image in enumerate(report.images):
+            to_pil(traversal.originals[i]).save(tmp / image.original.file)
+            to_pil(traversal.reconstructions[i]).save(tmp / image.reconstruction.file)
+            for d, direction in enumerate(image.directions):
+                to_pil(traversal.changes[i, d]).save(tmp / direction.change_file)
+                for j, frame in enumerate(direction.frames):
+                    to_pil(traversal.frames[i, d, j]).save(tmp / frame.file)
+        write_directions_report(report, tmp / FILES_REPORT)
+        figure = draw_directions_figure(report, list(traversal.frames), list(traversal.changes))
+        figure.save(tmp / "figure.png")
+        _check_files_dir(files_dir)
+        old = Path(tempfile.mkdtemp(dir=out_png.parent, prefix=f".{files_dir.name}.old.")) / "dir"
+        if files_dir.exists():
+            os.replace(files_dir, old)
+        os.replace(tmp, files_dir)
+        shutil.rmtree(old.parent, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report = report.with_files_under(files_dir.name)
+    write_directions_report(report, out_png.with_suffix(".json"))
+    shutil.copyfile(files_dir / "figure.png", out_png.with_suffix(".png.tmp"))
+    os.replace(out_png.with_suffix(".png.tmp"), out_png)
+    write_directions_page(report, embed=embed)
+    return report
