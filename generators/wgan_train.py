@@ -30,9 +30,10 @@ from isda_viz._version import __version__
 from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.data.datasets import dataset_spec, load_split
 from isda_viz.devices import pick_device
-from isda_viz.errors import IsdaVizError
+from isda_viz.errors import IsdaVizError, require_finite
 from isda_viz.isda.schedules import learning_rate
 from isda_viz.runs import (
+    guarded_run_dir,
     append_jsonl,
     open_run_dir,
     read_jsonl,
@@ -151,6 +152,13 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     optimisers, RNG: for `resume`), `samples.png`, `metrics.jsonl` and `config.json`.
     With `cfg.classifier`, measures class agreement every `sample_every` iterations.
     """
+    require_finite({"--lr-g": cfg.lr_g, "--lr-d": cfg.lr_d, "--beta1": cfg.beta1, "--beta2": cfg.beta2,
+                    "--gp": cfg.gp})
+    with guarded_run_dir(cfg.out, STATE_FILE):  # one writer; a run failing before its first state leaves nothing
+        return _train_gan(cfg, resume, progress, log)
+
+
+def _train_gan(cfg: GanConfig, resume: bool, progress: bool, log) -> dict:
 
 
     if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.n_critic < 1:

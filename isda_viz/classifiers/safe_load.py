@@ -51,6 +51,7 @@ import torch._utils
 from torch.serialization import StorageType
 
 from isda_viz.errors import IsdaVizError
+from isda_viz.runs import check_checkpoint_start
 
 
 class _ReadOnlyClass(type):
@@ -202,6 +203,7 @@ def load_torch_file(path, what: str = "checkpoint"):
     path = Path(path)
     if not path.is_file():
         raise IsdaVizError(f"{what} not found: {path}")
+    check_checkpoint_start(path, what)
     _refuse_foreign_containers(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)

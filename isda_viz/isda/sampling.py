@@ -130,6 +130,9 @@ def sample_augmented_features(features: torch.Tensor, labels: torch.Tensor, esti
     n, a = features.shape
     noise = torch.randn(n, k, a, generator=generator, dtype=torch.float64)
     cov = estimator.covariance[labels.to(estimator.device)].detach().cpu().double()
+    if not torch.isfinite(cov).all():
+        raise IsdaVizError("a class covariance holds inf or NaN: the classifier's features of its training images are "
+                           "not finite (check its weights and the images it saw)")
     if estimator.diagonal:
         eps = noise * cov.clamp_min(0).sqrt()[:, None, :]
     else:

@@ -60,7 +60,7 @@ from isda_viz.data.batches import augment_batch, iterate_batches, labeled_subset
 from isda_viz.data.datasets import FOLDER_DATASETS, TensorImages, dataset_spec, load_split
 from isda_viz.data.images import normalize
 from isda_viz.devices import pick_device
-from isda_viz.errors import IsdaVizError
+from isda_viz.errors import IsdaVizError, require_finite
 from isda_viz.isda.estimator import CovarianceEstimator
 from isda_viz.isda.loss import isda_augmented_logits
 from isda_viz.isda.sampling import expected_cross_entropy_mc, explicit_sda_loss
@@ -69,6 +69,7 @@ from isda_viz.isda.semi import semi_supervised_isda_loss
 from isda_viz.runs import (
     CHECKPOINT,
     append_jsonl,
+    guarded_run_dir,
     open_run_dir,
     read_jsonl,
     save_atomic,
@@ -119,6 +120,7 @@ class TrainConfig:
     track_bound: bool = False          # log `bound` and `expected_ce_mc` per epoch
     bound_samples: int = 1000          # Monte-Carlo draws per image
     bound_subset: int = 500            # fixed (labeled) training images, a seeded random subset
+    skip_bad_images: bool = False      # image folders: skip unreadable files and empty classes (with a note)
 
     def resolved(self) -> "TrainConfig":
         spec = dataset_spec(self.dataset, self.data_root)
@@ -191,6 +193,9 @@ def _open_run_dir(cfg: TrainConfig, resume: bool, num_classes: int, log) -> tupl
 
 def _check_config(cfg: TrainConfig, in_memory: bool) -> None:
     """One-line `IsdaVizError`s for option values and combinations `fit` cannot run."""
+    require_finite({"--lambda0": cfg.lambda0, "--lr": cfg.lr, "--weight-decay": cfg.weight_decay,
+                    "--lr-decay": cfg.lr_decay, "--eta1": cfg.eta1, "--eta2": cfg.eta2, "--rampup": cfg.rampup,
+                    "--ema-decay": cfg.ema_decay})
     if cfg.loss not in LOSSES:
         raise IsdaVizError(f"unknown loss '{cfg.loss}'; choose {', '.join(LOSSES)}")
     if cfg.covariance not in ("full", "diagonal"):
@@ -425,7 +430,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
     Under torchrun (WORLD_SIZE > 1) this is one rank of a DistributedDataParallel
     run: see `distributed`. Only rank 0 writes files, logs and shows progress.
     """
-    with distributed.session(pick_device(cfg.device)) as device:
+    with distributed.session(pick_device(cfg.device)) as device, \
+            guarded_run_dir(cfg.out, CHECKPOINT, enabled=distributed.is_main()):
         return _fit(cfg, device, resume, progress, log)
 
 
@@ -439,8 +445,8 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT
     spec = dataset_spec(cfg.dataset, cfg.data_root)
-    train_set = load_split(cfg.dataset, True, cfg.data_root, cfg.limit_train)
-    test_set = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test)
+    train_set = load_split(cfg.dataset, True, cfg.data_root, cfg.limit_train, skip_bad_images=cfg.skip_bad_images)
+    test_set = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test, skip_bad_images=cfg.skip_bad_images)
     class_names = list(train_set.classes)
     num_classes = len(class_names)
     plan = _batch_plan(cfg, train_set, num_classes)  # refuse impossible batch sizes before writing anything
