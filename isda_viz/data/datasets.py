@@ -107,7 +107,7 @@ class TensorImages(Dataset):
 SHOWN_OFFENDERS = 3  # bad files or classes named in one error line
 
 
-def _walk_images(class_dir: Path, seen: set[str]) -> list[Path]:
+def _walk_images(class_dir: Path, seen: set[str], root: Path) -> list[Path]:
     """Image files under `class_dir` (ImageFolder's extensions) in ImageFolder's order (folders sorted by
     path, files by name), following each symlinked folder at most once; a folder link that leads back
     into its own ancestors is an `IsdaVizError` naming it. Broken symlinks are kept (the caller reports them)."""
@@ -123,7 +123,8 @@ def _walk_images(class_dir: Path, seen: set[str]) -> list[Path]:
             if entry.is_dir():  # follows symlinks
                 path, real = Path(entry.path), os.path.realpath(entry.path)
                 if real in ancestors:
-                    raise IsdaVizError(f"symbolic link loop in the image folder: {path} -> {os.readlink(path)} "
+                    link = next((q for q in [path, *path.parents] if q.is_symlink()), path)
+                    raise IsdaVizError(f"symbolic link loop in the image folder: {link} -> {os.readlink(link)} "
                                        f"leads back to {real}; remove the link")
                 if real not in seen:  # another link to a folder already read is followed once only
                     seen.add(real)
@@ -134,7 +135,7 @@ def _walk_images(class_dir: Path, seen: set[str]) -> list[Path]:
 
     real = os.path.realpath(class_dir)
     seen.add(real)
-    walk(class_dir, frozenset({real}))
+    walk(class_dir, frozenset({real, os.path.realpath(root)}))
     return [Path(folder) / name for folder, names in sorted(listed) for name in names]
 
 
@@ -168,7 +169,7 @@ def scan_image_folder(root: Path, skip_bad: bool = False, log=None) -> tuple[lis
     if not class_dirs:
         raise IsdaVizError(f"{root} holds no class folders (one sub-folder of images per class)")
     seen: set[str] = set()
-    files = {d.name: _walk_images(d, seen) for d in class_dirs}
+    files = {d.name: _walk_images(d, seen, root) for d in class_dirs}
     flat = [f for found in files.values() for f in found]
     with ThreadPoolExecutor(max_workers=8) as pool:  # header reads: waiting on the disk, not the CPU
         reasons = dict(zip(flat, pool.map(_bad_image, flat)))

@@ -25,7 +25,7 @@ from isda_viz import locks
 from isda_viz.classifiers.classifier import Classifier, load_classifier
 from isda_viz.classifiers.statistics import class_statistics
 from isda_viz.data.datasets import load_split
-from isda_viz.data.images import load_image_file
+from isda_viz.data.images import check_image_path, load_image_file
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
@@ -369,6 +369,8 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
 def _augment_images(images: list, out: Path, label: str | None, options: VisualizeOptions,
                     models: Models | None) -> Report:
     _check_out_dir(out)
+    for path in images:  # a folder, a device or a missing file fails before any model is loaded
+        check_image_path(Path(path))
     models = models or options.load_models()
     check_models(models)
     classifier = models.classifier
