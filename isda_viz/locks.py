@@ -76,8 +76,12 @@ def exclusive(path, what: str = "--out", wait=None):
     another process, a function (e.g. `print`) is told who holds it and the lock is waited for."""
     path = Path(path).expanduser()
     lock = lock_path(path)
-    if not lock.parent.is_dir():
-        lock.parent.mkdir(parents=True, exist_ok=True)
+    created = [p for p in [lock.parent, *lock.parent.parents] if not p.exists()]
+    if created:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise IsdaVizError(f"cannot create the folder of {what} {path}: {os.strerror(e.errno)}") from None
     fd = _open_locked(lock, what, path, wait)
     try:
         os.ftruncate(fd, 0)
@@ -92,3 +96,8 @@ def exclusive(path, what: str = "--out", wait=None):
         except OSError:
             pass
         os.close(fd)
+        for folder in created:  # folders made only to hold the lock, left empty by a failed command
+            try:
+                folder.rmdir()
+            except OSError:
+                break

@@ -87,6 +87,30 @@ def private_mkdtemp(parent: Path, prefix: str) -> Path:
     return folder
 
 
+@contextmanager
+def assembled_beside(out: Path, maps_to: Path | None = None):
+    """A temporary folder `.NAME.tmp.*` beside `out` for the body to fill (and move into place); removed
+    whatever happens. Errors of writes inside it (a full disk, a read-only folder) become one
+    `IsdaVizError` naming the destination (`maps_to`, default `out`) instead of the temporary folder."""
+    out = Path(out)
+    maps_to = Path(maps_to or out)
+    tmp = private_mkdtemp(out.parent, f".{out.name}.tmp.")
+    try:
+        yield tmp
+    except OSError as e:
+        named = Path(e.filename) if isinstance(e.filename, str) else None
+        if named is not None and tmp in named.parents:
+            named = maps_to / named.relative_to(tmp)
+        error = write_failure(e, named or maps_to)
+        if error is None:
+            raise
+        raise error from None
+    except IsdaVizError as e:
+        raise IsdaVizError(str(e).replace(str(tmp), str(maps_to))) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _atomic_write(path: Path, write, needed: int | None = None) -> None:
     path = Path(path)
     with writing(path, needed):
@@ -117,8 +141,13 @@ def file_sha256(path) -> str:
 
 
 def save_atomic(obj, path) -> None:
-    """`torch.save(obj)` to `path` through a temporary file and a rename."""
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    """`torch.save(obj)` to `path` through a temporary file and a rename.
+
+    Serialised in memory first: torch's zip writer reports a failed write (a full disk) as a bare
+    RuntimeError, and the size is then known for the message."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(buffer.getbuffer(), path)
 
 
 def write_json_atomic(obj, path) -> None:

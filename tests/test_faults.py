@@ -198,7 +198,11 @@ def test_3_grid_and_train_on_a_full_disk_leave_nothing(disk):
     before = tree(disk)
     error_line(cli("grid", "--classes", "Shirt", "--samples", 0, *FAST, "--out", disk / "fig.png"), "no space left")
     assert tree(disk) == before
-    error_line(cli("train", *TINY_TRAIN, "--epochs", 1, "--out", disk / "run"), "no space left")
+    (disk / "filler").unlink()
+    fill(disk, leave=200_000)  # config.json fits, the first checkpoint (about 1 MB) does not
+    before = tree(disk)
+    error_line(cli("train", *TINY_TRAIN, "--epochs", 1, "--out", disk / "run"), "no space left",
+               str(disk / "run" / "checkpoint.pt"), "needed")
     assert tree(disk) == before  # a run that fails before its first epoch leaves no run directory
 
 
@@ -306,6 +310,15 @@ def test_5_an_unusable_cache_root_is_one_line(tmp_path, image):
     error_line(cli(*args, env={"ISDA_VIZ_CACHE": str(a_file)}), f"ISDA_VIZ_CACHE={a_file}", "is not a folder")
     error_line(cli(*args, env={"ISDA_VIZ_CACHE": None, "HOME": str(a_file)}), str(a_file), "ISDA_VIZ_CACHE")
     assert not out.exists() and a_file.read_text() == "x"
+
+
+def test_5_a_read_only_home_is_one_line(disk, image, tmp_path):
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    out = tmp_path / "audit"
+    error_line(cli("audit", "--dataset", "fashion-mnist", "--images", image, "--limit-train", 100, "--limit-test", 50,
+                   "--out", out, env={"ISDA_VIZ_CACHE": None, "HOME": str(disk)}),
+               str(disk / ".cache" / "isda-viz"), "ISDA_VIZ_CACHE", "ead-only")
+    assert not out.exists()
 
 
 def test_5_every_cache_is_read_at_call_time(tmp_path, monkeypatch):
@@ -449,6 +462,8 @@ def test_12_folders_and_devices_given_as_files(tmp_path, image):
     error_line(cli("augment", "--image", image, "--classifier", empty, "--classifier-arch", "resnet32", *FAST,
                    "--out", out), "is a folder, not a weights file")
     error_line(cli("augment", "--image", empty, *FAST, "--out", out), "is a folder, not an image file")
+    error_line(cli("augment", "--image", empty, *FAST, "--out", tmp_path / "new" / "deep" / "out"), "is a folder")
+    assert not (tmp_path / "new").exists()  # the folders made to hold the lock are gone again
     zero = tmp_path / "zero.png"
     zero.symlink_to("/dev/zero")
     error_line(cli("augment", "--image", zero, *FAST, "--out", out), "not a regular file")
@@ -465,5 +480,6 @@ def test_12_augment_folders_get_the_usual_mode_and_grid_files_are_as_documented(
     assert {p.name for p in out.iterdir()} == {"grid.png", "report.json", "index.html", "000_original.png",
                                                "000_reconstruction.png", "000_augmented_0.png"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "out"]  # no temporary folder, no lock left
+    assert "isda-viz augment: out</title>" in (out / "index.html").read_text()  # titled as placed, not as assembled
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "`FIG_files/` holds" in readme and "report.json" in readme

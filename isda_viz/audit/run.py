@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -40,7 +39,7 @@ from isda_viz.errors import IsdaVizError
 from isda_viz.outputs.figures import audit_page, to_pil
 from isda_viz.outputs.html import html_fragment, write_html
 from isda_viz.outputs.report import read_report
-from isda_viz.runs import private_mkdtemp, save_image_atomic, write_json_atomic, writing
+from isda_viz.runs import assembled_beside, save_image_atomic, write_json_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 QUERIES_PER_PAGE = 16        # queries drawn on one page of the figure
@@ -222,17 +221,13 @@ def _run_audit(cfg: AuditConfig, progress: bool, log: Callable[[str], None]) -> 
     }
     out = Path(cfg.out)
     heading = f"{report['k']} nearest of {len(train_split)} training images ({embedder.distance_name})"
-    tmp = private_mkdtemp(out.parent, f".{out.name}.tmp.")  # assembled aside: a failure leaves `out` as it was
-    try:
-        with writing(out):
-            report["pages"] = write_pages(tmp, queries, records, rows, train_split, class_names, heading,
-                                          cal["threshold"], log)
-            write_neighbour_files(tmp, records, rows, train_split)
-            write_json_atomic(report, tmp / "audit.json")  # a finished audit.json: its figure and files are there
-            write_html(tmp, embed=cfg.embed)
-            _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with assembled_beside(out) as tmp:  # assembled aside: a failure leaves `out` as it was
+        report["pages"] = write_pages(tmp, queries, records, rows, train_split, class_names, heading,
+                                      cal["threshold"], log)
+        write_neighbour_files(tmp, records, rows, train_split)
+        write_json_atomic(report, tmp / "audit.json")  # a finished audit.json: its figure and files are there
+        write_html(tmp, embed=cfg.embed)
+        _publish(tmp, out)
     return AuditResult(out, report, status, index.directory)
 
 

@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,7 +44,7 @@ from isda_viz.outputs.report import (
     summarize,
     write_report,
 )
-from isda_viz.runs import private_mkdtemp, write_failure
+from isda_viz.runs import assembled_beside, private_mkdtemp
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
 
 if TYPE_CHECKING:
@@ -248,25 +247,6 @@ def _replace_dir(tmp: Path, out: Path, markers: tuple[str, ...] = (REPORT,)) -> 
         os.replace(tmp, out)
 
 
-@contextmanager
-def _assembled(out: Path):
-    """A temporary folder beside `out` to fill in the body; removed whatever happens. A full disk or a
-    read-only folder met in the body is one `IsdaVizError` naming the file under `out` it was for."""
-    tmp = private_mkdtemp(out.parent, f".{out.name}.tmp.")
-    try:
-        yield tmp
-    except OSError as e:
-        named = Path(e.filename) if isinstance(e.filename, str) else None
-        if named is not None and tmp in named.parents:
-            named = out / named.relative_to(tmp)
-        error = write_failure(e, named or out)
-        if error is None:
-            raise
-        raise error from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_images(result: AugmentationResult, class_names: list[str], folder: Path,
                  samples: torch.Tensor | None = None, cell: int = 84) -> None:
     """The PNGs the entries name (original, reconstruction, augmented, samples) and the figure
@@ -311,7 +291,7 @@ def write_augment_dir(result: AugmentationResult, class_names: list[str], out, s
     leaves the previous OUT_DIR or none. Returns the report written."""
     out = Path(out)
     report = _new_report(result, class_names, settings)
-    with _assembled(out) as tmp:
+    with assembled_beside(out) as tmp:
         write_images(result, class_names, tmp, samples)
         write_report(report, tmp / REPORT)
         if embed is not None:
@@ -333,7 +313,7 @@ def write_grid_files(result: AugmentationResult, class_names: list[str], out_png
     place when complete (FIG_files first, the page last). Returns the report written as FIG.json."""
     files_dir = out_png.with_name(out_png.stem + "_files")
     report = _new_report(result, class_names, settings)
-    with _assembled(out_png) as tmp:
+    with assembled_beside(out_png, maps_to=out_png.parent) as tmp:
         files = tmp / files_dir.name
         files.mkdir()
         write_images(result, class_names, files, samples)
