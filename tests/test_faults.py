@@ -472,6 +472,8 @@ def test_12_folders_and_devices_given_as_files(tmp_path, image):
 
 def test_12_augment_folders_get_the_usual_mode_and_grid_files_are_as_documented(tmp_path, image):
     out = tmp_path / "out"
+    (tmp_path / ".out.tmp.killed").mkdir()  # what a SIGKILL mid-way leaves: removed by the next run
+    (tmp_path / ".out.tmp.killed" / "000_original.png").write_bytes(b"half")
     result = cli("augment", "--image", image, *FAST, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     umask = os.umask(0)
