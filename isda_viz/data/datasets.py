@@ -15,6 +15,7 @@ import os
 import pickle
 import struct
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,8 @@ def scan_image_folder(root: Path, skip_bad: bool = False, log=None) -> tuple[lis
     seen: set[str] = set()
     files = {d.name: _walk_images(d, seen, root) for d in class_dirs}
     flat = [f for found in files.values() for f in found]
-    with ThreadPoolExecutor(max_workers=8) as pool:  # header reads: waiting on the disk, not the CPU
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=8) as pool:  # header reads wait on the disk
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # the size is judged when read
         reasons = dict(zip(flat, pool.map(_bad_image, flat)))
     bad = [f"{f} ({why})" for f, why in reasons.items() if why is not None]
     empty = [str(root / name) for name, found in files.items() if not any(reasons[f] is None for f in found)]
