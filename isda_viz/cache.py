@@ -21,7 +21,13 @@ def cache_root() -> Path:
     value = os.environ.get(CACHE_ENV)
     if value:
         return Path(value).expanduser()
-    home = os.environ.get("HOME") or str(Path.home())
+    home = os.environ.get("HOME")
+    if not home:
+        try:
+            home = str(Path.home())
+        except (RuntimeError, KeyError):  # no HOME and no password entry for this user
+            raise IsdaVizError(f"no cache folder: HOME is not set and this user has no home folder; set "
+                               f"{CACHE_ENV} to a writable folder") from None
     return Path(home) / ".cache" / "isda-viz"
 
 
