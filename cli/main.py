@@ -6,6 +6,7 @@ import click
 
 from isda_viz._version import __version__
 from isda_viz.errors import IsdaVizError
+from isda_viz.runs import write_failure
 
 from .audit import audit_command
 from .augment import augment_command, grid_command
@@ -23,6 +24,11 @@ class IsdaVizGroup(click.Group):
             return super().invoke(ctx)
         except IsdaVizError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a full disk or a read-only folder met where no `runs.writing` names the file
+            error = write_failure(e, e.filename or "an output file")
+            if error is None:
+                raise
+            raise click.ClickException(str(error)) from None
 
 
 @click.group(cls=IsdaVizGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -69,6 +69,8 @@ _DEFAULT = TrainConfig(out="")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--limit-train", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
 @click.option("--limit-test", type=click.IntRange(min=1), default=None, help="Use only the first N test images.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Image folders: skip unreadable files and empty class folders (with a note) instead of refusing.")
 @click.option("--workers", type=click.IntRange(min=0), default=_DEFAULT.workers,
               help="DataLoader worker processes per rank (image folders only), kept alive between epochs.")
 def train_command(resume, milestones, **options):

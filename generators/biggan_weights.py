@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from isda_viz.cache import cache_root
 from isda_viz.errors import IsdaVizError
 from isda_viz.runs import write_bytes_atomic
 
@@ -40,7 +41,7 @@ def _urls(name: str) -> dict[str, str]:
 
 def cache_dir() -> Path:
     """Where downloaded BigGAN weights go: `$ISDA_VIZ_CACHE/biggan` (default `~/.cache/isda-viz/biggan`)."""
-    return Path(os.environ.get("ISDA_VIZ_CACHE", Path.home() / ".cache" / "isda-viz")) / "biggan"
+    return cache_root() / "biggan"
 
 
 def _package_cache_copy(name: str) -> dict[str, Path] | None:

@@ -22,17 +22,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from isda_viz.generators.base import to_classifier_pixels
-from isda_viz.outputs.figures import sample_grid
 from tqdm import tqdm
 
 from isda_viz._version import __version__
 from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.data.datasets import dataset_spec, load_split
 from isda_viz.devices import pick_device
-from isda_viz.errors import IsdaVizError
+from isda_viz.errors import IsdaVizError, require_finite
+from isda_viz.generators.base import to_classifier_pixels
 from isda_viz.isda.schedules import learning_rate
 from isda_viz.runs import (
+    guarded_run_dir,
     append_jsonl,
     open_run_dir,
     read_jsonl,
@@ -41,6 +41,8 @@ from isda_viz.runs import (
     truncate_metrics,
     write_json_atomic,
 )
+
+from isda_viz.outputs.figures import sample_grid
 
 from .base import Generator
 from .wgan import (
@@ -119,6 +121,8 @@ class GanConfig:
             raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")
         if self.classifier and not self.conditional:
             raise IsdaVizError("--classifier measures class agreement, which needs a class-conditional GAN")
+        require_finite({"--lr-g": self.lr_g, "--lr-d": self.lr_d, "--beta1": self.beta1, "--beta2": self.beta2,
+                        "--gp": self.gp})
 
 
 class _BatchSampler:
@@ -318,6 +322,12 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
     optimisers, RNG: for `resume`), `samples.png`, `metrics.jsonl` and `config.json`.
     With `cfg.classifier`, measures class agreement every `sample_every` iterations.
     """
+    with guarded_run_dir(cfg.out, STATE_FILE):  # one writer; a run failing before its first state leaves nothing
+        return _train(cfg, resume, progress, log)
+
+
+def _train(cfg: GanConfig, resume: bool, progress: bool, log) -> dict:
+    """`train_gan`'s loop, inside its run-directory guard."""
     run, start, elapsed = _setup(cfg, resume, log)
     cfg, out = run.cfg, run.out
     run.generator.train()

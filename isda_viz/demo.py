@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from isda_viz import locks
 from isda_viz.audit.run import AuditConfig, run_audit
 from isda_viz.devices import pick_device
 from isda_viz.generators.wgan_train import GanConfig, train_gan
@@ -85,6 +86,12 @@ def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: 
     check_out_dir(out)  # a resumable folder: any earlier contents are the demo's own stages
     pick_device(device)  # a device that is not there fails before anything is written
     out = Path(out)
+    with locks.exclusive(out):  # one demo per folder (each stage also locks its own output)
+        return _run_demo(out, device, quick, from_scratch, seed, log, progress, embed)
+
+
+def _run_demo(out: Path, device, quick: bool, from_scratch: bool, seed: int, log, progress: bool,
+              embed: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plan = DemoPlan.make(quick)
     previous = out / SUMMARY  # stages reused now keep the time they took when they ran

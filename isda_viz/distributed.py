@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
@@ -93,6 +94,34 @@ def _abort() -> None:
         pass
 
 
+LEFT_KEY = "isda_viz/left"
+LEAVE_TIMEOUT_S = 60.0
+
+
+def _leave_together() -> None:
+    """End a finished run's process group on every rank at once, so no rank exits while a peer still
+    talks to it (a rank whose gloo threads lose their peer mid-teardown dies in `std::terminate`,
+    SIGABRT, and torchrun reports a finished run as failed): a barrier (every collective done), each
+    rank destroys its group and checks in on the store; rank 0, which hosts the store, waits for every
+    check-in before it returns, so the store outlives every rank's teardown."""
+    store = dist.distributed_c10d._get_default_store() if hasattr(dist.distributed_c10d, "_get_default_store") \
+        else None
+    world, me = dist.get_world_size(), dist.get_rank()
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    if store is None:
+        return
+    try:
+        store.add(LEFT_KEY, 1)
+        deadline = time.monotonic() + LEAVE_TIMEOUT_S
+        while me == 0 and store.add(LEFT_KEY, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except Exception:  # a peer already gone: nothing more to wait for
+        pass
+
+
 @contextmanager
 def session(device: torch.device):
     """Yield this rank's device, inside a process group when launched by torchrun.
@@ -125,7 +154,7 @@ def session(device: torch.device):
             _abort()
         raise
     if created:
-        dist.destroy_process_group()
+        _leave_together()
 
 
 def shard(n: int, rank_: int | None = None, world: int | None = None) -> slice:

@@ -11,37 +11,127 @@ place, so a kill never leaves a half-written file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from isda_viz import locks
 from isda_viz.errors import IsdaVizError
 
 CHECKPOINT = "checkpoint.pt"
 
 
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual mode
+# ------------------------------------------------------------------------------------------------ writing
+
+WRITE_FAILURES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.ENOTDIR: "a part of its path is a file, not a folder"}
+"""The `OSError`s of a write that are the machine's state, not a bug: each becomes one line naming the path."""
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} bytes"
+
+
+def write_failure(e: OSError, path, needed: int | None = None) -> IsdaVizError | None:
+    """The one-line error for a failed write to `path` (None when `e` is not one of `WRITE_FAILURES`).
+    `needed`: the bytes the write needed, where known; a full disk also says how much was free."""
+    if e.errno not in WRITE_FAILURES:
+        return None
+    where = Path(e.filename) if isinstance(e.filename, str) else Path(path)
+    detail = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        parts = [f"needed {_bytes(needed)}"] if needed else []
+        try:
+            parts.append(f"{_bytes(shutil.disk_usage(next(p for p in [where, *where.parents] if p.exists())).free)}"
+                         " free")
+        except (OSError, StopIteration):
+            pass
+        detail = f" ({', '.join(parts)})" if parts else ""
+    return IsdaVizError(f"cannot write {where}: {WRITE_FAILURES[e.errno]}{detail}")
+
+
+@contextmanager
+def writing(path, needed: int | None = None):
+    """Turn a full disk, a read-only file system or a refused permission inside the body into one
+    `IsdaVizError` naming `path` (or the file the system names)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as e:
+        error = write_failure(e, path, needed)
+        if error is None:
+            raise
+        raise error from None
+
+
+def private_mkdtemp(parent: Path, prefix: str) -> Path:
+    """`tempfile.mkdtemp` beside an output, with the usual folder mode (mkdtemp makes 0700)."""
+    with writing(parent):
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(folder, 0o777 & ~umask)
+    return folder
+
+
+@contextmanager
+def assembled_beside(out: Path, maps_to: Path | None = None):
+    """A temporary folder `.NAME.tmp.*` beside `out` for the body to fill (and move into place); removed
+    whatever happens. Call it holding `out`'s lock (`locks.exclusive`). Errors of writes inside it (a full disk, a read-only folder) become one
+    `IsdaVizError` naming the destination (`maps_to`, default `out`) instead of the temporary folder."""
+    out = Path(out)
+    maps_to = Path(maps_to or out)
+    # Left by a killed run of this output: safe to remove, as the caller holds the output's lock.
+    for stale in [*out.parent.glob(f".{out.name}.tmp.*"), *out.parent.glob(f".{out.name}.old.*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = private_mkdtemp(out.parent, f".{out.name}.tmp.")
+    try:
+        yield tmp
+    except OSError as e:
+        named = Path(e.filename) if isinstance(e.filename, str) else None
+        if named is not None and tmp in named.parents:
+            named = maps_to / named.relative_to(tmp)
+        error = write_failure(e, named or maps_to)
+        if error is None:
+            raise
+        raise error from None
+    except IsdaVizError as e:
+        raise IsdaVizError(str(e).replace(str(tmp), str(maps_to))) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _atomic_write(path: Path, write, needed: int | None = None) -> None:
+    path = Path(path)
+    with writing(path, needed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual mode
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def file_sha256(path) -> str:
@@ -54,8 +144,13 @@ def file_sha256(path) -> str:
 
 
 def save_atomic(obj, path) -> None:
-    """`torch.save(obj)` to `path` through a temporary file and a rename."""
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    """`torch.save(obj)` to `path` through a temporary file and a rename.
+
+    Serialised in memory first: torch's zip writer reports a failed write (a full disk) as a bare
+    RuntimeError, and the size is then known for the message."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(buffer.getbuffer(), path)
 
 
 def write_json_atomic(obj, path) -> None:
@@ -63,7 +158,7 @@ def write_json_atomic(obj, path) -> None:
 
 
 def write_bytes_atomic(data: bytes, path) -> None:
-    _atomic_write(Path(path), lambda f: f.write(data))
+    _atomic_write(Path(path), lambda f: f.write(data), needed=len(data))
 
 
 def save_image_atomic(image, path) -> None:
@@ -75,8 +170,9 @@ def save_image_atomic(image, path) -> None:
 
 def append_jsonl(record: dict, path) -> None:
     """Append one JSON line; a line is one small write, so a kill loses at most that line."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    with writing(path, len(line)), open(path, "a") as f:
+        f.write(line)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -92,15 +188,63 @@ def read_jsonl(path) -> list[dict]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def check_checkpoint_start(path, what: str = "checkpoint") -> None:
+    """Refuse, from its first bytes, a file that cannot be a torch checkpoint (before any of it is read).
+
+    Accepted starts: a zip archive (torch >= 1.6), a pickle of protocol 2-5 (torch's legacy format),
+    a tar (torch < 0.4, refused later by name) and a safetensors header. Anything else (zeros, text,
+    an image) is an `IsdaVizError` showing the bytes.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsdaVizError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise IsdaVizError(f"{what} {path} is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise IsdaVizError(f"cannot read {what} {path}: {os.strerror(e.errno)}") from None
+    zip_start = head[:4] in (b"PK\x03\x04", b"PK\x05\x06")
+    pickle_start = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    tar_start = head[257:262] == b"ustar"
+    safetensors_start = len(head) > 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 27
+    if not (zip_start or pickle_start or tar_start or safetensors_start):
+        shown = " ".join(f"{b:02x}" for b in head[:8]) or "nothing (the file is empty)"
+        raise IsdaVizError(f"{what} {path} is not a torch checkpoint: it starts with {shown}, neither a zip "
+                           "archive nor a torch pickle")
+
+
+def non_finite_tensor(obj, prefix: str = "") -> str | None:
+    """The dotted name of the first floating-point tensor in `obj` (nested dicts, lists, tuples) holding an
+    inf or NaN, or None when every one is finite."""
+    if isinstance(obj, torch.Tensor):
+        return None if not obj.is_floating_point() or bool(torch.isfinite(obj).all()) else (prefix or "tensor")
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        name = non_finite_tensor(value, f"{prefix}.{key}" if prefix else str(key))
+        if name is not None:
+            return name
+    return None
+
+
 def load_checkpoint(path, what: str = "checkpoint") -> dict:
-    """`torch.load(path, weights_only=True)`, with one-line errors for missing or corrupt files."""
+    """`torch.load(path, weights_only=True)`, with one-line errors for missing, corrupt or non-finite files."""
     path = Path(path)
     if not path.exists():
         raise IsdaVizError(f"{what} not found: {path}")
+    check_checkpoint_start(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise IsdaVizError(f"{what} {path} is corrupt or not a checkpoint ({type(e).__name__})") from None
+    bad = non_finite_tensor(ckpt)
+    if bad is not None:
+        raise IsdaVizError(f"{what} {path} holds non-finite values (inf or NaN) in the tensor {bad}")
+    return ckpt
 
 
 def resolve_run_dir(path) -> Path:
@@ -144,3 +288,38 @@ def truncate_metrics(path, key: str, last) -> None:
     written after the checkpoint being resumed, which the resumed run writes again."""
     kept = [r for r in read_jsonl(path) if r.get(key, 0) <= last]
     write_bytes_atomic("".join(json.dumps(r) + "\n" for r in kept).encode(), path)
+
+
+def _remove_new_entries(out: Path, before: set[str] | None) -> None:
+    """Remove what appeared in `out` since `before` (its entries then; None: `out` did not exist)."""
+    if not out.is_dir():
+        return
+    if before is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in set(os.listdir(out)) - before:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def guarded_run_dir(out, checkpoint_name: str, enabled: bool = True):
+    """Hold the lock on the run directory `out` for the body (`locks.exclusive`); should the body fail
+    before the run's first `checkpoint_name` exists, remove what it wrote, so a run that never finished
+    an epoch leaves `out` as it was (or absent). `enabled` False (ranks other than 0): do nothing."""
+    if not enabled:
+        yield
+        return
+    out = Path(out)
+    with locks.exclusive(out):
+        before = set(os.listdir(out)) if out.is_dir() else None
+        had_checkpoint = (out / checkpoint_name).exists()
+        try:
+            yield
+        except BaseException:
+            if not had_checkpoint and not (out / checkpoint_name).exists():
+                _remove_new_entries(out, before)
+            raise

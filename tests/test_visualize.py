@@ -115,7 +115,12 @@ def test_grid_rows_per_class_with_samples(tiny_run, tiny_gan, tmp_path):
     assert all(r["source"].startswith("fashion-mnist:test[") for r in report["images"])
     for record in report["images"]:
         assert (tmp_path / record["augmented"][0]["file"]).exists()  # relative to the report
-    assert Image.open(fig).size == Image.open(tmp_path / "fig_files" / "grid.png").size
+    # FIG_files holds the single PNGs and their report.json (what `audit --from` reads); the figure is FIG.png only
+    assert not (tmp_path / "fig_files" / "grid.png").exists()
+    inner = json.loads((tmp_path / "fig_files" / "report.json").read_text())
+    assert [r["augmented"][0]["file"] for r in inner["images"]] == \
+        [r["augmented"][0]["file"].split("/", 1)[1] for r in report["images"]]
+    assert Image.open(fig).size[0] > 0 and fig.with_suffix(".html").is_file()
     assert 0 <= report["summary"]["reconstruction_true_label_rate"] <= 1
 
 

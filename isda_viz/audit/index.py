@@ -42,15 +42,16 @@ import torch
 from tqdm import tqdm
 
 from isda_viz._version import __version__
+from isda_viz.cache import cache_dir
 from isda_viz.data.batches import iterate_batches
-from isda_viz.data.datasets import CACHE_ROOT, FOLDER_DATASETS, FolderImages, dataset_spec, load_split
+from isda_viz.data.datasets import FOLDER_DATASETS, FolderImages, dataset_spec, load_split
 from isda_viz.errors import IsdaVizError
 from isda_viz.runs import write_json_atomic
 
 SPACES = ("pixel", "feature")
 INDEX_KINDS = ("flat", "ivfpq", "auto")
 INDEX_FORMAT = 1
-AUDIT_CACHE = CACHE_ROOT / "audit"
+AUDIT_CACHE = "audit"  # pixel-space indexes: `cache_dir(AUDIT_CACHE)`, under `cache.cache_root()`
 FLAT_MAX_BYTES = 2 * 2**30   # auto: flat while the float32 training vectors fit in 2 GiB, else ivfpq
 MAX_IVFPQ_DIM = 16384        # the PCA before IVF-PQ holds a dim x dim matrix
 FLAG_RATE = 0.01             # at most this fraction of held-out test images is flagged
@@ -364,7 +365,7 @@ def default_index_dir(dataset: str, space: str, classifier_cache=None, data_root
         name += f"-first{limit}"
     if space == "feature":
         return Path(classifier_cache) / "audit-index" / name
-    return AUDIT_CACHE / name
+    return cache_dir(AUDIT_CACHE) / name
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -28,6 +29,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from isda_viz import locks
 from isda_viz.audit.index import CHUNK, SPACES, Embedder, copy_score, default_index_dir, prepare_index, training_images
 from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.data.datasets import dataset_spec, load_split
@@ -36,9 +38,9 @@ from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.outputs.figures import audit_page, to_pil
 from isda_viz.outputs.audit_report import AUDIT, AuditIndex, AuditPage, AuditQuery, AuditReport, Neighbour, write_audit
-from isda_viz.outputs.html import html_fragment, write_html
+from isda_viz.outputs.html import PAGE, html_fragment, write_html
 from isda_viz.outputs.report import read_report
-from isda_viz.runs import save_image_atomic
+from isda_viz.runs import assembled_beside, save_image_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 QUERIES_PER_PAGE = 16        # queries drawn on one page of the figure
@@ -163,6 +165,11 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
     Writes the figure's pages (`page_file`) and the neighbours' PNGs, then `cfg.out/audit.json`,
     which lists them (`pages`, each neighbour's `file`), then the page `cfg.out/index.html`.
     """
+    with locks.exclusive(cfg.out):
+        return _run_audit(cfg, progress, log)
+
+
+def _run_audit(cfg: AuditConfig, progress: bool, log: Callable[[str], None]) -> AuditResult:
     spec = dataset_spec(cfg.dataset, cfg.data_root)
     if cfg.from_dir:
         queries = queries_from_report(cfg.from_dir, spec.channels, spec.image_size)
@@ -188,8 +195,9 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
     test_split = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test)
     index_dir = Path(cfg.index_dir).expanduser() if cfg.index_dir else default_index_dir(
         cfg.dataset, cfg.space, classifier.cache_dir if classifier else None, cfg.data_root, cfg.limit_train)
-    index, status = prepare_index(index_dir, cfg.dataset, cfg.space, train_split, test_split, embedder,
-                                  cfg.index, progress, log)
+    with locks.exclusive(index_dir, "the audit index", wait=log):  # one builder; the others then reuse it
+        index, status = prepare_index(index_dir, cfg.dataset, cfg.space, train_split, test_split, embedder,
+                                      cfg.index, progress, log)
 
     query_rows = np.concatenate([embedder.stored(torch.stack([q.image for q in queries[i:i + CHUNK]]))
                                  for i in range(0, len(queries), CHUNK)])
@@ -215,14 +223,33 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
                          params=dataclasses.asdict(index.neighbours.params)),
         config=dataclasses.asdict(cfg), queries=records)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     heading = f"{report.k} nearest of {len(train_split)} training images ({embedder.distance_name})"
-    report.pages = write_pages(out, queries, records, rows, train_split, class_names, heading,
-                               cal["threshold"], log)
-    write_neighbour_files(out, records, rows, train_split)
-    write_audit(report, out / AUDIT)  # a finished audit.json means its figure and files are there
-    write_html(out, embed=cfg.embed)
+    with assembled_beside(out) as tmp:  # assembled aside: a failure leaves `out` as it was
+        report.pages = write_pages(tmp, queries, records, rows, train_split, class_names, heading,
+                                   cal["threshold"], log)
+        write_neighbour_files(tmp, records, rows, train_split)
+        write_audit(report, tmp / AUDIT)  # a finished audit.json means its figure and files are there
+        write_html(tmp, embed=cfg.embed)
+        _publish(tmp, out)
     return AuditResult(out, report, status, index.directory)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished audit from `tmp` into `out` (renames only): images first, then audit.json and the
+    page; pages and neighbour files of an earlier audit that this one does not name are removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in (Path("."), Path(NEIGHBOUR_DIR)):
+        new = {p.name for p in (tmp / folder).glob("*.png")}
+        if new:
+            (out / folder).mkdir(exist_ok=True)
+        for name in sorted(new):
+            os.replace(tmp / folder / name, out / folder / name)
+        pattern = "audit_page*.png" if folder == Path(".") else "train_*.png"
+        for stale in (out / folder).glob(pattern):
+            if stale.name not in new:
+                stale.unlink()
+    for name in (AUDIT, PAGE):
+        os.replace(tmp / name, out / name)
 
 
 # ---------------------------------------------------------------------------------------------

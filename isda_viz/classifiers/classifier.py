@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from isda_viz.cache import cache_dir
 from isda_viz.classifiers.foreign import (
     WeightsFile,
     load_torchvision_classifier,
@@ -41,14 +42,15 @@ from isda_viz.classifiers.imagenet_densenet import load_imagenet_densenet
 from isda_viz.classifiers.networks import build_model
 from isda_viz.classifiers.public import PUBLIC_ARCH_NAMES, known_public_archs, match_public_arch
 from isda_viz.classifiers.timm_models import load_timm_classifier
-from isda_viz.data.datasets import CACHE_ROOT, SPECS, detect_dataset, folder_class_names, read_json_or_lines
+from isda_viz.data.datasets import SPECS, detect_dataset, folder_class_names, read_json_or_lines
 from isda_viz.data.images import map_channels, normalize, resize
 from isda_viz.errors import IsdaVizError
 from isda_viz.isda.estimator import CovarianceEstimator
-from isda_viz.runs import CHECKPOINT, file_sha256, load_checkpoint, resolve_run_dir
+from isda_viz.runs import CHECKPOINT, file_sha256, load_checkpoint, non_finite_tensor, resolve_run_dir
 
-CLASSIFIER_CACHE = CACHE_ROOT / "classifiers"
-"""Caches of classifiers given as weights files, one folder per file's sha256 (`Classifier.cache_dir`)."""
+CLASSIFIER_CACHE = "classifiers"
+"""Caches of classifiers given as weights files (`cache_dir(CLASSIFIER_CACHE)`, under `cache.cache_root()`), one
+folder per file's sha256 (`Classifier.cache_dir`)."""
 """Folder in `Classifier.cache_dir` holding computed class statistics (`.pt`, with a `.json` key beside)."""
 PUBLIC_ARCHS = PUBLIC_ARCH_NAMES
 ARCH_HELP = ("a public ISDA CIFAR name (resnet110, wrn28_10, se_resnet110, densenet_bc100, ...), torchvision:NAME, "
@@ -78,6 +80,12 @@ class Classifier:
     source: Path | None = None
     cache_dir: Path | None = None
     fingerprint: str | None = None
+
+    def __post_init__(self):
+        bad = non_finite_tensor(dict(self.model.state_dict()))
+        if bad is not None:  # every prediction would be class 0 and every statistic NaN: refuse at the door
+            raise IsdaVizError(f"the classifier weights in {self.source} hold non-finite values (inf or NaN) in the "
+                               f"tensor {bad}")
 
     @property
     def device(self) -> torch.device:
@@ -176,6 +184,11 @@ def read_class_names(spec) -> list[str]:
         names = [str(v) for v in data]
     if not names:
         raise IsdaVizError(f"--class-names {path} holds no names")
+    repeated = [name for i, name in enumerate(names) if name in names[:i]]
+    if repeated:
+        first = names.index(repeated[0])
+        raise IsdaVizError(f"--class-names {path} names {repeated[0]!r} twice (classes {first} and "
+                           f"{names.index(repeated[0], first + 1)}); every class needs its own name")
     return names
 
 
@@ -237,8 +250,11 @@ def load_classifier(spec, device="cpu", arch: str | None = None, class_names=Non
             raise IsdaVizError(f"no classifier run at {run_dir}: it {what} (give a RUN_DIR written by `isda-viz "
                                f"train`, or a weights FILE with --classifier-arch {ARCH_HELP})")
         return _load_run(run_dir, device)
-    if path.is_dir() or path.name == CHECKPOINT and (path.parent / "config.json").is_file():
+    if (path / CHECKPOINT).is_file() or path.name == CHECKPOINT and (path.parent / "config.json").is_file():
         raise IsdaVizError(f"{path} is an isda-viz run, which names its own architecture; leave out --classifier-arch")
+    if path.is_dir():
+        raise IsdaVizError(f"--classifier {path} is a folder, not a weights file (and holds no isda-viz run); "
+                           f"give the weights FILE for --classifier-arch {arch}")
     if not path.is_file():
         raise IsdaVizError(f"--classifier weights file not found: {path}")
     if data_root is not None and not Path(data_root).expanduser().is_dir():
@@ -251,7 +267,7 @@ def load_classifier(spec, device="cpu", arch: str | None = None, class_names=Non
 
 def _weights_cache(path: Path) -> tuple[str, Path]:
     sha = file_sha256(path)
-    return sha, CLASSIFIER_CACHE / sha
+    return sha, cache_dir(CLASSIFIER_CACHE, create=False) / sha  # written (and checked) only when needed
 
 
 def _load_public(path: Path, arch: str, class_names, data_root, device, log) -> Classifier:

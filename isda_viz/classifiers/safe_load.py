@@ -58,6 +58,7 @@ import torch._utils
 from torch.serialization import StorageType
 
 from isda_viz.errors import IsdaVizError
+from isda_viz.runs import check_checkpoint_start
 
 
 class _ReadOnlyClass(type):
@@ -261,6 +262,7 @@ def load_torch_file(path, what: str = "checkpoint"):
         raise IsdaVizError(f"{what} not found: {path}")
     if path.suffix.lower() == SAFETENSORS_SUFFIX:
         return load_safetensors(path, what)
+    check_checkpoint_start(path, what)
     _refuse_foreign_containers(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)

@@ -204,5 +204,5 @@ def _save_statistics(classifier: Classifier, data: StatisticsData, classes: list
                 old.unlink()
         save_atomic(estimator.state_dict(), folder / f"{name}.pt")
         write_json_atomic(key, folder / f"{name}.json")
-    except (OSError, json.JSONDecodeError) as e:  # a read-only cache (e.g. installed weights): the pass just is not kept
+    except (OSError, IsdaVizError, json.JSONDecodeError) as e:  # a read-only cache (e.g. installed weights): the pass just is not kept
         _note(f"class statistics not cached in {folder} ({type(e).__name__})")

@@ -14,6 +14,9 @@ import json
 import os
 import pickle
 import struct
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +24,16 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 from torch.utils.data import Dataset
-from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from isda_viz.cache import cache_dir, cache_root
 from isda_viz.data.images import open_rgb, eval_transform
 from isda_viz.errors import IsdaVizError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-CACHE_ROOT = Path(os.environ.get("ISDA_VIZ_CACHE", Path.home() / ".cache" / "isda-viz"))
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -99,15 +105,120 @@ class TensorImages(Dataset):
         return TensorImages(self.images[:n], self.labels[:n], self.classes)
 
 
+SHOWN_OFFENDERS = 3  # bad files or classes named in one error line
+
+
+def _walk_images(class_dir: Path, seen: set[str], root: Path) -> list[Path]:
+    """Image files under `class_dir` (ImageFolder's extensions) in ImageFolder's order (folders sorted by
+    path, files by name), following each symlinked folder at most once; a folder link that leads back
+    into its own ancestors is an `IsdaVizError` naming it. Broken symlinks are kept (the caller reports them)."""
+    listed: list[tuple[str, list[str]]] = []
+
+    def walk(folder: Path, ancestors: frozenset) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            raise IsdaVizError(f"cannot list {folder}: {os.strerror(e.errno)}") from None
+        names = []
+        for entry in entries:
+            if entry.is_dir():  # follows symlinks
+                path, real = Path(entry.path), os.path.realpath(entry.path)
+                if real in ancestors:
+                    link = next((q for q in [path, *path.parents] if q.is_symlink()), path)
+                    raise IsdaVizError(f"symbolic link loop in the image folder: {link} -> {os.readlink(link)} "
+                                       f"leads back to {real}; remove the link")
+                if real not in seen:  # another link to a folder already read is followed once only
+                    seen.add(real)
+                    walk(path, ancestors | {real})
+            elif Path(entry.name).suffix.lower() in IMG_EXTENSIONS:
+                names.append(entry.name)
+        listed.append((str(folder), sorted(names)))
+
+    real = os.path.realpath(class_dir)
+    seen.add(real)
+    walk(class_dir, frozenset({real, os.path.realpath(root)}))
+    return [Path(folder) / name for folder, names in sorted(listed) for name in names]
+
+
+def _bad_image(path: Path) -> str | None:
+    """Why `path` cannot be read as an image (from its header only), or None."""
+    if not path.exists():
+        return "a broken symbolic link" if path.is_symlink() else "missing"
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        with open(path, "rb") as f, PILImage.open(f):
+            return None
+    except PILImage.DecompressionBombError:
+        return None  # a huge image: refused, with the limit named, when it is read
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return "not an image" if isinstance(e, UnidentifiedImageError) else f"unreadable ({type(e).__name__})"
+
+
+def _offenders(items: list[str]) -> str:
+    more = f" and {len(items) - SHOWN_OFFENDERS} more" if len(items) > SHOWN_OFFENDERS else ""
+    return ", ".join(items[:SHOWN_OFFENDERS]) + more
+
+
+def scan_image_folder(root: Path, skip_bad: bool = False, log=None) -> tuple[list[str], list[tuple[str, int]]]:
+    """`(class names, [(file, class index)])` of an ImageNet-layout folder (one sub-folder per class), every
+    file checked from its header first. Unreadable files and classes without images are one `IsdaVizError`
+    naming the first few, or with `skip_bad` skipped with one note (`log`, default stderr)."""
+    root = Path(root)
+    log = log or (lambda message: print(f"note: {message}", file=sys.stderr))
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if not class_dirs:
+        raise IsdaVizError(f"{root} holds no class folders (one sub-folder of images per class)")
+    seen: set[str] = set()
+    files = {d.name: _walk_images(d, seen, root) for d in class_dirs}
+    flat = [f for found in files.values() for f in found]
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=8) as pool:  # header reads wait on the disk
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # the size is judged when read
+        reasons = dict(zip(flat, pool.map(_bad_image, flat)))
+    bad = [f"{f} ({why})" for f, why in reasons.items() if why is not None]
+    empty = [str(root / name) for name, found in files.items() if not any(reasons[f] is None for f in found)]
+    if len(empty) == len(files):
+        raise IsdaVizError(f"no class folder under {root} holds a readable image ({_offenders(bad) or 'all empty'})")
+    if bad and not skip_bad:
+        raise IsdaVizError(f"{len(bad)} file(s) under {root} cannot be read as images: {_offenders(bad)}; "
+                           "remove them, or pass --skip-bad-images to train without them")
+    if empty and not skip_bad:
+        raise IsdaVizError(f"{len(empty)} class folder(s) hold no images: {_offenders(empty)}; remove them, "
+                           "or pass --skip-bad-images to train without them")
+    if bad or empty:
+        log(f"skipping {len(bad)} unreadable file(s) ({_offenders(bad) or 'none'}) and {len(empty)} empty "
+            f"class folder(s) ({_offenders(empty) or 'none'}) under {root}")
+    classes = [name for name in files if str(root / name) not in empty]
+    samples = [(str(f), i) for i, name in enumerate(classes) for f in files[name] if reasons[f] is None]
+    return classes, samples
+
+
+class _ScannedFolder(Dataset):
+    """ImageFolder's items `(transform(image), class index)` over the files `scan_image_folder` found."""
+    def __init__(self, root: Path, transform, skip_bad: bool):
+        self.root = str(root)
+        self.classes, self.samples = scan_image_folder(root, skip_bad)
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(open_rgb(path)), label
+
+
 class FolderImages(Dataset):
-    """An ImageFolder whose items are uint8 `(3, S, S)` tensors (resize + centre crop, or random crop)."""
-    def __init__(self, root: Path, image_size: int, train: bool):
+    """An ImageFolder whose items are uint8 `(3, S, S)` tensors (resize + centre crop, or random crop).
+    Its files are checked before use (`scan_image_folder`; `skip_bad`: skip unreadable ones)."""
+    def __init__(self, root: Path, image_size: int, train: bool, skip_bad: bool = False):
 
         if train:
             tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
         else:
             tf = eval_transform(image_size)
-        self.folder = ImageFolder(str(root), transform=tf, loader=lambda p: open_rgb(p))
+        self.folder = _ScannedFolder(root, tf, skip_bad)
         self.classes = self.folder.classes
         self.labels = torch.tensor(self.folder.targets)
         self._indices: list[int] | None = None
@@ -152,7 +263,7 @@ def _find_idx(root: Path, stem: str) -> Path | None:
 
 def _fashion_mnist(train: bool, data_root: Path | None) -> TensorImages:
     prefix = "train" if train else "t10k"
-    roots = [data_root] if data_root else [DEBIAN_FASHION_MNIST, CACHE_ROOT]
+    roots = [data_root] if data_root else [DEBIAN_FASHION_MNIST, cache_root()]
     for root in roots:
         img, lab = _find_idx(root, f"{prefix}-images-idx3-ubyte"), _find_idx(root, f"{prefix}-labels-idx1-ubyte")
         if img and lab:
@@ -160,7 +271,7 @@ def _fashion_mnist(train: bool, data_root: Path | None) -> TensorImages:
             labels = torch.from_numpy(_read_idx(lab).astype(np.int64))
             return TensorImages(images, labels, FASHION_MNIST_CLASSES)
     # Fallback where Debian's package is not installed: torchvision's download.
-    root = data_root or CACHE_ROOT
+    root = data_root or cache_dir()
     try:
 
         ds = FashionMNIST(str(root), train=train, download=True)
@@ -236,11 +347,12 @@ def _cifar_from_files(name: str, train: bool, root: Path) -> TensorImages:
 
 
 def _cifar(name: str, train: bool, data_root: Path | None) -> TensorImages:
-    root = data_root or CACHE_ROOT
+    root = data_root or cache_root()
     try:
         return _cifar_from_files(name, train, root)
     except FileNotFoundError:
         pass
+    root = data_root or cache_dir()
     try:  # not there: torchvision's download (which verifies the official files' md5)
 
         (CIFAR10 if name == "cifar10" else CIFAR100)(str(root), train=train, download=True)
@@ -252,13 +364,13 @@ def _cifar(name: str, train: bool, data_root: Path | None) -> TensorImages:
     return _cifar_from_files(name, train, root)
 
 
-def _folder(name: str, train: bool, data_root: Path | None, image_size: int) -> FolderImages:
+def _folder(name: str, train: bool, data_root: Path | None, image_size: int, skip_bad: bool = False) -> FolderImages:
     if data_root is None:
         raise IsdaVizError(f"--dataset {name} needs --data-root, a folder with train/ and val/ (or test/) class folders")
     candidates = ["train"] if train else ["val", "test"]
     for sub in candidates:
         if (data_root / sub).is_dir():
-            return FolderImages(data_root / sub, image_size, train)
+            return FolderImages(data_root / sub, image_size, train, skip_bad)
     raise IsdaVizError(f"no {' or '.join(candidates)}/ folder of class folders under {data_root}")
 
 
@@ -298,10 +410,12 @@ def dataset_spec(name: str, data_root: str | Path | None = None) -> DatasetSpec:
 
 
 def load_split(name: str, train: bool, data_root: str | Path | None = None, limit: int | None = None,
-               image_size: int | None = None):
+               image_size: int | None = None, skip_bad_images: bool = False):
     """The train or test split of a dataset: items `(uint8 (C,H,W), int)`, `.labels (N,)`, `.classes`.
 
-    `image_size` sets the size image folders are cropped to (default: the dataset's, 224).
+    `image_size` sets the size image folders are cropped to (default: the dataset's, 224);
+    `skip_bad_images`: image folders skip unreadable files and empty classes (with a note) instead of
+    refusing them.
     """
     spec = dataset_spec(name, data_root)
     root = Path(data_root).expanduser() if data_root else None
@@ -312,7 +426,7 @@ def load_split(name: str, train: bool, data_root: str | Path | None = None, limi
     elif name in ("cifar10", "cifar100"):
         ds = _cifar(name, train, root)
     else:
-        ds = _folder(name, train, root, image_size or spec.image_size)
+        ds = _folder(name, train, root, image_size or spec.image_size, skip_bad_images)
     return ds.subset(limit)
 
 
@@ -321,7 +435,11 @@ def read_json_or_lines(path: Path, option: str) -> tuple[object, list[str] | Non
     or `(None, its lines)` when it is not JSON. A missing file is an `IsdaVizError`."""
     if not path.is_file():
         raise IsdaVizError(f"{option} file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise IsdaVizError(f"{option} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                           "save it as UTF-8") from None
     try:
         return json.loads(text), None
     except json.JSONDecodeError:

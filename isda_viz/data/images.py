@@ -7,6 +7,10 @@ so the inverter's gradients flow through `resize` and `map_channels`.
 
 from __future__ import annotations
 
+import os
+import stat
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +22,64 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from isda_viz.errors import IsdaVizError
+
+
+MAX_PIXELS_ENV = "ISDA_VIZ_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 2 * 89_478_485  # PIL's own refusal limit (twice the size it warns about)
+
+
+def max_image_pixels() -> int:
+    """The largest image (width × height) isda-viz opens: `$ISDA_VIZ_MAX_IMAGE_PIXELS`, default 178,956,970.
+    Images over half of it are read with a note; larger ones are refused as possible decompression bombs."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "")
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(raw.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise IsdaVizError(f"{MAX_PIXELS_ENV}={raw!r} is not a whole number of pixels") from None
+    if value < 1:
+        raise IsdaVizError(f"{MAX_PIXELS_ENV} must be at least 1, not {value}")
+    return value
+
+
+def check_image_path(path: Path, what: str = "image") -> None:
+    """Refuse what cannot be an image file: missing, a folder, a device or pipe (e.g. a link to /dev/zero)."""
+    if not path.exists():
+        raise IsdaVizError(f"{what} not found: {path}" + (" (a broken symbolic link)" if path.is_symlink() else ""))
+    if path.is_dir():
+        raise IsdaVizError(f"{what} {path} is a folder, not an image file")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise IsdaVizError(f"{what} {path} is not a regular file (a device, pipe or socket); give an image file")
+
+
+def open_image(path, mode: str | None = None, note=None) -> Image.Image:
+    """Open and decode an image file (converted to `mode` when given), refusing possible decompression bombs
+    (over `max_image_pixels()`) and turning PIL's warnings into one-line notes (`note`, default stderr)."""
+    path = Path(path)
+    limit = max_image_pixels()
+    note = note or (lambda message: print(f"note: {message}", file=sys.stderr))
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the limit is ours, checked on the header before any pixel is decoded
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with open(path, "rb") as f, Image.open(f) as img:
+                pixels = img.width * img.height
+                if pixels > limit:
+                    raise IsdaVizError(
+                        f"image {path} claims {img.width} × {img.height} = {pixels:,} pixels, over the limit of "
+                        f"{limit:,} (a decompression bomb?); if it is real, raise the limit with "
+                        f"{MAX_PIXELS_ENV}={pixels}")
+                if pixels > limit // 2:
+                    note(f"image {path} is large ({img.width} × {img.height} = {pixels:,} pixels); reading it")
+                img.load()
+                out = img.convert(mode) if mode is not None else img.copy()
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    for w in caught:
+        note(f"image {path}: {str(w.message).splitlines()[0][:200]}")
+    return out
 
 
 def eval_transform(image_size: int):
@@ -36,9 +98,7 @@ class FileImages(Dataset):
 
     def __getitem__(self, i):
 
-        with open(self.paths[i], "rb") as f:
-            image = Image.open(f).convert(self.mode)
-        return self.transform(image), int(self.labels[i])
+        return self.transform(open_image(self.paths[i], self.mode)), int(self.labels[i])
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -47,9 +107,8 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def open_rgb(path):
-
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+    """An image file as an RGB PIL image (see `open_image`)."""
+    return open_image(path, "RGB")
 
 
 def load_image_file(path, channels: int, size: int) -> torch.Tensor:
@@ -57,11 +116,9 @@ def load_image_file(path, channels: int, size: int) -> torch.Tensor:
     crop, resized to `size`. Missing or unreadable files raise `IsdaVizError`."""
 
     path = Path(path)
-    if not path.is_file():
-        raise IsdaVizError(f"image not found: {path}")
+    check_image_path(path)
     try:
-        with Image.open(path) as img:
-            img.load()
+        with open_image(path) as img:
             mode = {1: "L", 3: "RGB"}.get(channels)
             if mode is None:
                 raise IsdaVizError(f"the classifier takes {channels}-channel images; only 1 or 3 can be made from files")

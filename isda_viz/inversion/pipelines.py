@@ -10,9 +10,9 @@ the command line's defaults (shipped weights, the shipped judge, Step II = 3/2 Ã
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from isda_viz import locks
 from isda_viz.classifiers.classifier import Classifier, load_classifier
 from isda_viz.classifiers.covariance_file import read_covariance_file
 from isda_viz.classifiers.statistics import class_statistics
 from isda_viz.data.datasets import load_split
-from isda_viz.data.images import load_image_file
+from isda_viz.data.images import check_image_path, load_image_file
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
@@ -47,6 +48,7 @@ from isda_viz.outputs.report import (
     summarize,
     write_report,
 )
+from isda_viz.runs import assembled_beside, private_mkdtemp
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
 
 if TYPE_CHECKING:
@@ -102,8 +104,14 @@ class VisualizeOptions:
 
     def __post_init__(self) -> None:
         """Raise `IsdaVizError` for values no run can use (before any model is loaded)."""
-        if self.strength < 0:
-            raise IsdaVizError("--strength must be >= 0")
+        if not math.isfinite(self.strength) or self.strength < 0:
+            raise IsdaVizError(f"--strength must be a finite number >= 0, not {self.strength}")
+        if self.truncation is not None and not math.isfinite(self.truncation):
+            raise IsdaVizError(f"--truncation must be a finite number, not {self.truncation}")
+        for name, option in (("reconstruct_lr", "--lr"), ("augment_lr", "--lr"), ("tolerance", "--tolerance")):
+            value = getattr(self.inversion, name)
+            if not math.isfinite(value):
+                raise IsdaVizError(f"{option} must be a finite number, not {value}")
         check_covariance(self.covariance)
         if self.num_augmented < 1:
             raise IsdaVizError("--num-augmented must be >= 1")
@@ -224,20 +232,21 @@ def _settings(options: VisualizeOptions, models: Models) -> Settings:
                     judge=str(models.judge.source) if models.judge else None)
 
 
-def _check_out_dir(out: Path) -> None:
-    """An --out folder we may replace: absent, empty, or an earlier output of ours (`check_out_dir`)."""
-    check_out_dir(out, ours=REPORT, what="an augment output")
+def _check_out_dir(out: Path, markers: tuple[str, ...] = (REPORT,)) -> None:
+    """An --out folder we may replace: absent, empty, or an earlier output of ours (holding one of
+    `markers`, paths relative to the folder; `check_out_dir`)."""
+    check_out_dir(out, ours=markers, what="an augment output")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def _replace_dir(tmp: Path, out: Path, markers: tuple[str, ...] = (REPORT,)) -> None:
     """Move a finished temporary folder into place; an older output of ours is replaced whole."""
     if out.exists():
         try:
-            _check_out_dir(out)
+            _check_out_dir(out, markers)
         except IsdaVizError:
             shutil.rmtree(tmp)
             raise
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+        old = private_mkdtemp(out.parent, f".{out.name}.old.")
         os.replace(out, old / "dir")
         os.replace(tmp, out)
         shutil.rmtree(old)
@@ -277,24 +286,54 @@ def write_images(result: AugmentationResult, class_names: list[str], folder: Pat
     labelled_grid(rows, headers, row_labels, cell=cell, captions=captions).save(folder / "grid.png")
 
 
+def _new_report(result: AugmentationResult, class_names: list[str], settings: Settings) -> Report:
+    return Report(images=result.entries, summary=summarize(result.entries), seconds=result.seconds,
+                  settings=settings, class_names=list(class_names))
+
+
 def write_augment_dir(result: AugmentationResult, class_names: list[str], out, settings: Settings,
-                      samples: torch.Tensor | None = None) -> Report:
-    """Write OUT_DIR all at once (PNGs, grid.png, report.json): built in a temporary sibling folder,
-    renamed into place when complete. Returns the report written."""
+                      samples: torch.Tensor | None = None, embed: bool | None = None) -> Report:
+    """Write OUT_DIR all at once (PNGs, grid.png, report.json and, unless `embed` is None, the page
+    index.html): built in a temporary sibling folder, renamed into place when complete, so a failure
+    leaves the previous OUT_DIR or none. Returns the report written."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
-    report = Report(images=result.entries, summary=summarize(result.entries), seconds=result.seconds,
-                    settings=settings, class_names=list(class_names))
-    try:
+    report = _new_report(result, class_names, settings)
+    with assembled_beside(out) as tmp:
         write_images(result, class_names, tmp, samples)
         write_report(report, tmp / REPORT)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_dir(tmp, out)
+        if embed is not None:
+            write_html(tmp, embed=embed)
+        _replace_dir(tmp, out)
     report.path = out / REPORT
     return report
+
+
+def _grid_markers(out_png: Path) -> tuple[str, ...]:
+    """What makes a FIG_files/ folder ours: FIG.json beside it, or (older grids) a report.json inside."""
+    return (f"../{out_png.with_suffix('.json').name}", REPORT)
+
+
+def write_grid_files(result: AugmentationResult, class_names: list[str], out_png: Path, settings: Settings,
+                     samples: torch.Tensor | None, embed: bool) -> Report:
+    """Write a grid's FIG.png, FIG.json, FIG_files/ (the single PNGs and their report.json, what
+    `audit --from FIG_files` reads) and FIG.html, all built in one temporary folder and renamed into
+    place when complete (FIG_files first, the page last). Returns the report written as FIG.json."""
+    files_dir = out_png.with_name(out_png.stem + "_files")
+    report = _new_report(result, class_names, settings)
+    with assembled_beside(out_png, maps_to=out_png.parent) as tmp:
+        files = tmp / files_dir.name
+        files.mkdir()
+        write_images(result, class_names, files, samples)
+        os.replace(files / "grid.png", tmp / out_png.name)
+        write_report(report, files / REPORT)
+        figure = report.with_files_under(files_dir.name)
+        write_report(figure, tmp / out_png.with_suffix(".json").name)
+        write_html(tmp / out_png.name, embed=embed)
+        _replace_dir(files, files_dir, _grid_markers(out_png))
+        for suffix in (".json", ".png", ".html"):
+            os.replace(tmp / out_png.with_suffix(suffix).name, out_png.with_suffix(suffix))
+    figure.path = out_png.with_suffix(".json")
+    return figure
 
 
 def augment_images(images: list, *, out, label: str | None = None, options: VisualizeOptions | None = None,
@@ -309,7 +348,15 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
     options = options or VisualizeOptions()
     if not images:
         raise IsdaVizError("give at least one --image")
-    _check_out_dir(Path(out))
+    with locks.exclusive(out):
+        return _augment_images(images, Path(out), label, options, models)
+
+
+def _augment_images(images: list, out: Path, label: str | None, options: VisualizeOptions,
+                    models: Models | None) -> Report:
+    _check_out_dir(out)
+    for path in images:  # a folder, a device or a missing file fails before any model is loaded
+        check_image_path(Path(path))
     models = models or options.load_models()
     check_models(models)
     classifier = models.classifier
@@ -319,9 +366,7 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
     else:
         labels = torch.full((len(pixels),), classifier.class_index(label, "--label"))
     result = invert_and_augment(models, pixels, labels, [str(p) for p in images], options)
-    report = write_augment_dir(result, classifier.class_names, out, _settings(options, models))
-    write_html(out, embed=options.embed)
-    return report
+    return write_augment_dir(result, classifier.class_names, out, _settings(options, models), embed=options.embed)
 
 
 def images_per_class(classifier: Classifier, per_class: int, classes: list[int] | None, data_root=None):
@@ -356,12 +401,26 @@ def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_
     out_png = Path(out)
     if out_png.suffix.lower() != ".png":
         raise IsdaVizError(f"--out must name a .png file, not {out_png}")
-    files_dir = out_png.with_name(out_png.stem + "_files")
-    _check_out_dir(files_dir)
+    if out_png.is_dir():
+        raise IsdaVizError(f"--out {out_png} is a folder; give the figure's file name FIG.png")
+    with locks.exclusive(out_png):
+        return _make_grid(out_png, per_class, classes, num_samples, options, models)
+
+
+def _make_grid(out_png: Path, per_class: int, classes: list[str] | None, num_samples: int,
+               options: VisualizeOptions, models: Models | None) -> Report:
+    _check_out_dir(out_png.with_name(out_png.stem + "_files"), _grid_markers(out_png))
+    if classes and len(set(classes)) < len(classes):
+        twice = next(c for c in classes if classes.count(c) > 1)
+        raise IsdaVizError(f"--classes names {twice} more than once; give each class once")
     models = models or options.load_models()
     check_models(models)
     classifier, generator = models.classifier, models.generator
     class_index = [classifier.class_index(c, "--classes") for c in classes] if classes else None
+    if class_index and len(set(class_index)) < len(class_index):
+        twice = next(c for c in class_index if class_index.count(c) > 1)
+        raise IsdaVizError(f"--classes names the class {classifier.class_names[twice]} more than once; "
+                           "give each class once")
     images, labels, sources = images_per_class(classifier, per_class, class_index, options.data_root)
     result = invert_and_augment(models, images, labels, sources, options)
     samples = None
@@ -372,11 +431,5 @@ def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_
             samples = models.adapter().pixels(z, y).cpu().view(len(labels), num_samples, *images.shape[1:])
         for i, entry in enumerate(result.entries):
             entry.samples = [ImageFile(file=f"{i:03d}_sample_{j}.png") for j in range(num_samples)]
-    report = write_augment_dir(result, classifier.class_names, files_dir, _settings(options, models), samples)
-    # The figure and its report beside it; the report's file paths are made relative to FIG.json.
-    report = report.with_files_under(files_dir.name)
-    write_report(report, out_png.with_suffix(".json"))
-    shutil.copyfile(files_dir / "grid.png", out_png.with_suffix(".png.tmp"))
-    os.replace(out_png.with_suffix(".png.tmp"), out_png)
-    write_html(out_png, embed=options.embed)
-    return report
+    return write_grid_files(result, classifier.class_names, out_png, _settings(options, models), samples,
+                            options.embed)

@@ -29,6 +29,9 @@ def covariance_factors(covariance: torch.Tensor | CovarianceEstimator, classes: 
     if isinstance(covariance, CovarianceEstimator):
         covariance = covariance.covariance
     sigma = covariance.detach()[classes.to(covariance.device)].to(torch.float64)
+    if not torch.isfinite(sigma).all():
+        raise IsdaVizError("a class covariance holds inf or NaN: the classifier's features of its training images are "
+                           "not finite (check its weights and the images it saw)")
     if sigma.dim() == 2:
         return sigma.clamp_min(0).sqrt()
     eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)

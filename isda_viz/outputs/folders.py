@@ -8,14 +8,16 @@ from pathlib import Path
 from isda_viz.errors import IsdaVizError
 
 
-def check_out_dir(out, ours: str | None = None, what: str = "") -> None:
-    """Raise `IsdaVizError` unless `out` may be written: never a file; with `ours` (the file an earlier
-    output of the command holds, e.g. `report.json`, for folders that are replaced whole) also absent,
-    empty, or holding `ours`. `what` names that output in the message ("an augment output")."""
+def check_out_dir(out, ours: str | tuple[str, ...] | None = None, what: str = "") -> None:
+    """Raise `IsdaVizError` unless `out` may be written: never a file; with `ours` (the file, or files, one
+    of which an earlier output of the command holds, e.g. `report.json`, for folders that are replaced
+    whole; paths relative to `out`) also absent, empty, or holding one of them. `what` names that output
+    in the message ("an augment output")."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IsdaVizError(f"--out {out} is a file; give a folder")
-    if ours is not None and out.is_dir() and any(out.iterdir()) and not (out / ours).exists():
+    markers = (ours,) if isinstance(ours, str) else ours
+    if markers and out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in markers):
         raise IsdaVizError(f"--out {out} holds files that are not {what}; choose another --out")
 
 

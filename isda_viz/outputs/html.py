@@ -135,6 +135,13 @@ def _audit_file(audit) -> Path:
     return audit / AUDIT if audit.is_dir() else audit
 
 
+def _display_name(folder: Path) -> str:
+    """A folder's name as the reader will see it: an output assembled as `.NAME.tmp.XXXX` beside its
+    destination is titled NAME, the folder it is renamed to."""
+    match = re.fullmatch(r"\.(.+)\.tmp\.[^.]+", folder.name)
+    return match.group(1) if match else folder.name
+
+
 def _locate(path, audit=None) -> _Page:
     """Which page `path` asks for, with its JSON read."""
     path = Path(path)
@@ -165,13 +172,13 @@ def _locate(path, audit=None) -> _Page:
         return _Page("demo", folder / PAGE, report, folder, extra, extra_dir, summary, "isda-viz demo")
     if path.name == AUDIT:
         return _Page("audit", folder / PAGE, None, None, read_audit(path), folder, None,
-                     f"isda-viz audit: {folder.name}")
+                     f"isda-viz audit: {_display_name(folder)}")
     if path.suffix.lower() != ".json":
         raise IsdaVizError(f"{path} is not a report; give an output folder or its JSON file")
     report = read_report(path)
     if path.name == REPORT:
         return _Page("augment", folder / PAGE, report, folder, extra, extra_dir, None,
-                     f"isda-viz augment: {folder.name}")
+                     f"isda-viz augment: {_display_name(folder)}")
     return _Page("grid", path.with_suffix(".html"), report, folder, extra, extra_dir, None,
                  f"isda-viz grid: {path.stem}")
 

@@ -60,7 +60,7 @@ from isda_viz.data.batches import augment_batch, iterate_batches, labeled_subset
 from isda_viz.data.datasets import FOLDER_DATASETS, DatasetSpec, TensorImages, dataset_spec, load_split
 from isda_viz.data.images import normalize
 from isda_viz.devices import pick_device
-from isda_viz.errors import IsdaVizError
+from isda_viz.errors import IsdaVizError, require_finite
 from isda_viz.isda.estimator import CovarianceEstimator, check_covariance
 from isda_viz.isda.loss import isda_loss
 from isda_viz.isda.sampling import expected_cross_entropy_mc, explicit_sda_loss
@@ -69,6 +69,7 @@ from isda_viz.isda.semi import semi_supervised_isda_loss
 from isda_viz.runs import (
     CHECKPOINT,
     append_jsonl,
+    guarded_run_dir,
     open_run_dir,
     read_jsonl,
     save_atomic,
@@ -119,9 +120,13 @@ class TrainConfig:
     track_bound: bool = False          # log `bound` and `expected_ce_mc` per epoch
     bound_samples: int = 1000          # Monte-Carlo draws per image
     bound_subset: int = 500            # fixed (labeled) training images, a seeded random subset
+    skip_bad_images: bool = False      # image folders: skip unreadable files and empty classes (with a note)
 
     def __post_init__(self) -> None:
         """One-line `IsdaVizError`s for option values and combinations no run can use."""
+        require_finite({"--lambda0": self.lambda0, "--lr": self.lr, "--weight-decay": self.weight_decay,
+                        "--lr-decay": self.lr_decay, "--eta1": self.eta1, "--eta2": self.eta2,
+                        "--rampup": self.rampup, "--ema-decay": self.ema_decay})
         if self.loss not in LOSSES:
             raise IsdaVizError(f"unknown loss '{self.loss}'; choose {', '.join(LOSSES)}")
         if self.covariance is not None:
@@ -424,7 +429,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
     Under torchrun (WORLD_SIZE > 1) this is one rank of a DistributedDataParallel
     run: see `distributed`. Only rank 0 writes files, logs and shows progress.
     """
-    with distributed.session(pick_device(cfg.device)) as device:
+    with distributed.session(pick_device(cfg.device)) as device, \
+            guarded_run_dir(cfg.out, CHECKPOINT, enabled=distributed.is_main()):
         return _fit(cfg, device, resume, progress, log)
 
 
@@ -473,8 +479,8 @@ def _setup(cfg: TrainConfig, device: torch.device, resume: bool, log) -> tuple[_
     """Data, network, optimizer, estimator and teacher of the run in `cfg.out`, restored from its checkpoint
     when resuming; returns them and the first epoch to train (0-based)."""
     spec = dataset_spec(cfg.dataset, cfg.data_root)
-    train_set = load_split(cfg.dataset, True, cfg.data_root, cfg.limit_train)
-    test_set = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test)
+    train_set = load_split(cfg.dataset, True, cfg.data_root, cfg.limit_train, skip_bad_images=cfg.skip_bad_images)
+    test_set = load_split(cfg.dataset, False, cfg.data_root, cfg.limit_test, skip_bad_images=cfg.skip_bad_images)
     class_names = list(train_set.classes)
     num_classes = len(class_names)
     plan = _batch_plan(cfg, train_set, num_classes)  # refuse impossible batch sizes before writing anything

@@ -1,0 +1,487 @@
+"""Fault injection: the hostile but ordinary inputs and machine states of issue 22, one case per item.
+
+Each case runs the installed console script (`isda-viz`, a fresh process: what a user or a scheduler
+sees) and asserts the exit code, exactly one `Error:` line, no traceback, and that the folders it was
+given are left as they were. Full and read-only disks are small tmpfs mounts where this machine lets
+the test mount one (root with CAP_SYS_ADMIN), else those cases skip, saying why; the library-level
+case with failing writes runs everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import multiprocessing
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from isda_viz import locks
+from isda_viz.classifiers.classifier import read_class_names
+from isda_viz.cli.main import main
+from isda_viz.errors import IsdaVizError
+from isda_viz.pretrained import default_classifier
+
+SCRIPT = Path(sys.executable).with_name("isda-viz")
+FAST = ("--iterations", "2", "--restarts", "1", "-k", "1")           # augment/grid with the shipped weights
+TINY_TRAIN = ("--dataset", "fashion-mnist", "--arch", "resnet8", "--limit-train", "128", "--limit-test", "32",
+              "--batch-size", "64")
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args, env: dict | None = None, timeout: float = 120, process: bool = False) -> Ran:
+    """Run `isda-viz ARGS`: in this process through click's runner (the same `main` and error boundary; a
+    Python exception that escapes it shows as a traceback), or with `process` as the installed console
+    script in a fresh process. `env`: variables to set (None: unset) for the run."""
+    if process:
+        full_env = dict(os.environ, OMP_NUM_THREADS="1")
+        for key, value in (env or {}).items():
+            full_env.pop(key, None) if value is None else full_env.__setitem__(key, value)
+        done = subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              env=full_env)
+        return Ran(done.returncode, done.stdout, done.stderr)
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(*result.exc_info))
+    return Ran(result.exit_code, result.stdout, stderr)
+
+
+def error_line(result: Ran, *fragments: str) -> str:
+    """The one `Error:` line of a failed run (asserting exit 1, one such line, no traceback, the fragments)."""
+    text = result.stdout + result.stderr
+    assert result.returncode == 1, text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, text[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def tree(folder: Path) -> dict:
+    """Every path under `folder` (hidden ones too) with its size and mtime: what "left as it was" compares."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def png(path: Path, size: int = 28, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(path: Path, side: int = 100_000) -> Path:
+    """A 100-byte PNG whose header claims side × side RGB pixels."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + _chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    return png(tmp_path / "inputs" / "query.png")
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A 2 MB tmpfs mounted for the test (skips where this machine does not allow mounting)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({(result.stderr or 'not root').strip()[:80]}); the full-disk "
+                    "cases run where the tests may mount one (test_write_failures_are_one_line covers the library)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(mount: Path, leave: int) -> None:
+    """Leave about `leave` bytes free on `mount`."""
+    free = shutil.disk_usage(mount).free
+    with open(mount / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def folder_dataset(root: Path, classes=("a", "b"), per_class: int = 2) -> Path:
+    for split in ("train", "val"):
+        for c in classes:
+            for i in range(per_class):
+                png(root / split / c / f"{i}.png", size=8, seed=i)
+    return root
+
+
+# ------------------------------------------------------------------------------------ 1, 2: folder datasets
+
+
+def test_1_a_symlink_loop_in_an_image_folder_is_an_error_naming_it(tmp_path):
+    data = folder_dataset(tmp_path / "data")
+    (data / "train" / "a" / "loopdir").symlink_to("..")
+    out = tmp_path / "run"
+    started = time.time()
+    line = error_line(cli("train", "--dataset", "folder", "--data-root", data, "--arch", "resnet8", "--epochs", 1,
+                          "--out", out, process=True), "symbolic link loop", "loopdir")
+    assert time.time() - started < 60, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fault", ["empty class", "only empty folders", "not an image", "broken symlink"])
+def test_2_bad_image_folders_are_refused_before_training(tmp_path, fault):
+    data = folder_dataset(tmp_path / "data")
+    if fault == "empty class":
+        (data / "train" / "c").mkdir()
+        expected = ["hold no images", str(data / "train" / "c")]
+    elif fault == "only empty folders":
+        for f in (data / "train").rglob("*.png"):
+            f.unlink()
+        expected = ["no class folder", "readable image"]
+    elif fault == "not an image":
+        (data / "train" / "a" / "notes.png").write_text("not a picture")
+        expected = ["notes.png (not an image)", "--skip-bad-images"]
+    else:
+        (data / "train" / "b" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+        expected = ["gone.jpg (a broken symbolic link)"]
+    before = tree(data)
+    out = tmp_path / "run"
+    error_line(cli("train", "--dataset", "folder", "--data-root", data, "--arch", "resnet8", "--epochs", 1,
+                   "--out", out), *expected)
+    assert not out.exists() and tree(data) == before
+    if fault in ("not an image", "broken symlink"):  # --skip-bad-images trains on the rest, with one note
+        result = cli("train", "--dataset", "folder", "--data-root", data, "--arch", "resnet8", "--epochs", 1,
+                     "--batch-size", 4, "--skip-bad-images", "--out", out)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stderr.count("note: skipping 1 unreadable file(s)") == 1, result.stderr[-2000:]
+        assert (out / "checkpoint.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------ 3: full and read-only disks
+
+
+def test_3_augment_on_a_full_disk_leaves_nothing(disk, image):
+    fill(disk, leave=6_000)
+    before = tree(disk)
+    line = error_line(cli("augment", "--image", image, *FAST, "--out", disk / "out"), "no space left", str(disk))
+    assert "free" in line
+    assert tree(disk) == before  # no output folder, no temporary folder, no lock
+
+
+def test_3_grid_and_train_on_a_full_disk_leave_nothing(disk):
+    fill(disk, leave=4_000)
+    before = tree(disk)
+    error_line(cli("grid", "--classes", "Shirt", "--samples", 0, *FAST, "--out", disk / "fig.png"), "no space left")
+    assert tree(disk) == before
+    (disk / "filler").unlink()
+    fill(disk, leave=200_000)  # config.json fits, the first checkpoint (about 1 MB) does not
+    before = tree(disk)
+    error_line(cli("train", *TINY_TRAIN, "--epochs", 1, "--out", disk / "run"), "no space left",
+               str(disk / "run" / "checkpoint.pt"), "needed")
+    assert tree(disk) == before  # a run that fails before its first epoch leaves no run directory
+
+
+def test_3_a_read_only_out_is_one_line(disk, image):
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    line = error_line(cli("augment", "--image", image, *FAST, "--out", disk / "out"), str(disk / "out"))
+    assert "Read-only" in line or "read-only" in line
+    assert tree(disk) == {}
+
+
+def test_3_write_failures_are_one_line(tmp_path, monkeypatch):
+    """Library level (runs without a tmpfs): a write that fails with ENOSPC mid-way leaves neither the file
+    nor its temporary, and the error names the file and how much it needed."""
+    from isda_viz import runs
+
+    target = tmp_path / "report.json"
+    target.write_text("previous")
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(runs.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(IsdaVizError, match=r"cannot write .*report.json: no space left on the device "
+                                           r"\(needed 12 bytes"):
+        runs.write_bytes_atomic(b"new contents", target)
+    assert target.read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+# ------------------------------------------------------------------------------------ 4: one writer per --out
+
+
+def _hold_lock_and_wait(paths: list[str], ready) -> None:
+    with contextlib.ExitStack() as stack:
+        for path in paths:
+            stack.enter_context(locks.exclusive(path))
+        ready.set()
+        time.sleep(600)
+
+
+def test_4_two_writers_on_one_out(tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", *TINY_TRAIN, "--epochs", 1, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before = tree(out)
+    # another process holds --out: refused at once, naming its pid, the run untouched
+    ready = multiprocessing.get_context("fork").Event()
+    others = {name: tmp_path / name for name in ("gan", "aug", "fig.png", "audit", "demo")}
+    holder = multiprocessing.get_context("fork").Process(
+        target=_hold_lock_and_wait, args=([str(out), *map(str, others.values())], ready))
+    holder.start()
+    assert ready.wait(30)
+    held = f"in use by another isda-viz process (pid {holder.pid})"
+    error_line(cli("train", *TINY_TRAIN, "--epochs", 2, "--resume", "--out", out), held)
+    assert tree(out) == before
+    png(tmp_path / "q.png")
+    error_line(cli("train-gan", "--dataset", "fashion-mnist", "--out", others["gan"]), held)
+    error_line(cli("augment", "--image", tmp_path / "q.png", *FAST, "--out", others["aug"]), held)
+    error_line(cli("grid", *FAST, "--out", others["fig.png"]), held)
+    error_line(cli("audit", "--dataset", "fashion-mnist", "--images", tmp_path / "q.png", "--out", others["audit"]),
+               held)
+    error_line(cli("demo", "--out", others["demo"]), held)
+    assert not any(p.exists() for p in others.values())
+    # the holder killed: its lock file stays behind and is recovered, not a dead end
+    holder.kill()
+    holder.join()
+    assert locks.lock_path(out).exists()
+    # two resumes started together: one writer at a time, each epoch once in metrics.jsonl
+    both = [subprocess.Popen([str(SCRIPT), "train", *TINY_TRAIN, "--epochs", "2", "--resume", "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in both]
+    assert any(p.returncode == 0 for p in both), outputs
+    for p, (_, err) in zip(both, outputs):
+        assert p.returncode == 0 or "in use by another isda-viz process" in err, err[-2000:]
+        assert "Traceback" not in err
+    epochs = [int(line.split('"epoch": ')[1].split(",")[0]) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert not locks.lock_path(out).exists()
+
+
+# ------------------------------------------------------------------------------------ 5: caches
+
+
+def test_5_an_unusable_cache_root_is_one_line(tmp_path, image):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    out = tmp_path / "audit"
+    args = ("audit", "--dataset", "fashion-mnist", "--images", image, "--limit-train", 100, "--limit-test", 50,
+            "--out", out)
+    error_line(cli(*args, env={"ISDA_VIZ_CACHE": str(a_file)}), f"ISDA_VIZ_CACHE={a_file}", "is not a folder")
+    error_line(cli(*args, env={"ISDA_VIZ_CACHE": None, "HOME": str(a_file)}), str(a_file), "ISDA_VIZ_CACHE")
+    assert not out.exists() and a_file.read_text() == "x"
+
+
+def test_5_a_read_only_home_is_one_line(disk, image, tmp_path):
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    out = tmp_path / "audit"
+    error_line(cli("audit", "--dataset", "fashion-mnist", "--images", image, "--limit-train", 100, "--limit-test", 50,
+                   "--out", out, env={"ISDA_VIZ_CACHE": None, "HOME": str(disk)}),
+               str(disk / ".cache" / "isda-viz"), "ISDA_VIZ_CACHE", "ead-only")
+    assert not out.exists()
+
+
+def test_5_every_cache_is_read_at_call_time(tmp_path, monkeypatch):
+    from isda_viz.audit.index import default_index_dir
+    from isda_viz.cache import cache_root
+    from isda_viz.generators.biggan_weights import cache_dir as biggan_cache
+
+    monkeypatch.setenv("ISDA_VIZ_CACHE", str(tmp_path / "c1"))
+    assert cache_root() == tmp_path / "c1" and biggan_cache() == tmp_path / "c1" / "biggan"
+    monkeypatch.setenv("ISDA_VIZ_CACHE", str(tmp_path / "c2"))
+    assert default_index_dir("fashion-mnist", "pixel").parent == tmp_path / "c2" / "audit"
+    assert biggan_cache() == tmp_path / "c2" / "biggan"
+
+
+# ------------------------------------------------------------------------------------ 6: decompression bombs
+
+
+def test_6_a_decompression_bomb_is_refused_and_large_images_get_a_note(tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    out = tmp_path / "out"
+    error_line(cli("augment", "--image", bomb, *FAST, "--out", out), "100000 × 100000", "decompression bomb",
+               "ISDA_VIZ_MAX_IMAGE_PIXELS")
+    assert not out.exists()
+    # the limit is an environment variable: an image over half of it is read with one note, not PIL's warning
+    big = png(tmp_path / "big.png", size=30)
+    result = cli("augment", "--image", big, *FAST, "--out", out, env={"ISDA_VIZ_MAX_IMAGE_PIXELS": "1000"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "note: image" in result.stderr and "900 pixels" in result.stderr
+    assert "DecompressionBombWarning" not in result.stderr
+    error_line(cli("augment", "--image", big, *FAST, "--out", tmp_path / "o2",
+                   env={"ISDA_VIZ_MAX_IMAGE_PIXELS": "800"}), "over the limit of 800")
+
+
+# ------------------------------------------------------------------------------------ 7: text files not in UTF-8
+
+
+def test_7_class_files_that_are_not_utf8(tmp_path, image):
+    latin = tmp_path / "map.txt"
+    latin.write_bytes("0 0\nCaf\xe9 1\n".encode("latin-1"))
+    error_line(cli("augment", "--image", image, "--class-map", latin, *FAST, "--out", tmp_path / "out"),
+               str(latin), "not UTF-8", "0xe9")
+    with pytest.raises(IsdaVizError, match="not UTF-8"):
+        read_class_names(latin)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ 8: a huge file of zeros
+
+
+@pytest.mark.parametrize("arch", ["resnet32", "torchvision:resnet18"])
+def test_8_a_file_that_cannot_be_a_checkpoint_is_refused_from_its_first_bytes(tmp_path, image, arch):
+    zeros = tmp_path / "zeros.pt"
+    with open(zeros, "wb") as f:  # 2 GB, sparse: nothing is written to the disk
+        f.truncate(2 << 30)
+    started = time.time()
+    error_line(cli("augment", "--image", image, "--classifier", zeros, "--classifier-arch", arch, *FAST,
+                   "--out", tmp_path / "out"), str(zeros), "not a torch checkpoint", "00 00 00 00")
+    assert time.time() - started < 30
+
+
+# ------------------------------------------------------------------------------------ 9: non-finite numbers
+
+
+def _poisoned_run(tmp_path: Path, name: str, value: float) -> Path:
+    run = tmp_path / f"run-{name.replace('.', '_')}"
+    shutil.copytree(default_classifier(), run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["model"][name].view(-1)[0] = value
+    torch.save(ckpt, run / "checkpoint.pt")
+    return run
+
+
+def test_9_non_finite_options_and_weights(tmp_path, image):
+    out = tmp_path / "out"
+    error_line(cli("augment", "--image", image, "--strength", "nan", *FAST, "--out", out),
+               "--strength must be a finite number")
+    error_line(cli("train", *TINY_TRAIN, "--lambda0", "inf", "--out", tmp_path / "run"),
+               "--lambda0 must be a finite number")
+    for name, value in (("fc.weight", float("inf")), ("conv1.weight", float("nan"))):
+        run = _poisoned_run(tmp_path, name, value)
+        error_line(cli("augment", "--image", image, "--classifier", run, *FAST, "--out", out),
+                   "non-finite", f"model.{name}")
+    assert not out.exists() and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------ 10: duplicates
+
+
+def test_10_duplicate_class_names_and_classes(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\ncat\n")
+    with pytest.raises(IsdaVizError, match="names 'cat' twice \\(classes 0 and 2\\)"):
+        read_class_names(names)
+    fig = tmp_path / "fig.png"
+    error_line(cli("grid", "--classes", "Shirt,Shirt", *FAST, "--out", fig), "--classes", "Shirt", "more than once")
+    error_line(cli("grid", "--classes", "Shirt,6", *FAST, "--out", fig), "more than once")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["names.txt"]
+
+
+# ------------------------------------------------------------------------------------ 11: torchrun teardown
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_session(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from isda_viz import distributed
+
+    with distributed.session(torch.device("cpu")):
+        total, = distributed.all_sum([rank + 1])
+        assert total == 3
+        if rank == 0:
+            time.sleep(0.2)  # rank 0 finishes later (it writes the run directory)
+
+
+def test_11_ranks_leave_the_process_group_together():
+    """Two gloo ranks end a finished session and exit with status 0, the slow rank 0 last (a rank that
+    exits while its peer still tears down was what aborted with SIGABRT)."""
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    ranks = [ctx.Process(target=_rank_session, args=(r, 2, port)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+
+
+# ------------------------------------------------------------------------------------ 12: the smaller ones
+
+
+def test_12_folders_and_devices_given_as_files(tmp_path, image):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    error_line(cli("augment", "--image", image, "--classifier", empty, "--classifier-arch", "resnet32", *FAST,
+                   "--out", out), "is a folder, not a weights file")
+    error_line(cli("augment", "--image", empty, *FAST, "--out", out), "is a folder, not an image file")
+    error_line(cli("augment", "--image", empty, *FAST, "--out", tmp_path / "new" / "deep" / "out"), "is a folder")
+    assert not (tmp_path / "new").exists()  # the folders made to hold the lock are gone again
+    zero = tmp_path / "zero.png"
+    zero.symlink_to("/dev/zero")
+    error_line(cli("augment", "--image", zero, *FAST, "--out", out), "not a regular file")
+    assert not out.exists()
+
+
+def test_12_augment_folders_get_the_usual_mode_and_grid_files_are_as_documented(tmp_path, image):
+    out = tmp_path / "out"
+    (tmp_path / ".out.tmp.killed").mkdir()  # what a SIGKILL mid-way leaves: removed by the next run
+    (tmp_path / ".out.tmp.killed" / "000_original.png").write_bytes(b"half")
+    result = cli("augment", "--image", image, *FAST, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.name for p in out.iterdir()} == {"grid.png", "report.json", "index.html", "000_original.png",
+                                               "000_reconstruction.png", "000_augmented_0.png"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "out"]  # no temporary folder, no lock left
+    assert "isda-viz augment: out</title>" in (out / "index.html").read_text()  # titled as placed, not as assembled
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "`FIG_files/` holds" in readme and "report.json" in readme
