@@ -13,26 +13,51 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from isda_viz import locks
 from isda_viz.classifiers.statistics import ClassStatistics, class_statistics
 from isda_viz.data.images import load_image_file
 from isda_viz.errors import IsdaVizError
 from isda_viz.inversion.optimizer import augment, normalize_latent, reconstruct
-from isda_viz.inversion.pipelines import Models, VisualizeOptions, check_models, images_per_class
-from isda_viz.isda.directions import (NOISES, ClassDirections, binomial_interval, class_directions, isda_noise,
-                                      isotropic_noise, kept_class, other_class_noise, pick_other_classes,
-                                      traversal_steps, traversal_targets)
-from isda_viz.outputs.directions import (ClassSummary, ClassTest, Direction, DirectionsImage, DirectionsReport,
-                                         DirectionsSettings, Frame, Kept, NoiseCounts, SemanticTest, change_heatmap,
-                                         draw_directions_figure, write_directions_page, write_directions_report)
+from isda_viz.inversion.pipelines import Models, VisualizeOptions, replace_output_dir, check_models, images_per_class
+from isda_viz.isda.directions import (
+    NOISES,
+    ClassDirections,
+    binomial_interval,
+    class_directions,
+    isda_noise,
+    isotropic_noise,
+    kept_class,
+    other_class_noise,
+    pick_other_classes,
+    traversal_steps,
+    traversal_targets,
+)
+from isda_viz.outputs.directions import (
+    ClassSummary,
+    ClassTest,
+    Direction,
+    DirectionsImage,
+    DirectionsReport,
+    DirectionsSettings,
+    Frame,
+    Kept,
+    NoiseCounts,
+    SemanticTest,
+    change_heatmap,
+    draw_directions_figure,
+    write_directions_page,
+    write_directions_report,
+)
 from isda_viz.outputs.figures import to_pil
+from isda_viz.outputs.folders import check_out_dir
 from isda_viz.outputs.report import ImageFile, ReconstructionEntry
+from isda_viz.runs import assembled_beside
 
 FILES_REPORT = "directions.json"     # the report inside FIG_files/, its paths relative to that folder
 DRAW_CHUNK = 250                     # feature-space test draws per sampling call (bounds memory for large A)
@@ -94,6 +119,13 @@ def make_directions(*, out, options: DirectionsOptions | None = None,
     out_png = Path(out)
     if out_png.suffix.lower() != ".png":
         raise IsdaVizError(f"--out must name a .png file, not {out_png}")
+    if out_png.is_dir():
+        raise IsdaVizError(f"--out {out_png} is a folder; give the figure's file name FIG.png")
+    with locks.exclusive(out_png):  # one writer per figure
+        return _make_directions(out_png, options, models)
+
+
+def _make_directions(out_png: Path, options: DirectionsOptions, models: Models | None) -> DirectionsReport:
     files_dir = out_png.with_name(out_png.stem + "_files")
     _check_files_dir(files_dir)
     vis = options.visualize
@@ -325,38 +357,32 @@ def _settings(options: DirectionsOptions, models: Models) -> DirectionsSettings:
 
 def _check_files_dir(folder: Path) -> None:
     """A FIG_files/ folder we may replace: absent, empty, or an earlier output of `directions`."""
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / FILES_REPORT).exists())):
-        raise IsdaVizError(f"{folder} holds files that are not a directions output; choose another --out")
+    check_out_dir(folder, ours=FILES_REPORT, what="a directions output")
 
 
 def _write(report: DirectionsReport, traversal: Traversal, out_png: Path, files_dir: Path,
            embed: bool) -> DirectionsReport:
-    """FIG_files/ assembled aside and moved into place, then FIG.json, FIG.png and FIG.html."""
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_png.parent, prefix=f".{files_dir.name}.tmp."))
-    try:
+    """FIG_files/, FIG.json, FIG.png and FIG.html, all built in one temporary folder beside them and
+    renamed into place when complete (FIG_files first, the page last), as `grid` writes its figure."""
+    with assembled_beside(out_png, maps_to=out_png.parent) as tmp:
+        files = tmp / files_dir.name
+        files.mkdir()
         for i, image in enumerate(report.images):
-            to_pil(traversal.originals[i]).save(tmp / image.original.file)
-            to_pil(traversal.reconstructions[i]).save(tmp / image.reconstruction.file)
+            to_pil(traversal.originals[i]).save(files / image.original.file)
+            to_pil(traversal.reconstructions[i]).save(files / image.reconstruction.file)
             for d, direction in enumerate(image.directions):
-                to_pil(traversal.changes[i, d]).save(tmp / direction.change_file)
+                to_pil(traversal.changes[i, d]).save(files / direction.change_file)
                 for j, frame in enumerate(direction.frames):
-                    to_pil(traversal.frames[i, d, j]).save(tmp / frame.file)
-        write_directions_report(report, tmp / FILES_REPORT)
+                    to_pil(traversal.frames[i, d, j]).save(files / frame.file)
+        write_directions_report(report, files / FILES_REPORT)
         figure = draw_directions_figure(report, list(traversal.frames), list(traversal.changes))
-        figure.save(tmp / "figure.png")
-        _check_files_dir(files_dir)
-        old = Path(tempfile.mkdtemp(dir=out_png.parent, prefix=f".{files_dir.name}.old.")) / "dir"
-        if files_dir.exists():
-            os.replace(files_dir, old)
-        os.replace(tmp, files_dir)
-        shutil.rmtree(old.parent, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    report = report.with_files_under(files_dir.name)
-    write_directions_report(report, out_png.with_suffix(".json"))
-    shutil.copyfile(files_dir / "figure.png", out_png.with_suffix(".png.tmp"))
-    os.replace(out_png.with_suffix(".png.tmp"), out_png)
-    write_directions_page(report, embed=embed)
-    return report
+        figure.save(files / "figure.png")
+        shutil.copyfile(files / "figure.png", tmp / out_png.name)
+        placed = report.with_files_under(files_dir.name)
+        write_directions_report(placed, tmp / out_png.with_suffix(".json").name)
+        write_directions_page(placed, embed=embed)
+        replace_output_dir(files, files_dir, (FILES_REPORT,))
+        for suffix in (".json", ".png", ".html"):
+            os.replace(tmp / out_png.with_suffix(suffix).name, out_png.with_suffix(suffix))
+    placed.path = out_png.with_suffix(".json")
+    return placed

@@ -238,7 +238,7 @@ def _check_out_dir(out: Path, markers: tuple[str, ...] = (REPORT,)) -> None:
     check_out_dir(out, ours=markers, what="an augment output")
 
 
-def _replace_dir(tmp: Path, out: Path, markers: tuple[str, ...] = (REPORT,)) -> None:
+def replace_output_dir(tmp: Path, out: Path, markers: tuple[str, ...] = (REPORT,)) -> None:
     """Move a finished temporary folder into place; an older output of ours is replaced whole."""
     if out.exists():
         try:
@@ -303,7 +303,7 @@ def write_augment_dir(result: AugmentationResult, class_names: list[str], out, s
         write_report(report, tmp / REPORT)
         if embed is not None:
             write_html(tmp, embed=embed)
-        _replace_dir(tmp, out)
+        replace_output_dir(tmp, out)
     report.path = out / REPORT
     return report
 
@@ -329,7 +329,7 @@ def write_grid_files(result: AugmentationResult, class_names: list[str], out_png
         figure = report.with_files_under(files_dir.name)
         write_report(figure, tmp / out_png.with_suffix(".json").name)
         write_html(tmp / out_png.name, embed=embed)
-        _replace_dir(files, files_dir, _grid_markers(out_png))
+        replace_output_dir(files, files_dir, _grid_markers(out_png))
         for suffix in (".json", ".png", ".html"):
             os.replace(tmp / out_png.with_suffix(suffix).name, out_png.with_suffix(suffix))
     figure.path = out_png.with_suffix(".json")
