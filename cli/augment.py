@@ -33,10 +33,14 @@ def visualize_options(fn):
                      help="Augmented images per input image."),
         click.option("--strength", type=click.FloatRange(0, 100), default=0.5, show_default=True,
                      help="lambda: augmented features are a + eps, eps ~ N(0, lambda Sigma_y)."),
-        click.option("--restarts", type=click.IntRange(1, 64), default=4, show_default=True,
-                     help="Random starts per image in Step I (the best is kept)."),
+        click.option("--restarts", type=click.IntRange(1, 64), default=None,
+                     help="Starts per image in Step I, the best is kept (default 2: the learned start and one "
+                          "random code; with --no-encoder 4 random codes)."),
         click.option("--iterations", type=click.IntRange(1), default=None,
-                     help="Step I iterations (default 200); Step II takes 3/2 as many (default 300)."),
+                     help="Step I iterations (default 100, with --no-encoder 200); Step II takes 3/2 as many."),
+        click.option("--no-encoder", is_flag=True,
+                     help="Search from random codes only, as before the learned start (no encoder is trained "
+                          "or read; 4 starts, 200 + 300 steps, no early stopping)."),
         click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
                      help="adam, or sgd: heavy-ball gradient descent as the reference code (needs --lr)."),
         click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
@@ -59,9 +63,9 @@ def visualize_options(fn):
     @functools.wraps(fn)
     def wrapper(restarts, iterations, optimizer, lr, tolerance, data_root, classifier, classifier_arch, class_names,
                 generator, truncation, class_map, judge, covariance, num_augmented, strength, seed, device, embed,
-                **kwargs):
+                no_encoder=False, **kwargs):
         inversion = InversionOptions.make(iterations=iterations, lr=lr, optimizer=optimizer, restarts=restarts,
-                                          tolerance=tolerance)
+                                          tolerance=tolerance, encoder=not no_encoder)
         return fn(options=VisualizeOptions(classifier=classifier, classifier_arch=classifier_arch,
                                            class_names=class_names, generator=generator, class_map=class_map,
                                            truncation=truncation, judge=judge, covariance=covariance,

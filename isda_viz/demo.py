@@ -44,12 +44,16 @@ class DemoPlan:
     audit_limit_test: int | None = None
 
     @classmethod
-    def make(cls, quick: bool) -> "DemoPlan":
+    def make(cls, quick: bool, encoder: bool = False) -> "DemoPlan":
+        """`encoder`: the learned start and its shorter search (`InversionOptions.make(encoder=True)`; the
+        quick plan keeps its own few steps and starts, the first of them the learned one)."""
         if not quick:
-            return cls(inversion=InversionOptions())
+            return cls(inversion=InversionOptions.make(encoder=encoder))
+        quick_search = InversionOptions(reconstruct_iterations=30, augment_iterations=20, restarts=2)
+        if encoder:
+            quick_search.start = "encoder"
         return cls(classifier_epochs=1, judge_epochs=1, classifier_arch="resnet8", limit_train=1024, limit_test=500,
-                   gan_iterations=30, inversion=InversionOptions(reconstruct_iterations=30, augment_iterations=20,
-                                                                 restarts=2),
+                   gan_iterations=30, inversion=quick_search,
                    num_augmented=2, audit_limit_train=5000, audit_limit_test=500)
 
 
@@ -64,15 +68,16 @@ def _gan_finished(gan_dir: Path, iterations: int) -> bool:
 
 
 def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: bool = False,
-             seed: int = 0, log=print, progress: bool = True, embed: bool = False) -> dict:
+             seed: int = 0, log=print, progress: bool = True, embed: bool = False, encoder: bool = False) -> dict:
     """Run every stage into `out`; returns the summary (also written as `out/summary.json`), and
-    writes the page `out/index.html` (`embed`: its images inline, as the grid's and audit's pages)."""
+    writes the page `out/index.html` (`embed`: its images inline, as the grid's and audit's pages).
+    `encoder`: the figure's search starts from the learned start (the command line's default)."""
 
     _check_out_dir(out)
     pick_device(device)  # a device that is not there fails before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = DemoPlan.make(quick)
+    plan = DemoPlan.make(quick, encoder)
     previous = out / "summary.json"  # stages reused now keep the time they took when they ran
     seconds: dict[str, float] = json.loads(previous.read_text()).get("seconds", {}) if previous.exists() else {}
     models = _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)

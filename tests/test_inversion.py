@@ -185,3 +185,44 @@ def test_inversion_options_from_the_command_line_knobs():
     assert (sgd.reconstruct_lr, sgd.augment_lr, sgd.reconstruct_iterations) == (2.0, 2.0, 200)
     with pytest.raises(IsdaVizError, match="needs --lr"):
         InversionOptions.make(optimizer="sgd")
+
+
+def _objective_along_the_way(render, featurize, target, z0, iterations, lr, opts, pixel_target):
+    """Brute force: plain `invert_features` for 0..iterations steps, each row's objective after each."""
+    return torch.stack([invert_features(render, featurize, target, z0, t, lr, opts, pixel_target=pixel_target,
+                                        progress=False).objective for t in range(iterations + 1)])   # (T+1, M)
+
+
+@pytest.mark.parametrize("shrink", [True, False])
+def test_early_stopping_keeps_each_rows_best_so_far(shrink):
+    render, featurize, classes, g = _toy_problem(3)
+    m = 3
+    owner = torch.arange(m)
+    x = render(normalize_latent(torch.randn(m, 16, generator=g)), owner)
+    target, z0 = featurize(x), torch.randn(m, 16, generator=g)
+    # A large constant step: the objective oscillates, so the last iterate is often not the best one.
+    plain = InversionOptions(schedule="constant")
+    stopping = InversionOptions(schedule="constant", patience=4, min_improvement=1e-2)
+    iterations, lr = 30, 0.6
+    along = _objective_along_the_way(lambda z: render(z, owner), featurize, target, z0, iterations, lr, plain, x)
+    row_render = (lambda z_hat, rows: render(z_hat, owner[rows])) if shrink else None
+    early = invert_features(lambda z: render(z, owner), featurize, target, z0, iterations, lr, stopping,
+                            pixel_target=x, progress=False, row_render=row_render)
+    # Rows do not interact, so each row's path is the plain run's until it stops: what is returned is the
+    # best the row visited, never worse than its start, and its z gives the objective reported.
+    assert (early.objective <= along[0] + 1e-6).all()
+    assert any(h["active_rows"] < m for h in early.history)        # some row did stop early (the batch shrank)
+    for i in range(m):
+        visited = along[: iterations + 1, i]
+        hit = torch.isclose(visited, early.objective[i], rtol=1e-4, atol=1e-6).nonzero().flatten()
+        assert len(hit), "the kept code is one the row visited"
+        assert early.objective[i] <= visited[: int(hit[0]) + 1].min() + 1e-6    # the best up to where it was
+    # Never stopping (patience longer than the run): the best over the whole run, <= running to the end.
+    never = invert_features(lambda z: render(z, owner), featurize, target, z0, iterations, lr,
+                            InversionOptions(schedule="constant", patience=iterations + 5), pixel_target=x,
+                            progress=False, row_render=row_render)
+    torch.testing.assert_close(never.objective, along.min(0).values, rtol=1e-4, atol=1e-6)
+    assert (never.objective <= along[-1] + 1e-6).all()
+    recomputed = invert_features(lambda z: render(z, owner), featurize, target, never.z, 0, lr, plain,
+                                 pixel_target=x, progress=False)
+    torch.testing.assert_close(recomputed.objective, never.objective)

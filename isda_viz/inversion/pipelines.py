@@ -28,6 +28,8 @@ from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
 from isda_viz.inversion.adapter import GeneratorAdapter, read_class_map
+from isda_viz.inversion.encoder import EncoderOptions, LatentEncoder, cached_encoder, encoder_key, module_fingerprint, \
+    train_encoder
 from isda_viz.inversion.optimizer import InversionOptions, augment, normalize_latent, reconstruct
 from isda_viz.isda.sampling import sample_augmented_features
 from isda_viz.outputs.figures import labelled_grid, to_pil
@@ -142,8 +144,11 @@ class AugmentationResult:
 
 
 def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tensor, sources: list[str],
-                       options: VisualizeOptions) -> AugmentationResult:
-    """Step I, sampling and Step II for `images (N, C, H, W)` in [0, 1] (classifier size) with `labels (N,)`."""
+                       options: VisualizeOptions, *, wanted: torch.Tensor | None = None) -> AugmentationResult:
+    """Step I, sampling and Step II for `images (N, C, H, W)` in [0, 1] (classifier size) with `labels (N,)`.
+
+    `wanted (N, K, A)`: augmented features to invert instead of drawing them (e.g. to compare settings on
+    the same draws)."""
     classifier, generator, judge = models.classifier, models.generator, models.judge
     opts, k = options.inversion, options.num_augmented
     adapter = models.adapter()
@@ -165,8 +170,16 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
             return adapter.pixels(normalize_latent(z), labels_of_rows)
 
     timings = {}
+    encoder = None
+    if "encoder" in (opts.start, opts.augment_start):
+        encoder, trained = learned_start(models, progress=options.progress)
+        timings["encoder_training"] = trained["seconds"]
     started = time.time()
-    starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, -1)
+    if opts.start == "encoder":  # E(a) first, then restarts - 1 draws from the prior
+        drawn = generator.sample_latent(n * (opts.restarts - 1), rng, device).view(n, opts.restarts - 1, -1)
+        starts = torch.cat([encoder(target, labels)[:, None], drawn], 1)
+    else:
+        starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, -1)
     step1 = reconstruct(render, classifier.model.features, target, starts, opts, pixel_target=x,
                         progress=options.progress)
     recon_unit = pixels(step1.z, y)
@@ -175,9 +188,15 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
     started = time.time()
     statistics = class_statistics(classifier, options.data_root, classes=labels.tolist(),
                                   covariance=options.covariance, progress=options.progress)
-    wanted = sample_augmented_features(target, statistics.slots(labels), statistics.estimator, options.strength,
-                                       k, rng)                                                     # (N, K, A)
-    step2 = augment(render, classifier.model.features, target, wanted, step1.z, opts, progress=options.progress)
+    if wanted is None:
+        wanted = sample_augmented_features(target, statistics.slots(labels), statistics.estimator,
+                                           options.strength, k, rng)                               # (N, K, A)
+    wanted = wanted.to(device)
+    step2_starts = None
+    if opts.augment_start == "encoder":
+        step2_starts = encoder(wanted.flatten(0, 1).to(target.dtype), labels.repeat_interleave(k)).view(n, k, -1)
+    step2 = augment(render, classifier.model.features, target, wanted, step1.z, opts, progress=options.progress,
+                    starts=step2_starts)
     y_aug = None if y is None else y.repeat_interleave(k)
     aug_unit = pixels(step2.z.flatten(0, 1), y_aug).view(n, k, *recon_unit.shape[1:])
     timings["augment"] = time.time() - started
@@ -207,6 +226,31 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
                 predicted=aug_pred[i * k + j], judge_predicted=aug_judge[i * k + j],
                 pixel_distance=float(distance[i, j])) for j in range(k)]))
     return AugmentationResult(images.cpu(), labels.cpu(), recon_unit.cpu(), aug_unit.cpu(), entries, timings)
+
+
+def learned_start(models: Models, encoder_options: EncoderOptions | None = None,
+                  progress: bool = True) -> tuple[LatentEncoder, dict]:
+    """The encoder E: features → latent for this (classifier, generator, class map), from the classifier's
+    cache folder or trained now and kept there (`inversion.encoder`); and `{"cached", "seconds", "path"}`."""
+    classifier, generator = models.classifier, models.generator
+    adapter = models.adapter()
+    classes = None
+    if generator.conditional:  # the classes the generator can draw for this classifier
+        covered = range(classifier.num_classes) if models.class_map is None else \
+            torch.nonzero(models.class_map >= 0).flatten().tolist()
+        classes = list(covered)
+    encoder_options = encoder_options or EncoderOptions()
+    identity = {"name": generator.name, "truncation": getattr(generator, "truncation", None),
+                "class_map": None if models.class_map is None else models.class_map.tolist()}
+    key = encoder_key(str(classifier.fingerprint), module_fingerprint(generator, identity), classes,
+                      classifier.num_classes if classes is not None else None, encoder_options)
+
+    def train() -> LatentEncoder:
+        return train_encoder(adapter, classifier.model.features, generator.sample_latent, classes,
+                             classifier.num_classes, encoder_options, device=classifier.device, progress=progress)
+
+    cache = classifier.cache_dir if classifier.fingerprint is not None else None
+    return cached_encoder(cache, key, train, device=classifier.device)
 
 
 def _settings(options: VisualizeOptions, models: Models) -> Settings:
