@@ -149,15 +149,25 @@ def gpu_models(device):
     from isda_viz.generators.biggan import BigGANGenerator
     from isda_viz.isda.estimator import CovarianceEstimator
 
+    from pytorch_pretrained_biggan.model import BigGANBatchNorm
+
     torch.manual_seed(0)
-    config = BigGANConfig(output_dim=128, z_dim=128, class_embed_dim=128, channel_width=128, num_classes=1000,
-                          layers=[(False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
-                                  (True, 8, 4), (False, 4, 4), (True, 4, 2), (False, 2, 2), (True, 2, 1)],
-                          attention_layer_position=8)
-    model = BigGAN(config).eval()
+    model = BigGAN(BigGANConfig()).eval()       # the default config is BigGAN-deep-128's
     with torch.no_grad():  # random weights: unit batch-norm statistics overflow, so calibrate them once
         model.generator.bn.weight.fill_(1.0)
         model.generator.bn.bias.zero_()
+
+    def calibrate(module, inputs):
+        module.running_means.copy_(inputs[0].mean(dim=(0, 2, 3)).expand_as(module.running_means))
+        module.running_vars.copy_(inputs[0].var(dim=(0, 2, 3)).expand_as(module.running_vars))
+
+    model = model.to(device)
+    hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, BigGANBatchNorm)]
+    with torch.no_grad():
+        z = (torch.randn(16, 128).clamp(-2, 2) * 0.5).to(device)
+        model(z, torch.nn.functional.one_hot(torch.arange(16) * 61, 1000).float().to(device), 0.5)
+    for hook in hooks:
+        hook.remove()
     generator = BigGANGenerator(model, 0.5, "biggan-deep-128 (random weights)").to(device).freeze()
     net = TorchvisionClassifier(torchvision.models.resnet50(weights=None), "resnet50")
     classifier = Classifier(net.to(device).eval().requires_grad_(False), [str(i) for i in range(1000)],
@@ -187,7 +197,7 @@ def main():
     args = parser.parse_args()
     if args.device != "cpu":
         models = gpu_models(args.device)
-        labels = torch.arange(args.images) % 1000
+        labels = torch.arange(args.images) % 10    # the classes gpu_models has statistics for
         with torch.no_grad():  # generator images stand in for test images
             images = GeneratorAdapter(models.generator, models.classifier).pixels(
                 models.generator.sample_latent(args.images, torch.Generator().manual_seed(2)), labels.to(args.device))

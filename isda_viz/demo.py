@@ -186,6 +186,7 @@ def _summary(models, report: Report, audit, seconds, quick, from_scratch) -> dic
         "step2_median_negative_target_floor": s.step2_median_negative_target_floor,
         "augmented_judge_label_kept_rate": s.augmented_judge_label_kept_rate,
         "median_pixel_distance_to_reconstruction": s.median_pixel_distance_to_reconstruction,
+        "inversion_start": report.settings.options.get("start", "random") if report.settings else "random",
         "audit_queries": len(audit["queries"]),
         "audit_flagged_copies": sum(q["flagged"] for q in audit["queries"]),
         "seconds": seconds,
@@ -209,6 +210,7 @@ def summary_table(summary: dict) -> str:
         ("augmented: label kept (judge)", summary["augmented_judge_label_kept_rate"]),
         ("median pixel distance to reconstr.", summary["median_pixel_distance_to_reconstruction"]),
         ("audit: likely copies flagged", f"{summary['audit_flagged_copies']} of {summary['audit_queries']}"),
+        ("inversion start (Step I)", summary.get("inversion_start", "random")),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {fmt(value)}" for name, value in rows)

@@ -191,34 +191,37 @@ def _load_cached(path: Path, key: dict, device) -> LatentEncoder | None:
     return encoder.to(device).eval().requires_grad_(False)
 
 
-def cached_encoder(cache_dir: Path | None, key: dict, train: Callable[[], LatentEncoder], device=None,
+def cached_encoder(cache_dir, key: dict, train: Callable[[], LatentEncoder], device=None,
                    log: Callable[[str], None] = _note) -> tuple[LatentEncoder, dict]:
     """The encoder cached in `cache_dir/encoders` under `key`, else `train()`'s, then saved there.
 
-    Returns it and what happened: `{"cached": bool, "seconds": training time, "path": file or None}`.
-    The `.pt` is written first and its key last, both atomically: a key means a complete file. A
-    cache folder that cannot be written (installed weights) only means the encoder is not kept.
+    `cache_dir`: a folder, None (no cache), or a list of folders: read from the first holding a valid
+    entry, written to the first that can be written (e.g. the classifier's folder, then the user's cache
+    when the weights are installed read-only). Returns the encoder and what happened: `{"cached": bool,
+    "seconds": training time, "path": file or None}`. The `.pt` is written first and its key last, both
+    atomically: a key means a complete file; a damaged or non-matching entry is trained again.
     """
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = None if cache_dir is None else Path(cache_dir) / ENCODER_DIR / f"{name}.pt"
-    if path is not None:
+    folders = [] if cache_dir is None else [cache_dir] if isinstance(cache_dir, (str, Path)) else list(cache_dir)
+    paths = [Path(folder) / ENCODER_DIR / f"{name}.pt" for folder in folders]
+    for path in paths:
         encoder = _load_cached(path, key, device)
         if encoder is not None:
             return encoder, {"cached": True, "seconds": 0.0, "path": str(path)}
     started = time.time()
     encoder = train()
     seconds = round(time.time() - started, 1)
-    if path is None:
-        return encoder, {"cached": False, "seconds": seconds, "path": None}
     state = {"shape": {"feature_dim": encoder.feature_dim, "latent_dim": encoder.latent_dim,
                        "num_classes": encoder.num_classes, "hidden": encoder.net[0].out_features},
              "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".json").unlink(missing_ok=True)   # no key for a file being replaced
-        save_atomic(state, path)
-        write_json_atomic(key, path.with_suffix(".json"))
-    except OSError as e:
-        log(f"the encoder is not cached in {path.parent} ({type(e).__name__})")
-        path = None
-    return encoder, {"cached": False, "seconds": seconds, "path": None if path is None else str(path)}
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)   # no key for a file being replaced
+            save_atomic(state, path)
+            write_json_atomic(key, path.with_suffix(".json"))
+        except OSError as e:
+            log(f"the encoder is not cached in {path.parent} ({type(e).__name__})")
+            continue
+        return encoder, {"cached": False, "seconds": seconds, "path": str(path)}
+    return encoder, {"cached": False, "seconds": seconds, "path": None}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from isda_viz.classifiers.classifier import Classifier, load_classifier
+from isda_viz.classifiers.classifier import CLASSIFIER_CACHE, Classifier, load_classifier
 from isda_viz.classifiers.statistics import class_statistics
 from isda_viz.data.datasets import load_split
 from isda_viz.data.images import load_image_file
@@ -249,8 +249,10 @@ def learned_start(models: Models, encoder_options: EncoderOptions | None = None,
         return train_encoder(adapter, classifier.model.features, generator.sample_latent, classes,
                              classifier.num_classes, encoder_options, device=classifier.device, progress=progress)
 
-    cache = classifier.cache_dir if classifier.fingerprint is not None else None
-    return cached_encoder(cache, key, train, device=classifier.device)
+    caches = []
+    if classifier.fingerprint is not None:  # beside the class statistics; else (read-only) the user's cache
+        caches = [p for p in (classifier.cache_dir, CLASSIFIER_CACHE / classifier.fingerprint) if p is not None]
+    return cached_encoder(caches, key, train, device=classifier.device)
 
 
 def _settings(options: VisualizeOptions, models: Models) -> Settings:
