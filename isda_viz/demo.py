@@ -44,14 +44,12 @@ class DemoPlan:
     audit_limit_test: int | None = None
 
     @classmethod
-    def make(cls, quick: bool, encoder: bool = False) -> "DemoPlan":
-        """`encoder`: the learned start and its shorter search (`InversionOptions.make(encoder=True)`; the
-        quick plan keeps its own few steps and starts, the first of them the learned one)."""
+    def make(cls, quick: bool, encoder: bool = True) -> "DemoPlan":
+        """`encoder`: the learned start and its shorter search (`InversionOptions.make(encoder=True)`); the
+        CI-sized quick plan keeps its few steps from random codes (training an encoder would cost more)."""
         if not quick:
             return cls(inversion=InversionOptions.make(encoder=encoder))
         quick_search = InversionOptions(reconstruct_iterations=30, augment_iterations=20, restarts=2)
-        if encoder:
-            quick_search.start = "encoder"
         return cls(classifier_epochs=1, judge_epochs=1, classifier_arch="resnet8", limit_train=1024, limit_test=500,
                    gan_iterations=30, inversion=quick_search,
                    num_augmented=2, audit_limit_train=5000, audit_limit_test=500)
@@ -68,10 +66,11 @@ def _gan_finished(gan_dir: Path, iterations: int) -> bool:
 
 
 def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: bool = False,
-             seed: int = 0, log=print, progress: bool = True, embed: bool = False, encoder: bool = False) -> dict:
+             seed: int = 0, log=print, progress: bool = True, embed: bool = False, encoder: bool = True) -> dict:
     """Run every stage into `out`; returns the summary (also written as `out/summary.json`), and
     writes the page `out/index.html` (`embed`: its images inline, as the grid's and audit's pages).
-    `encoder`: the figure's search starts from the learned start (the command line's default)."""
+    `encoder`: the figure's search starts from the learned start (False: from random codes only, the
+    figure as before the encoder; `--no-encoder`)."""
 
     _check_out_dir(out)
     pick_device(device)  # a device that is not there fails before anything is written

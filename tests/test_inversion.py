@@ -178,11 +178,17 @@ def test_augment_starts_from_z_star_and_measures_the_reached_shift():
 
 
 def test_inversion_options_from_the_command_line_knobs():
-    opts = InversionOptions.make(iterations=10, restarts=3)
+    opts = InversionOptions.make(iterations=10, restarts=3, encoder=False)
     assert (opts.reconstruct_iterations, opts.augment_iterations, opts.restarts) == (10, 15, 3)
     assert (opts.reconstruct_lr, opts.augment_lr) == (InversionOptions().reconstruct_lr, InversionOptions().augment_lr)
-    sgd = InversionOptions.make(optimizer="sgd", lr=2.0)
+    assert InversionOptions.make(encoder=False) == InversionOptions()     # --no-encoder: the search as before
+    sgd = InversionOptions.make(optimizer="sgd", lr=2.0, encoder=False)
     assert (sgd.reconstruct_lr, sgd.augment_lr, sgd.reconstruct_iterations) == (2.0, 2.0, 200)
+    learned = InversionOptions.make()                                      # the default: the learned start
+    assert (learned.start, learned.augment_start, learned.patience > 0) == ("encoder", "z_star", True)
+    assert learned.restarts < InversionOptions().restarts
+    assert learned.reconstruct_iterations < InversionOptions().reconstruct_iterations
+    assert InversionOptions.make(iterations=10, restarts=3).restarts == 3
     with pytest.raises(IsdaVizError, match="needs --lr"):
         InversionOptions.make(optimizer="sgd")
 

@@ -64,11 +64,12 @@ class InversionOptions:
 
     @classmethod
     def make(cls, iterations: int | None = None, lr: float | None = None, optimizer: str = "adam",
-             restarts: int | None = None, tolerance: float = 0.0, encoder: bool = False) -> "InversionOptions":
+             restarts: int | None = None, tolerance: float = 0.0, encoder: bool = True) -> "InversionOptions":
         """The options from the knobs `augment` and `grid` offer: `iterations` of Step I (Step II takes
         3/2 as many) and one `lr` for both steps (default 0.2 and 0.05 for adam).
 
-        `encoder` False: today's search, 4 random starts, 200 + 300 steps. True: the learned start
+        `encoder` False (`--no-encoder`): the search from random codes, 4 starts, 200 + 300 steps, as
+        `InversionOptions()`. True (the default): the learned start
         (`inversion.encoder`; Step I from E(a) and `restarts` - 1 random codes, default 2 in all), 100 + 150
         steps, and rows leave the batch once converged (`patience`), as `bench/inversion.py` measured.
         """
@@ -183,7 +184,8 @@ def _update(z, grad, first, second, opts: InversionOptions, step_lr: float, step
 
 def _invert_early_stopping(render, featurize, target, z0, iterations, lr, opts: InversionOptions, pixel_target,
                            error_scale, desc, progress, row_render) -> InversionTrace:
-    """`invert_features` with per-row early stopping: the rows still improving form the batch; every row
+    """`invert_features` with per-row early stopping (from the schedule's second half on): the rows still
+    improving form the batch; every row
     returns the best code it visited (by objective), so stopping early never returns a worse code than
     the one the row had when it stopped, and never a worse one than its start."""
     m = len(target)
@@ -216,7 +218,9 @@ def _invert_early_stopping(render, featurize, target, z0, iterations, lr, opts: 
             bar.set_postfix(median_err=f"{median:.4f}", rows=len(active))
         if step == iterations or (opts.tolerance and error.max().item() < opts.tolerance):
             break
-        keep = stale[active] < opts.patience              # rows that have converged leave before the step
+        # Rows that have converged leave before the step; not in the schedule's first half, where a plateau
+        # is the large step oscillating, not convergence (the decayed steps after it still gain).
+        keep = (stale[active] < opts.patience) | (step < iterations // 2)
         (grad,) = torch.autograd.grad(objective.sum(), z)
         active = active[keep]
         if not len(active):

@@ -91,7 +91,7 @@ class VisualizeOptions:
     device: str | None = None
     strength: float = 0.5
     num_augmented: int = 4
-    inversion: InversionOptions = field(default_factory=InversionOptions)
+    inversion: InversionOptions = field(default_factory=InversionOptions.make)   # the command line's: learned start
     seed: int = 0
     data_root: str | None = None      # the classifier's dataset folder (default: the one it was trained from)
     progress: bool = True
@@ -176,8 +176,9 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
         timings["encoder_training"] = trained["seconds"]
     started = time.time()
     if opts.start == "encoder":  # E(a) first, then restarts - 1 draws from the prior
-        drawn = generator.sample_latent(n * (opts.restarts - 1), rng, device).view(n, opts.restarts - 1, -1)
-        starts = torch.cat([encoder(target, labels)[:, None], drawn], 1)
+        learned = encoder(target, labels)                                                          # (N, D)
+        drawn = generator.sample_latent(n * (opts.restarts - 1), rng, device)
+        starts = torch.cat([learned[:, None], drawn.view(n, opts.restarts - 1, learned.shape[1])], 1)
     else:
         starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, -1)
     step1 = reconstruct(render, classifier.model.features, target, starts, opts, pixel_target=x,
