@@ -116,3 +116,33 @@ def test_the_learned_start_beats_a_random_start_on_generator_samples():
     close = (normalize_latent(learned.z) - normalize_latent(true_z)).norm(dim=1).median()
     far = (normalize_latent(random.z) - normalize_latent(true_z)).norm(dim=1).median()
     assert close < 0.5 * far
+
+
+def test_the_pipeline_starts_step_one_from_the_encoder_and_says_so(tmp_path, monkeypatch):
+    import isda_viz.inversion.pipelines as pipelines
+    from isda_viz.isda.estimator import CovarianceEstimator
+
+    monkeypatch.setattr(pipelines, "EncoderOptions", lambda: TINY)   # the pipeline's encoder: the tiny budget's
+    generator, classifier = _generator(0), _classifier(tmp_path, "weights-a")
+    estimator = CovarianceEstimator(classifier.model.feature_dim, 10)
+    estimator.update(torch.rand(40, classifier.model.feature_dim), torch.arange(40) % 10)
+    classifier.estimator = estimator
+    models = Models(classifier, generator)
+    encoder, _ = learned_start(models, TINY, progress=False)
+    images, labels = torch.rand(2, 1, 28, 28), torch.tensor([3, 7])
+    for encoder_on, start in ((True, "encoder"), (False, "random")):
+        options = pipelines.VisualizeOptions(num_augmented=1, progress=False,
+                                             inversion=InversionOptions.make(iterations=2, restarts=2,
+                                                                             encoder=encoder_on))
+        result = pipelines.invert_and_augment(models, images, labels, ["a", "b"], options)
+        assert pipelines._settings(options, models).options["start"] == start
+        assert ("encoder_training" in result.seconds) == encoder_on
+        assert len(result.entries) == 2 and result.augmented.shape == (2, 1, 1, 28, 28)
+    # No Step I steps and one start: the reconstruction is the generator's image of E(a) itself.
+    zero = InversionOptions.make(restarts=1)
+    zero.reconstruct_iterations = zero.augment_iterations = 0
+    with torch.no_grad():
+        expected = models.adapter().pixels(normalize_latent(encoder(classifier.features(images), labels)), labels)
+    result = pipelines.invert_and_augment(models, images, labels, ["a", "b"],
+                                          pipelines.VisualizeOptions(num_augmented=1, inversion=zero, progress=False))
+    torch.testing.assert_close(result.reconstructions, expected)

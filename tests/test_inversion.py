@@ -185,9 +185,8 @@ def test_inversion_options_from_the_command_line_knobs():
     sgd = InversionOptions.make(optimizer="sgd", lr=2.0, encoder=False)
     assert (sgd.reconstruct_lr, sgd.augment_lr, sgd.reconstruct_iterations) == (2.0, 2.0, 200)
     learned = InversionOptions.make()                                      # the default: the learned start
-    assert (learned.start, learned.augment_start, learned.patience > 0) == ("encoder", "z_star", True)
-    assert learned.restarts < InversionOptions().restarts
-    assert learned.reconstruct_iterations < InversionOptions().reconstruct_iterations
+    assert (learned.start, learned.augment_start, learned.augment_patience > 0) == ("encoder", "z_star", True)
+    assert learned.augment_iterations < InversionOptions().augment_iterations
     assert InversionOptions.make(iterations=10, restarts=3).restarts == 3
     with pytest.raises(IsdaVizError, match="needs --lr"):
         InversionOptions.make(optimizer="sgd")
@@ -208,12 +207,12 @@ def test_early_stopping_keeps_each_rows_best_so_far(shrink):
     target, z0 = featurize(x), torch.randn(m, 16, generator=g)
     # A large constant step: the objective oscillates, so the last iterate is often not the best one.
     plain = InversionOptions(schedule="constant")
-    stopping = InversionOptions(schedule="constant", patience=4, min_improvement=1e-2)
+    stopping = InversionOptions(schedule="constant", min_improvement=1e-2)
     iterations, lr = 30, 0.6
     along = _objective_along_the_way(lambda z: render(z, owner), featurize, target, z0, iterations, lr, plain, x)
     row_render = (lambda z_hat, rows: render(z_hat, owner[rows])) if shrink else None
     early = invert_features(lambda z: render(z, owner), featurize, target, z0, iterations, lr, stopping,
-                            pixel_target=x, progress=False, row_render=row_render)
+                            pixel_target=x, progress=False, row_render=row_render, patience=4)
     # Rows do not interact, so each row's path is the plain run's until it stops: what is returned is the
     # best the row visited, never worse than its start, and its z gives the objective reported.
     assert (early.objective <= along[0] + 1e-6).all()
@@ -225,8 +224,8 @@ def test_early_stopping_keeps_each_rows_best_so_far(shrink):
         assert early.objective[i] <= visited[: int(hit[0]) + 1].min() + 1e-6    # the best up to where it was
     # Never stopping (patience longer than the run): the best over the whole run, <= running to the end.
     never = invert_features(lambda z: render(z, owner), featurize, target, z0, iterations, lr,
-                            InversionOptions(schedule="constant", patience=iterations + 5), pixel_target=x,
-                            progress=False, row_render=row_render)
+                            InversionOptions(schedule="constant"), pixel_target=x,
+                            progress=False, row_render=row_render, patience=iterations + 5)
     torch.testing.assert_close(never.objective, along.min(0).values, rtol=1e-4, atol=1e-6)
     assert (never.objective <= along[-1] + 1e-6).all()
     recomputed = invert_features(lambda z: render(z, owner), featurize, target, never.z, 0, lr, plain,
