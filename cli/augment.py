@@ -33,11 +33,12 @@ def visualize_options(fn):
                      help="Augmented images per input image."),
         click.option("--strength", type=click.FloatRange(0, 100), default=0.5, show_default=True,
                      help="lambda: augmented features are a + eps, eps ~ N(0, lambda Sigma_y)."),
-        click.option("--restarts", type=click.IntRange(1, 64), default=None,
-                     help="Starts per image in Step I, the best is kept (default 2: the learned start and one "
-                          "random code; with --no-encoder 4 random codes)."),
+        click.option("--restarts", type=click.IntRange(0, 64), default=None,
+                     help="Random starts per image in Step I, the best is kept (default 4; the learned start "
+                          "E(a) is one more unless --no-encoder; 0: E(a) alone)."),
         click.option("--iterations", type=click.IntRange(1), default=None,
-                     help="Step I iterations (default 100, with --no-encoder 200); Step II takes 3/2 as many."),
+                     help="Step I iterations (default 200); Step II takes 3/2 as many (default 200 with the "
+                          "learned start and early stopping, 300 with --no-encoder)."),
         click.option("--no-encoder", is_flag=True,
                      help="Search from random codes only, as before the learned start (no encoder is trained "
                           "or read; 4 starts, 200 + 300 steps, no early stopping)."),

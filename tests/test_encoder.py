@@ -138,8 +138,8 @@ def test_the_pipeline_starts_step_one_from_the_encoder_and_says_so(tmp_path, mon
         assert pipelines._settings(options, models).options["start"] == start
         assert ("encoder_training" in result.seconds) == encoder_on
         assert len(result.entries) == 2 and result.augmented.shape == (2, 1, 1, 28, 28)
-    # No Step I steps and one start: the reconstruction is the generator's image of E(a) itself.
-    zero = InversionOptions.make(restarts=1)
+    # No Step I steps from E(a) alone: the reconstruction is the generator's image of E(a) itself.
+    zero = InversionOptions.make(restarts=0)
     zero.reconstruct_iterations = zero.augment_iterations = 0
     with torch.no_grad():
         expected = models.adapter().pixels(normalize_latent(encoder(classifier.features(images), labels)), labels)

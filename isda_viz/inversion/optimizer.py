@@ -57,7 +57,7 @@ class InversionOptions:
     schedule: str = "cosine"            # "cosine" | "constant" | "step" (÷10 every `step_every`)
     step_every: int = 2500
     reduction: str = "sum"              # "sum" of squares (ours) | "mean" (the reference's MSE losses)
-    start: str = "random"               # Step I's starts: "random" (R prior draws) | "encoder" (E(a) + R-1 draws)
+    start: str = "random"               # Step I's starts: "random" (R prior draws) | "encoder" (E(a) + R draws)
     augment_start: str = "z_star"       # Step II's start: "z_star" (its image's Step I code) | "encoder" (E(a~))
     reconstruct_patience: int = 0       # > 0: a row leaves Step I's batch after this many steps without improving
     augment_patience: int = 0           # the same in Step II (best-so-far is kept per row)
@@ -71,7 +71,7 @@ class InversionOptions:
 
         `encoder` False (`--no-encoder`): the search from random codes, 4 starts, 200 + 300 steps, as
         `InversionOptions()`. True (the default): the learned start
-        (`inversion.encoder`; Step I from E(a) and `restarts` - 1 random codes, 4 in all), 200 + 200 steps
+        (`inversion.encoder`; Step I from E(a) and `restarts` random codes, 5 in all), 200 + 200 steps
         (`iterations` N: N + 3N/2), and Step II's rows leave the batch once converged (`augment_patience`),
         as `bench/inversion.py --compare-only` measured.
         """
@@ -96,8 +96,8 @@ class InversionOptions:
 
 ENCODER_DEFAULTS = {"restarts": 4, "reconstruct_iterations": 200, "augment_iterations": 200, "augment_patience": 20,
                     "reconstruct_lr": 0.2}
-# Step I keeps running to the end: its objective is mostly the pixel term, whose relative plateaus hide the
-# feature error still falling (stopping rows at 0.1 % per 20 steps raised its median from 0.033 to 0.042).
+# Step I keeps running to the end, from E(a) and today's 4 random codes: replacing random starts by E(a), or
+# fewer starts and steps, raised its median feature error from 0.033 to 0.042-0.053 (`bench/inversion.py`).
 """The search after a learned start (`InversionOptions.make(encoder=True)`): fewer starts and steps."""
 
 

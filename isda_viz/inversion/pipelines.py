@@ -105,8 +105,8 @@ class VisualizeOptions:
             raise IsdaVizError("--covariance must be full or diagonal")
         if self.num_augmented < 1:
             raise IsdaVizError("--num-augmented must be >= 1")
-        if self.inversion.restarts < 1:
-            raise IsdaVizError("--restarts must be >= 1")
+        if self.inversion.restarts < (0 if self.inversion.start == "encoder" else 1):   # 0: the learned start alone
+            raise IsdaVizError("--restarts must be >= 1 (>= 0 with the learned start)")
 
     def load_models(self) -> Models:
         """The classifier, generator and judge these options name, frozen, on the chosen device."""
@@ -175,12 +175,11 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
         encoder, trained = learned_start(models, progress=options.progress)
         timings["encoder_training"] = trained["seconds"]
     started = time.time()
-    if opts.start == "encoder":  # E(a) first, then restarts - 1 draws from the prior
-        learned = encoder(target, labels)                                                          # (N, D)
-        drawn = generator.sample_latent(n * (opts.restarts - 1), rng, device)
-        starts = torch.cat([learned[:, None], drawn.view(n, opts.restarts - 1, learned.shape[1])], 1)
-    else:
-        starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, -1)
+    # The random starts are drawn as without the encoder (so a~ below are the same draws too); the learned
+    # start E(a) is one more, so the best start kept is never worse, by objective, than the random ones'.
+    starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, generator.latent_dim)
+    if opts.start == "encoder":
+        starts = torch.cat([encoder(target, labels)[:, None], starts], 1)                       # (N, R + 1, D)
     step1 = reconstruct(render, classifier.model.features, target, starts, opts, pixel_target=x,
                         progress=options.progress)
     recon_unit = pixels(step1.z, y)
