@@ -37,8 +37,8 @@ def visualize_options(fn):
                      help="Random starts per image in Step I, the best is kept (default 4; the learned start "
                           "E(a) is one more unless --no-encoder; 0: E(a) alone)."),
         click.option("--iterations", type=click.IntRange(1), default=None,
-                     help="Step I iterations (default 200); Step II takes 3/2 as many (default 200 with the "
-                          "learned start and early stopping, 300 with --no-encoder)."),
+                     help="Step I iterations (default 200); Step II takes 3/2 as many (default 300; with the "
+                          "learned start its converged rows stop early)."),
         click.option("--no-encoder", is_flag=True,
                      help="Search from random codes only, as before the learned start (no encoder is trained "
                           "or read; 4 starts, 200 + 300 steps, no early stopping)."),
