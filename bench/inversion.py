@@ -1,6 +1,17 @@
 """Inversion speed and reach: our defaults against the reference schedule, side by side on the same images.
 
     python bench/inversion.py [--classifier RUN_DIR] [--generator GAN_DIR] [--images 16] [--reference-cap 3000]
+    python bench/inversion.py --compare-only --images 10      # today's defaults vs the new ones (the demo's workload)
+    python bench/inversion.py --device cuda --images 16       # the same for BigGAN-deep-128 + ResNet-50 (random weights)
+
+`--compare-only` (`compare_defaults`): today's defaults (4 random starts, 200 + 300 steps) against the new
+ones (the learned start of `isda_viz.inversion.encoder`, early stopping), side by side in one run on the
+same images and the same a~ draws (those today's pipeline draws for the seed): augmented images per minute
+(the encoder's one-off training or cache read is printed apart), median Step I feature error, median Step II
+reached-shift error, its floor, and the free-pixel bound on the same targets from each setting's
+reconstructions. `--device cuda` builds BigGAN-deep-128 (its published config) and torchvision ResNet-50,
+both with random weights (none can be downloaded here; enough for timing, not for the errors), and prints
+the same table without the free-pixel bound.
 
 The reference (the paper's public code, CIFAR settings) runs plain gradient descent with momentum 0.9 on
 MSE losses: Step I lr 10 for 10,000 iterations, Step II lr 1 for 10,000, both ÷10 every 2,500, one image
@@ -40,7 +51,7 @@ from isda_viz.inversion.optimizer import InversionOptions, invert_features, nega
 from isda_viz.isda.sampling import sample_augmented_features
 from isda_viz.pretrained import default_classifier, default_generator
 from isda_viz.outputs.report import summarize
-from isda_viz.inversion.pipelines import Models, VisualizeOptions, invert_and_augment, images_per_class
+from isda_viz.inversion.pipelines import Models, VisualizeOptions, images_per_class, invert_and_augment, learned_start
 
 
 def first_reaching(history, error):
@@ -85,6 +96,103 @@ def free_pixel_reach(classifier, start_pixels, wanted, shift, iterations, lr=0.0
     return ((reached - wanted).norm(dim=1) / shift.norm(dim=1)).median().item()
 
 
+def today_draws(models, images, labels, seed, k, strength, restarts=4):
+    """The a~ `(N, K, A)` today's pipeline draws (its rng gives the N·restarts starts first), so that every
+    setting compared inverts the same targets."""
+    rng = torch.Generator().manual_seed(seed)
+    classifier = models.classifier
+    models.generator.sample_latent(len(images) * restarts, rng, classifier.device)
+    statistics = class_statistics(classifier, classes=labels.tolist())
+    target = classifier.features(images.to(classifier.device))
+    return sample_augmented_features(target, statistics.slots(labels), statistics.estimator, strength, k, rng)
+
+
+def compare_defaults(models, images, labels, k=4, seed=0, settings=None, free_pixels=True):
+    """Today's defaults against the new ones (learned start, fewer steps, early stopping), side by side on the
+    same images and a~ draws: augmented images per minute, median Step I feature error, median Step II
+    reached-shift error, its floor and (`free_pixels`) the free-pixel bound on the same targets."""
+    settings = settings or {"today (random starts, 4 x 200 + 300 steps)": InversionOptions.make(encoder=False),
+                            "new defaults (learned start, early stopping)": InversionOptions.make(encoder=True)}
+    wanted = today_draws(models, images, labels, seed, k, 0.5)
+    encoder_seconds = None
+    if any("encoder" in (o.start, o.augment_start) for o in settings.values()):
+        started = time.time()
+        _, info = learned_start(models)
+        encoder_seconds = time.time() - started
+        print(f"learned start: {'read from the cache' if info['cached'] else 'trained'} in {encoder_seconds:.1f} s "
+              f"({info['path'] or 'not cached'}); once per (classifier, generator) pair, not counted below")
+    rows = []
+    for name, opts in settings.items():
+        started = time.time()
+        result = invert_and_augment(models, images, labels, [""] * len(images),
+                                    VisualizeOptions(strength=0.5, num_augmented=k, seed=seed, inversion=opts),
+                                    wanted=wanted)
+        seconds = time.time() - started - result.seconds.get("encoder_training", 0.0)
+        rows.append((name, seconds, summarize(result.entries), result))
+    base = rows[0][1]
+    print(f"\n{len(images)} images x {k} augmentations, the same a~ for every row")
+    print(f"{'setting':<48}{'seconds':>9}{'aug img/min':>13}{'speed':>8}{'step I err':>12}{'step II err':>13}"
+          f"{'floor':>8}")
+    for name, seconds, s, _ in rows:
+        print(f"{name:<48}{seconds:>9.1f}{len(images) * k / seconds * 60:>13.1f}{base / seconds:>7.2f}x"
+              f"{s.step1_median_feature_error:>12.4f}{s.step2_median_reached_shift_error:>13.4f}"
+              f"{s.step2_median_negative_target_floor:>8.3f}")
+    if free_pixels:
+        classifier = models.classifier
+        flat = wanted.flatten(0, 1).to(classifier.device).float()
+        shift = flat - classifier.features(images.to(classifier.device)).repeat_interleave(k, 0)
+        for name, _, _, result in rows:
+            start = result.reconstructions.to(classifier.device).repeat_interleave(k, 0)
+            free = free_pixel_reach(classifier, start, flat, shift, InversionOptions().augment_iterations)
+            print(f"free-pixel bound (300 Adam steps on every pixel, from the reconstructions of {name}): {free:.4f}")
+    return rows
+
+
+def gpu_models(device):
+    """BigGAN-deep-128 (its published config, random weights) and torchvision ResNet-50 (random weights), for
+    timing on a GPU: no weights can be downloaded here."""
+    import torchvision
+    from pytorch_pretrained_biggan import BigGAN, BigGANConfig
+
+    from isda_viz.classifiers.classifier import Classifier
+    from isda_viz.classifiers.foreign import TorchvisionClassifier
+    from isda_viz.generators.biggan import BigGANGenerator
+    from isda_viz.isda.estimator import CovarianceEstimator
+
+    from pytorch_pretrained_biggan.model import BigGANBatchNorm
+
+    torch.manual_seed(0)
+    model = BigGAN(BigGANConfig()).eval()       # the default config is BigGAN-deep-128's
+    with torch.no_grad():  # random weights: unit batch-norm statistics overflow, so calibrate them once
+        model.generator.bn.weight.fill_(1.0)
+        model.generator.bn.bias.zero_()
+
+    def calibrate(module, inputs):
+        module.running_means.copy_(inputs[0].mean(dim=(0, 2, 3)).expand_as(module.running_means))
+        module.running_vars.copy_(inputs[0].var(dim=(0, 2, 3)).expand_as(module.running_vars))
+
+    model = model.to(device)
+    hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, BigGANBatchNorm)]
+    with torch.no_grad():
+        z = (torch.randn(16, 128).clamp(-2, 2) * 0.5).to(device)
+        model(z, torch.nn.functional.one_hot(torch.arange(16) * 61, 1000).float().to(device), 0.5)
+    for hook in hooks:
+        hook.remove()
+    generator = BigGANGenerator(model, 0.5, "biggan-deep-128 (random weights)").to(device).freeze()
+    net = TorchvisionClassifier(torchvision.models.resnet50(weights=None), "resnet50")
+    classifier = Classifier(net.to(device).eval().requires_grad_(False), [str(i) for i in range(1000)],
+                            list(net.mean), list(net.std), 3, net.input_size, config={"arch": "torchvision:resnet50"},
+                            source="torchvision:resnet50 (random weights)", cache_dir=None, fingerprint=None)
+    with torch.no_grad():  # class statistics of random features: enough to draw a~ for timing
+        labels = torch.arange(10)
+        feats = classifier.model.features(GeneratorAdapter(generator, classifier)(
+            generator.sample_latent(40, torch.Generator().manual_seed(1)), labels.repeat(4).to(device)))
+    estimator = CovarianceEstimator(feats.shape[1], 1000, diagonal=True)
+    estimator.update(feats.cpu(), labels.repeat(4))
+    classifier.estimator = estimator.to(device)
+    return Models(classifier, generator)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", default=None)
@@ -92,8 +200,25 @@ def main():
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--reference-cap", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-only", action="store_true",
+                        help="Only today's defaults vs the new ones (the demo's workload with --images 10).")
+    parser.add_argument("--device", default="cpu",
+                        help="cuda: BigGAN-deep-128 + ResNet-50 with random weights, today's vs the new defaults.")
     args = parser.parse_args()
+    if args.device != "cpu":
+        models = gpu_models(args.device)
+        labels = torch.arange(args.images) % 10    # the classes gpu_models has statistics for
+        with torch.no_grad():  # generator images stand in for test images
+            images = GeneratorAdapter(models.generator, models.classifier).pixels(
+                models.generator.sample_latent(args.images, torch.Generator().manual_seed(2)), labels.to(args.device))
+        compare_defaults(models, images, labels, seed=args.seed, free_pixels=False)
+        return
     classifier = load_classifier(args.classifier or default_classifier())
+    if args.compare_only:
+        generator = load_generator(args.generator or default_generator(), "cpu")
+        images, labels, _ = images_per_class(classifier, -(-args.images // classifier.num_classes), None)
+        compare_defaults(Models(classifier, generator), images[: args.images], labels[: args.images], seed=args.seed)
+        return
     generator = load_generator(args.generator or default_generator(), "cpu")
     adapter = GeneratorAdapter(generator, classifier)
     per_class = -(-args.images // classifier.num_classes)

@@ -17,11 +17,13 @@ from .common import device_option, embed_option
 @click.option("--from-scratch", is_flag=True,
               help="Train the ISDA classifier, the CE judge and the WGAN-GP first instead of using the shipped weights.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-encoder", is_flag=True,
+              help="Invert from random codes only (no learned start): the figure as before the encoder.")
 @embed_option
-def demo_command(out, device, quick, from_scratch, seed, embed):
+def demo_command(out, device, quick, from_scratch, seed, no_encoder, embed):
     """Figure grid + FAISS audit on Fashion-MNIST; a stage whose output exists in --out is reused."""
     summary = run_demo(out, device=device, quick=quick, from_scratch=from_scratch, seed=seed, log=click.echo,
-                       embed=embed)
+                       embed=embed, encoder=not no_encoder)
     click.echo(f"\nfigure: {out}/figure.png (report {out}/figure.json)\naudit: {out}/audit/audit.png "
                f"(report {out}/audit/audit.json)\nsummary: {out}/summary.json\npage: {page_path(out)}\n"
                f"{summary.table()}")

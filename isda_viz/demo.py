@@ -56,14 +56,17 @@ class DemoPlan:
     directions_inversion: InversionOptions = None   # None: `inversion`; the full demo searches less (below)
 
     @classmethod
-    def make(cls, quick: bool) -> "DemoPlan":
+    def make(cls, quick: bool, encoder: bool = True) -> "DemoPlan":
+        """`encoder`: the learned start and its shorter search (`InversionOptions.make(encoder=True)`); the
+        CI-sized quick plan keeps its few steps from random codes (training an encoder would cost more)."""
         if not quick:
             # directions: 10 x 31 frames and 120 test targets in one Step II batch, 11x the grid's, so 60 + 90
             # iterations instead of 200 + 300 keep the stage within minutes on a CPU (the README's figure too)
-            return cls(inversion=InversionOptions(), directions_inversion=InversionOptions.make(iterations=60))
+            return cls(inversion=InversionOptions.make(encoder=encoder),
+                       directions_inversion=InversionOptions.make(iterations=60, encoder=encoder))
+        quick_search = InversionOptions(reconstruct_iterations=30, augment_iterations=20, restarts=2)
         return cls(classifier_epochs=1, judge_epochs=1, classifier_arch="resnet8", limit_train=1024, limit_test=500,
-                   gan_iterations=30, inversion=InversionOptions(reconstruct_iterations=30, augment_iterations=20,
-                                                                 restarts=2),
+                   gan_iterations=30, inversion=quick_search,
                    num_augmented=2, audit_limit_train=5000, audit_limit_test=500, directions=2, directions_steps=3,
                    test_draws=100, pixel_draws=1)
 
@@ -79,21 +82,23 @@ def _gan_finished(gan_dir: Path, iterations: int) -> bool:
 
 
 def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: bool = False,
-             seed: int = 0, log=print, progress: bool = True, embed: bool = False) -> DemoSummary:
+             seed: int = 0, log=print, progress: bool = True, embed: bool = False, encoder: bool = True) -> DemoSummary:
     """Run every stage into `out`; returns the summary (also written as `out/summary.json`), and
-    writes the page `out/index.html` (`embed`: its images inline, as the grid's and audit's pages)."""
+    writes the page `out/index.html` (`embed`: its images inline, as the grid's and audit's pages).
+    `encoder`: the figure's search starts from the learned start (False: from random codes only, the
+    figure as before the encoder; `--no-encoder`)."""
 
     check_out_dir(out)  # a resumable folder: any earlier contents are the demo's own stages
     pick_device(device)  # a device that is not there fails before anything is written
     out = Path(out)
     with locks.exclusive(out):  # one demo per folder (each stage also locks its own output)
-        return _run_demo(out, device, quick, from_scratch, seed, log, progress, embed)
+        return _run_demo(out, device, quick, from_scratch, seed, log, progress, embed, encoder)
 
 
 def _run_demo(out: Path, device, quick: bool, from_scratch: bool, seed: int, log, progress: bool,
-              embed: bool) -> dict:
+              embed: bool, encoder: bool) -> DemoSummary:
     out.mkdir(parents=True, exist_ok=True)
-    plan = DemoPlan.make(quick)
+    plan = DemoPlan.make(quick, encoder)
     previous = out / SUMMARY  # stages reused now keep the time they took when they ran
     seconds: dict[str, float] = dict(read_summary(previous).seconds) if previous.exists() else {}
     models = _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
@@ -231,6 +236,7 @@ def _summary(models, report: Report, audit: AuditReport, seconds, quick, from_sc
         step2_median_negative_target_floor=s.step2_median_negative_target_floor,
         augmented_judge_label_kept_rate=s.augmented_judge_label_kept_rate,
         median_pixel_distance_to_reconstruction=s.median_pixel_distance_to_reconstruction,
+        inversion_start=report.settings.options.get("start", "random") if report.settings else "random",
         audit_queries=len(audit.queries),
         audit_flagged_copies=sum(q.flagged for q in audit.queries),
         seconds=seconds,

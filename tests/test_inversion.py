@@ -178,10 +178,56 @@ def test_augment_starts_from_z_star_and_measures_the_reached_shift():
 
 
 def test_inversion_options_from_the_command_line_knobs():
-    opts = InversionOptions.make(iterations=10, restarts=3)
+    opts = InversionOptions.make(iterations=10, restarts=3, encoder=False)
     assert (opts.reconstruct_iterations, opts.augment_iterations, opts.restarts) == (10, 15, 3)
     assert (opts.reconstruct_lr, opts.augment_lr) == (InversionOptions().reconstruct_lr, InversionOptions().augment_lr)
-    sgd = InversionOptions.make(optimizer="sgd", lr=2.0)
+    assert InversionOptions.make(encoder=False) == InversionOptions()     # --no-encoder: the search as before
+    sgd = InversionOptions.make(optimizer="sgd", lr=2.0, encoder=False)
     assert (sgd.reconstruct_lr, sgd.augment_lr, sgd.reconstruct_iterations) == (2.0, 2.0, 200)
+    learned = InversionOptions.make()                                      # the default: the learned start
+    assert (learned.start, learned.augment_start, learned.augment_patience > 0) == ("encoder", "z_star", True)
+    assert learned.reconstruct_patience == 0          # Step I runs to the end (see ENCODER_DEFAULTS)
+    assert InversionOptions.make(iterations=10, restarts=3).restarts == 3
     with pytest.raises(IsdaVizError, match="needs --lr"):
         InversionOptions.make(optimizer="sgd")
+
+
+def _objective_along_the_way(render, featurize, target, z0, iterations, lr, opts, pixel_target):
+    """Brute force: plain `invert_features` for 0..iterations steps, each row's objective after each."""
+    return torch.stack([invert_features(render, featurize, target, z0, t, lr, opts, pixel_target=pixel_target,
+                                        progress=False).objective for t in range(iterations + 1)])   # (T+1, M)
+
+
+@pytest.mark.parametrize("shrink", [True, False])
+def test_early_stopping_keeps_each_rows_best_so_far(shrink):
+    render, featurize, classes, g = _toy_problem(3)
+    m = 3
+    owner = torch.arange(m)
+    x = render(normalize_latent(torch.randn(m, 16, generator=g)), owner)
+    target, z0 = featurize(x), torch.randn(m, 16, generator=g)
+    # A large constant step: the objective oscillates, so the last iterate is often not the best one.
+    plain = InversionOptions(schedule="constant")
+    stopping = InversionOptions(schedule="constant", min_improvement=1e-2)
+    iterations, lr = 30, 0.6
+    along = _objective_along_the_way(lambda z: render(z, owner), featurize, target, z0, iterations, lr, plain, x)
+    row_render = (lambda z_hat, rows: render(z_hat, owner[rows])) if shrink else None
+    early = invert_features(lambda z: render(z, owner), featurize, target, z0, iterations, lr, stopping,
+                            pixel_target=x, progress=False, row_render=row_render, patience=4)
+    # Rows do not interact, so each row's path is the plain run's until it stops: what is returned is the
+    # best the row visited, never worse than its start, and its z gives the objective reported.
+    assert (early.objective <= along[0] + 1e-6).all()
+    assert any(h["active_rows"] < m for h in early.history)        # some row did stop early (the batch shrank)
+    for i in range(m):
+        visited = along[: iterations + 1, i]
+        hit = torch.isclose(visited, early.objective[i], rtol=1e-4, atol=1e-6).nonzero().flatten()
+        assert len(hit), "the kept code is one the row visited"
+        assert early.objective[i] <= visited[: int(hit[0]) + 1].min() + 1e-6    # the best up to where it was
+    # Never stopping (patience longer than the run): the best over the whole run, <= running to the end.
+    never = invert_features(lambda z: render(z, owner), featurize, target, z0, iterations, lr,
+                            InversionOptions(schedule="constant"), pixel_target=x,
+                            progress=False, row_render=row_render, patience=iterations + 5)
+    torch.testing.assert_close(never.objective, along.min(0).values, rtol=1e-4, atol=1e-6)
+    assert (never.objective <= along[-1] + 1e-6).all()
+    recomputed = invert_features(lambda z: render(z, owner), featurize, target, never.z, 0, lr, plain,
+                                 pixel_target=x, progress=False)
+    torch.testing.assert_close(recomputed.objective, never.objective)

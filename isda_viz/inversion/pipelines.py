@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from isda_viz import locks
-from isda_viz.classifiers.classifier import Classifier, load_classifier
+from isda_viz.cache import cache_dir
+from isda_viz.classifiers.classifier import CLASSIFIER_CACHE, Classifier, load_classifier
 from isda_viz.classifiers.covariance_file import read_covariance_file
 from isda_viz.classifiers.statistics import class_statistics
 from isda_viz.data.datasets import load_split
@@ -30,6 +31,8 @@ from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
 from isda_viz.inversion.adapter import GeneratorAdapter, read_class_map
+from isda_viz.inversion.encoder import EncoderOptions, LatentEncoder, cached_encoder, encoder_key, module_fingerprint, \
+    train_encoder
 from isda_viz.inversion.optimizer import InversionOptions, augment, normalize_latent, reconstruct
 from isda_viz.isda.estimator import check_covariance
 from isda_viz.isda.directions import augmentation_shares
@@ -96,7 +99,7 @@ class VisualizeOptions:
     device: str | None = None
     strength: float = 0.5
     num_augmented: int = 4
-    inversion: InversionOptions = field(default_factory=InversionOptions)
+    inversion: InversionOptions = field(default_factory=InversionOptions.make)   # the command line's: learned start
     seed: int = 0
     data_root: str | None = None      # the classifier's dataset folder (default: the one it was trained from)
     progress: bool = True
@@ -115,8 +118,8 @@ class VisualizeOptions:
         check_covariance(self.covariance)
         if self.num_augmented < 1:
             raise IsdaVizError("--num-augmented must be >= 1")
-        if self.inversion.restarts < 1:
-            raise IsdaVizError("--restarts must be >= 1")
+        if self.inversion.restarts < (0 if self.inversion.start == "encoder" else 1):   # 0: the learned start alone
+            raise IsdaVizError("--restarts must be >= 1 (>= 0 with the learned start)")
 
     def load_models(self) -> Models:
         """The classifier, generator and judge these options name, frozen, on the chosen device."""
@@ -157,8 +160,11 @@ class AugmentationResult:
 
 
 def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tensor, sources: list[str],
-                       options: VisualizeOptions) -> AugmentationResult:
-    """Step I, sampling and Step II for `images (N, C, H, W)` in [0, 1] (classifier size) with `labels (N,)`."""
+                       options: VisualizeOptions, *, wanted: torch.Tensor | None = None) -> AugmentationResult:
+    """Step I, sampling and Step II for `images (N, C, H, W)` in [0, 1] (classifier size) with `labels (N,)`.
+
+    `wanted (N, K, A)`: augmented features to invert instead of drawing them (e.g. to compare settings on
+    the same draws)."""
     classifier, generator, judge = models.classifier, models.generator, models.judge
     opts, k = options.inversion, options.num_augmented
     adapter = models.adapter()
@@ -180,8 +186,16 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
             return adapter.pixels(normalize_latent(z), labels_of_rows)
 
     timings = {}
+    encoder = None
+    if "encoder" in (opts.start, opts.augment_start):
+        encoder, trained = learned_start(models, progress=options.progress)
+        timings["encoder_training"] = trained["seconds"]
     started = time.time()
-    starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, -1)
+    # The random starts are drawn as without the encoder (so a~ below are the same draws too); the learned
+    # start E(a) is one more, so the best start kept is never worse, by objective, than the random ones'.
+    starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, generator.latent_dim)
+    if opts.start == "encoder":
+        starts = torch.cat([encoder(target, labels)[:, None], starts], 1)                       # (N, R + 1, D)
     step1 = reconstruct(render, classifier.model.features, target, starts, opts, pixel_target=x,
                         progress=options.progress)
     recon_unit = pixels(step1.z, y)
@@ -190,10 +204,16 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
     started = time.time()
     statistics = class_statistics(classifier, options.data_root, classes=labels.tolist(),
                                   covariance=options.covariance, progress=options.progress)
-    wanted = sample_augmented_features(target, statistics.slots(labels), statistics.estimator, options.strength,
-                                       k, rng)                                                     # (N, K, A)
+    if wanted is None:
+        wanted = sample_augmented_features(target, statistics.slots(labels), statistics.estimator,
+                                           options.strength, k, rng)                               # (N, K, A)
+    wanted = wanted.to(device)
     shares = augmentation_shares(wanted - target[:, None], labels, statistics.covariance)             # (N, K, 6)
-    step2 = augment(render, classifier.model.features, target, wanted, step1.z, opts, progress=options.progress)
+    step2_starts = None
+    if opts.augment_start == "encoder":
+        step2_starts = encoder(wanted.flatten(0, 1).to(target.dtype), labels.repeat_interleave(k)).view(n, k, -1)
+    step2 = augment(render, classifier.model.features, target, wanted, step1.z, opts, progress=options.progress,
+                    starts=step2_starts)
     y_aug = None if y is None else y.repeat_interleave(k)
     aug_unit = pixels(step2.z.flatten(0, 1), y_aug).view(n, k, *recon_unit.shape[1:])
     timings["augment"] = time.time() - started
@@ -223,6 +243,34 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
                 predicted=aug_pred[i * k + j], judge_predicted=aug_judge[i * k + j],
                 pixel_distance=float(distance[i, j]), direction_shares=shares[i, j].tolist()) for j in range(k)]))
     return AugmentationResult(images.cpu(), labels.cpu(), recon_unit.cpu(), aug_unit.cpu(), entries, timings)
+
+
+def learned_start(models: Models, encoder_options: EncoderOptions | None = None,
+                  progress: bool = True) -> tuple[LatentEncoder, dict]:
+    """The encoder E: features → latent for this (classifier, generator, class map), from the classifier's
+    cache folder or trained now and kept there (`inversion.encoder`); and `{"cached", "seconds", "path"}`."""
+    classifier, generator = models.classifier, models.generator
+    adapter = models.adapter()
+    classes = None
+    if generator.conditional:  # the classes the generator can draw for this classifier
+        covered = range(classifier.num_classes) if models.class_map is None else \
+            torch.nonzero(models.class_map >= 0).flatten().tolist()
+        classes = list(covered)
+    encoder_options = encoder_options or EncoderOptions()
+    identity = {"name": generator.name, "truncation": getattr(generator, "truncation", None),
+                "class_map": None if models.class_map is None else models.class_map.tolist()}
+    key = encoder_key(str(classifier.fingerprint), module_fingerprint(generator, identity), classes,
+                      classifier.num_classes if classes is not None else None, encoder_options)
+
+    def train() -> LatentEncoder:
+        return train_encoder(adapter, classifier.model.features, generator.sample_latent, classes,
+                             classifier.num_classes, encoder_options, device=classifier.device, progress=progress)
+
+    caches = []
+    if classifier.fingerprint is not None:  # beside the class statistics; else (read-only) the user's cache
+        user_cache = cache_dir(CLASSIFIER_CACHE, create=False) / classifier.fingerprint
+        caches = [p for p in (classifier.cache_dir, user_cache) if p is not None]
+    return cached_encoder(caches, key, train, device=classifier.device)
 
 
 def _settings(options: VisualizeOptions, models: Models) -> Settings:
