@@ -14,7 +14,8 @@ from isda_viz.outputs.html import page_path
 
 from .common import classifier_options, device_option, embed_option, seed_option, truncation_option
 
-_INVERSION_KNOBS = tuple(inspect.signature(InversionOptions.make).parameters)
+# The search knobs the options name as they are (`encoder` comes from the --no-encoder flag).
+_INVERSION_KNOBS = tuple(p for p in inspect.signature(InversionOptions.make).parameters if p != "encoder")
 _OPTION_FIELDS = {f.name for f in dataclasses.fields(VisualizeOptions)} - {"inversion"}
 
 
