@@ -24,8 +24,14 @@ from isda_viz.classifiers.statistics import ClassStatistics, class_statistics
 from isda_viz.data.images import load_image_file
 from isda_viz.errors import IsdaVizError
 from isda_viz.inversion.optimizer import augment, normalize_latent, reconstruct
-from isda_viz.inversion.pipelines import (Models, VisualizeOptions, check_models, images_per_class, learned_start,
-                                         replace_output_dir)
+from isda_viz.inversion.pipelines import (
+    Models,
+    VisualizeOptions,
+    check_models,
+    images_per_class,
+    reconstruction_starts,
+    replace_output_dir,
+)
 from isda_viz.isda.directions import (
     NOISES,
     ClassDirections,
@@ -199,13 +205,8 @@ def traverse_directions(models: Models, images, labels, sources, tops: dict[int,
     def render(z_hat, owner):
         return adapter(z_hat, None if y is None else y[owner])
 
-    if opts.start == "encoder":  # the learned start, as augment and grid take it (cached per network pair)
-        encoder, trained = learned_start(models, progress=vis.progress)
-        timings["encoder_training"] = trained["seconds"]
+    starts, _ = reconstruction_starts(models, opts, features, labels, rng, vis.progress, timings)  # as augment's
     started = time.time()
-    starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, -1)
-    if opts.start == "encoder":  # one more start beside the random ones: the kept start is never worse
-        starts = torch.cat([encoder(features, labels)[:, None], starts], 1)                    # (N, R + 1, D)
     step1 = reconstruct(render, classifier.model.features, features, starts, opts, pixel_target=x,
                         progress=vis.progress)
     timings["reconstruct"] = time.time() - started

@@ -31,11 +31,17 @@ from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
 from isda_viz.inversion.adapter import GeneratorAdapter, read_class_map
-from isda_viz.inversion.encoder import EncoderOptions, LatentEncoder, cached_encoder, encoder_key, module_fingerprint, \
-    train_encoder
+from isda_viz.inversion.encoder import (
+    EncoderOptions,
+    LatentEncoder,
+    cached_encoder,
+    encoder_key,
+    module_fingerprint,
+    train_encoder,
+)
 from isda_viz.inversion.optimizer import InversionOptions, augment, normalize_latent, reconstruct
-from isda_viz.isda.estimator import check_covariance
 from isda_viz.isda.directions import augmentation_shares
+from isda_viz.isda.estimator import check_covariance
 from isda_viz.isda.sampling import sample_augmented_features
 from isda_viz.outputs.figures import labelled_grid, to_pil
 from isda_viz.outputs.folders import check_out_dir
@@ -51,8 +57,8 @@ from isda_viz.outputs.report import (
     summarize,
     write_report,
 )
-from isda_viz.runs import assembled_beside, private_mkdtemp
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
+from isda_viz.runs import assembled_beside, private_mkdtemp
 
 if TYPE_CHECKING:
     from isda_viz.generators.base import Generator
@@ -159,6 +165,25 @@ class AugmentationResult:
     seconds: dict
 
 
+def reconstruction_starts(models: Models, opts: InversionOptions, features: torch.Tensor, labels: torch.Tensor,
+                          rng: torch.Generator, progress: bool, timings: dict) -> tuple[torch.Tensor, object]:
+    """Step I's starts for `features (N, A)` of images of `labels (N,)`: `(N, R, D)` random codes from the
+    generator's prior (R = `opts.restarts`), drawn from `rng` as without the encoder so that later draws
+    are the same too, with the learned start E(a) in front, `(N, R + 1, D)`, when `opts.start` is
+    "encoder" (the best start kept is then never worse, by objective, than the random ones'). Returns the
+    starts and the encoder (None unless `opts` use it); its training time goes to `timings`."""
+    encoder = None
+    if "encoder" in (opts.start, opts.augment_start):
+        encoder, trained = learned_start(models, progress=progress)
+        timings["encoder_training"] = trained["seconds"]
+    n, generator = len(features), models.generator
+    starts = generator.sample_latent(n * opts.restarts, rng, features.device).view(n, opts.restarts,
+                                                                                 generator.latent_dim)
+    if opts.start == "encoder":
+        starts = torch.cat([encoder(features, labels)[:, None], starts], 1)
+    return starts, encoder
+
+
 def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tensor, sources: list[str],
                        options: VisualizeOptions, *, wanted: torch.Tensor | None = None) -> AugmentationResult:
     """Step I, sampling and Step II for `images (N, C, H, W)` in [0, 1] (classifier size) with `labels (N,)`.
@@ -186,16 +211,8 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
             return adapter.pixels(normalize_latent(z), labels_of_rows)
 
     timings = {}
-    encoder = None
-    if "encoder" in (opts.start, opts.augment_start):
-        encoder, trained = learned_start(models, progress=options.progress)
-        timings["encoder_training"] = trained["seconds"]
+    starts, encoder = reconstruction_starts(models, opts, target, labels, rng, options.progress, timings)
     started = time.time()
-    # The random starts are drawn as without the encoder (so a~ below are the same draws too); the learned
-    # start E(a) is one more, so the best start kept is never worse, by objective, than the random ones'.
-    starts = generator.sample_latent(n * opts.restarts, rng, device).view(n, opts.restarts, generator.latent_dim)
-    if opts.start == "encoder":
-        starts = torch.cat([encoder(target, labels)[:, None], starts], 1)                       # (N, R + 1, D)
     step1 = reconstruct(render, classifier.model.features, target, starts, opts, pixel_target=x,
                         progress=options.progress)
     recon_unit = pixels(step1.z, y)
