@@ -274,7 +274,9 @@ def learned_start(models: Models, encoder_options: EncoderOptions | None = None,
             torch.nonzero(models.class_map >= 0).flatten().tolist()
         classes = list(covered)
     encoder_options = encoder_options or EncoderOptions()
-    identity = {"name": generator.name, "truncation": getattr(generator, "truncation", None),
+    # The generator's kind, not its name: a name holds the folder it was loaded from, and the same weights
+    # in another checkout (or installed) must find the same encoder; its weights are in the fingerprint.
+    identity = {"kind": type(generator).__name__, "truncation": getattr(generator, "truncation", None),
                 "class_map": None if models.class_map is None else models.class_map.tolist()}
     key = encoder_key(str(classifier.fingerprint), module_fingerprint(generator, identity), classes,
                       classifier.num_classes if classes is not None else None, encoder_options)
