@@ -62,7 +62,7 @@ from isda_viz.outputs.directions import (
     write_directions_report,
 )
 from isda_viz.outputs.figures import to_pil
-from isda_viz.outputs.folders import check_out_dir
+from isda_viz.outputs.folders import check_figure_path, check_out_dir
 from isda_viz.outputs.report import ImageFile, ReconstructionEntry
 from isda_viz.runs import assembled_beside
 
@@ -123,11 +123,7 @@ def make_directions(*, out, options: DirectionsOptions | None = None,
     """`isda-viz directions`: writes FIG_files/ (every frame as a PNG), FIG.json, FIG.png and the page FIG.html;
     returns the report written as FIG.json (file paths relative to it)."""
     options = options or DirectionsOptions()
-    out_png = Path(out)
-    if out_png.suffix.lower() != ".png":
-        raise IsdaVizError(f"--out must name a .png file, not {out_png}")
-    if out_png.is_dir():
-        raise IsdaVizError(f"--out {out_png} is a folder; give the figure's file name FIG.png")
+    out_png = check_figure_path(out)
     with locks.exclusive(out_png):  # one writer per figure
         return _make_directions(out_png, options, models)
 

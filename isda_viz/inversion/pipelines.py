@@ -44,7 +44,7 @@ from isda_viz.isda.directions import augmentation_shares
 from isda_viz.isda.estimator import check_covariance
 from isda_viz.isda.sampling import sample_augmented_features
 from isda_viz.outputs.figures import labelled_grid, to_pil
-from isda_viz.outputs.folders import check_out_dir
+from isda_viz.outputs.folders import check_figure_path, check_out_dir
 from isda_viz.outputs.html import write_html
 from isda_viz.outputs.report import (
     REPORT,
@@ -465,11 +465,7 @@ def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_
     (shown as the page in Jupyter).
     """
     options = options or VisualizeOptions()
-    out_png = Path(out)
-    if out_png.suffix.lower() != ".png":
-        raise IsdaVizError(f"--out must name a .png file, not {out_png}")
-    if out_png.is_dir():
-        raise IsdaVizError(f"--out {out_png} is a folder; give the figure's file name FIG.png")
+    out_png = check_figure_path(out)
     with locks.exclusive(out_png):
         return _make_grid(out_png, per_class, classes, num_samples, options, models)
 

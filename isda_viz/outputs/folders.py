@@ -21,6 +21,17 @@ def check_out_dir(out, ours: str | tuple[str, ...] | None = None, what: str = ""
         raise IsdaVizError(f"--out {out} holds files that are not {what}; choose another --out")
 
 
+def check_figure_path(out) -> Path:
+    """`--out FIG.png` of a figure command (`grid`, `directions`) as a Path; `IsdaVizError` unless it names a
+    .png file (not a folder)."""
+    out_png = Path(out)
+    if out_png.suffix.lower() != ".png":
+        raise IsdaVizError(f"--out must name a .png file, not {out_png}")
+    if out_png.is_dir():
+        raise IsdaVizError(f"--out {out_png} is a folder; give the figure's file name FIG.png")
+    return out_png
+
+
 def is_finite_number(value) -> bool:
     """True for an int or float that is not NaN or infinite (bools are not numbers here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
