@@ -40,7 +40,7 @@ from isda_viz.classifiers.foreign import (
 )
 from isda_viz.classifiers.imagenet_densenet import load_imagenet_densenet
 from isda_viz.classifiers.networks import build_model
-from isda_viz.classifiers.public import PUBLIC_ARCH_NAMES, known_public_archs, match_public_arch
+from isda_viz.classifiers.public import known_public_archs, match_public_arch
 from isda_viz.classifiers.timm_models import load_timm_classifier
 from isda_viz.data.datasets import SPECS, detect_dataset, folder_class_names, read_json_or_lines
 from isda_viz.data.images import map_channels, normalize, resize
@@ -51,8 +51,6 @@ from isda_viz.runs import CHECKPOINT, file_sha256, load_checkpoint, non_finite_t
 CLASSIFIER_CACHE = "classifiers"
 """Caches of classifiers given as weights files (`cache_dir(CLASSIFIER_CACHE)`, under `cache.cache_root()`), one
 folder per file's sha256 (`Classifier.cache_dir`)."""
-"""Folder in `Classifier.cache_dir` holding computed class statistics (`.pt`, with a `.json` key beside)."""
-PUBLIC_ARCHS = PUBLIC_ARCH_NAMES
 ARCH_HELP = ("a public ISDA CIFAR name (resnet110, wrn28_10, se_resnet110, densenet_bc100, ...), torchvision:NAME, "
              "isda-imagenet:densenet121|densenet265 (the public ISDA ImageNet DenseNets) or timm:NAME (timm "
              "weights: a file or a Hugging Face-style folder)")
@@ -226,7 +224,7 @@ def load_classifier(spec, device="cpu", arch: str | None = None, class_names=Non
     """The classifier named by `spec` on `device`, frozen.
 
     `spec`: with `arch` None, a run directory written by `isda-viz train` (or its `checkpoint.pt`);
-    otherwise a weights file, `arch` saying what it holds: a `PUBLIC_ARCHS` name (`resnet110`, `wrn28_10`,
+    otherwise a weights file, `arch` saying what it holds: a `public.PUBLIC_ARCH_NAMES` name (`resnet110`, `wrn28_10`,
     `se_resnet110`, `densenet_bc100`, ...: `public.parse_public_arch`) for a checkpoint of the public ISDA CIFAR code,
     whose class statistics become `estimator`; `torchvision:NAME` for torchvision weights
     (ImageNet normalisation and input size; a checkpoint of the public ImageNet DDP script too,

@@ -28,6 +28,7 @@ from isda_viz.isda.estimator import CovarianceEstimator
 from isda_viz.runs import load_checkpoint, save_atomic, write_json_atomic
 
 STATISTICS_DIR = "class-statistics"
+"""Folder in `Classifier.cache_dir` holding computed class statistics (`.pt`, with a `.json` key beside)."""
 
 
 @dataclass
