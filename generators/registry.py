@@ -138,7 +138,7 @@ def discover() -> None:
 def generator_families() -> tuple[GeneratorFamily, ...]:
     """Every registered family, in the order of their modules' names (then of registration)."""
     discover()
-    return tuple(_FAMILIES.values())
+    return tuple(sorted(_FAMILIES.values(), key=lambda f: f.module))  # stable: registration order within a module
 
 
 def generator_family(kind: str) -> GeneratorFamily:
