@@ -46,7 +46,7 @@ def _is_biggan_folder(request: LoadRequest) -> bool:
     "biggan-deep", summary="pytorch-pretrained-biggan's ImageNet BigGAN-deep", file="a folder with config.json + "
     "pytorch_model.bin, or a name", dataset="ImageNet (1,000 classes)", resolution="128, 256, 512 px",
     source="huggingface/pytorch-pretrained-BigGAN (downloaded by name where online, into the cache root)",
-    licence="weights: DeepMind's TF-Hub BigGAN-deep, Apache-2.0; the package: MIT",
+    licence="Apache-2.0 (the package's, and DeepMind's TF-Hub BigGAN-deep weights it converts)",
     command="isda-viz augment --image dog.jpg --classifier resnet50.pth --classifier-arch torchvision:resnet50 "
             "--generator biggan-deep-128 --out out/dog",
     recognise=_is_biggan_folder, folder_hint=f"{CONFIG_NAME} + {WEIGHTS_NAME} (a BigGAN-deep folder)",

@@ -200,9 +200,27 @@ def load_generator(spec: str, device="cpu", truncation: float | None = None, *,
         family = generator_family(kind)
     else:
         family = _recognise(request)
-    generator = family.load(request)
+    try:
+        generator = family.load(request)
+    except IsdaVizError as e:
+        other = _claimed_by_another(request, family) if kind is not None and request.path is not None else None
+        if other is None:
+            raise
+        raise IsdaVizError(f"{e}; its layout is {other.kind}'s: give {other.kind}:{request.spec}") from None
     generator.kind = family.kind
     return generator
+
+
+def _claimed_by_another(request: LoadRequest, family: GeneratorFamily) -> GeneratorFamily | None:
+    """The family other than `family` whose `recognise` claims the request's file, if any (for a hint)."""
+    for other in generator_families():
+        if other is not family and other.recognise is not None:
+            try:
+                if other.recognise(request):
+                    return other
+            except IsdaVizError:
+                return None  # the file cannot be read: the loader's own error says so
+    return None
 
 
 def _recognise(request: LoadRequest) -> GeneratorFamily:
@@ -230,3 +248,4 @@ def _recognise(request: LoadRequest) -> GeneratorFamily:
         raise IsdaVizError(f"--generator {path} holds neither {' nor '.join(hints)}")
     raise IsdaVizError(f"--generator {path}: its keys match no known generator layout; known: {known_kinds()}; "
                        "give KIND:FILE to load it as one of them")
+

@@ -159,12 +159,17 @@ def load_studiogan_biggan(request: LoadRequest) -> PretrainedGenerator:
     state = _state(request)
     if state is None:
         raise IsdaVizError(f"{what} holds no state dict of tensors (StudioGAN saves {{\"state_dict\": ...}})")
+    net = studio_network(state, what)
+    return build_pretrained(request, net, state, kind="studiogan-biggan", latent_dim=net.chunk * (BLOCKS + 1),
+                            num_classes=net.shared.num_embeddings, image_size=32)
+
+
+def studio_network(state: dict[str, torch.Tensor], what: str) -> StudioBigGAN:
+    """An empty `StudioBigGAN` (meta device) of the widths a state dict's `linear0` and `shared` shapes say."""
     out_features, chunk = state_shape(state, "linear0.weight_orig", 2, what)
     num_classes, shared_dim = state_shape(state, "shared.weight", 2, what)
     if out_features % (4 * BOTTOM ** 2):
         raise IsdaVizError(f"{what}: linear0.weight_orig has {out_features} outputs, not a multiple of "
                            f"{4 * BOTTOM ** 2}: not StudioGAN's 32 px BigGAN")
     with torch.device("meta"):
-        net = StudioBigGAN(out_features // (4 * BOTTOM ** 2), chunk, shared_dim, num_classes)
-    return build_pretrained(request, net, state, kind="studiogan-biggan", latent_dim=chunk * (BLOCKS + 1),
-                            num_classes=num_classes, image_size=32)
+        return StudioBigGAN(out_features // (4 * BOTTOM ** 2), chunk, shared_dim, num_classes)
