@@ -67,8 +67,11 @@ class LoadRequest:
     def tensors(self, wrapper: str | None = None) -> dict[str, torch.Tensor] | None:
         """The file's state dict (under `wrapper` when given), or None when the file holds no such dict of tensors.
 
-        Errors reading the file propagate; a file of another shape gives None (so `recognise` can say no).
+        Errors reading the file propagate; a folder, or a file of another shape, gives None (so `recognise`
+        can say no).
         """
+        if Path(self.spec).expanduser().is_dir():
+            return None
         obj = self.contents()
         if wrapper is not None:
             obj = obj.get(wrapper) if isinstance(obj, dict) else None

@@ -132,10 +132,7 @@ class StudioBigGAN(nn.Module):
 
 def _state(request: LoadRequest) -> dict[str, torch.Tensor] | None:
     """The generator's state dict: under "state_dict" (StudioGAN's checkpoints), or the bare dict."""
-    contents = request.contents()
-    if isinstance(contents, dict) and "state_dict" in contents:
-        return request.tensors("state_dict")
-    return request.tensors()
+    return request.tensors("state_dict") or request.tensors()
 
 
 def _is_studiogan_biggan(request: LoadRequest) -> bool:

@@ -506,6 +506,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     for kind in ("wgan", "biggan-deep", "dab-biggan", "studiogan-biggan", "biggan-pytorch"):
         assert kind in message
     error(f"nosuchkind:{dab}", "unknown generator kind 'nosuchkind'", "dab-biggan")
+    error(f"studiogan-biggan:{tmp_path}", "is a folder, not a weight file")
     # NaN weights, a truncated file
     state = small_state("dab-biggan")
     state["blocks.1.0.conv2.weight"][0, 0, 0, 0] = float("nan")
