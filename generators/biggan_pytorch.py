@@ -226,6 +226,7 @@ def load_biggan_pytorch(request: LoadRequest) -> PretrainedGenerator:
     """BigGAN-PyTorch's ImageNet-128 `G_ema.pth`: hierarchical z of 120 (6 chunks of 20), shared embedding of
     128, attention at 64 px; widths read from the file (the released one: ch 96)."""
     what = f"biggan-pytorch:{request.spec}"
+    request.contents()  # a folder, a missing or corrupt file: its own error
     state = request.tensors()
     if state is None:
         raise IsdaVizError(f"{what} holds no state dict of tensors (BigGAN-PyTorch saves G_ema.state_dict())")

@@ -45,6 +45,7 @@ def _is_dab_biggan(request: LoadRequest) -> bool:
 def load_dab_biggan(request: LoadRequest) -> PretrainedGenerator:
     """A DiffAugment-BigGAN CIFAR file (widths and class count read from it; the released ones: ch 64, dim_z 128)."""
     what = f"dab-biggan:{request.spec}"
+    request.contents()  # a folder, a missing or corrupt file: its own error
     state = request.tensors()
     if state is None:
         raise IsdaVizError(f"{what} holds no state dict of tensors (the released files are G_ema.state_dict())")

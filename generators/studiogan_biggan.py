@@ -153,6 +153,7 @@ def load_studiogan_biggan(request: LoadRequest) -> PretrainedGenerator:
     """StudioGAN's CIFAR-10 BigGAN checkpoint; widths read from the file (the released one: g_conv_dim 96,
     z_dim 80, g_shared_dim 128, 10 classes)."""
     what = f"studiogan-biggan:{request.spec}"
+    request.contents()  # a folder, a missing or corrupt file: its own error
     state = _state(request)
     if state is None:
         raise IsdaVizError(f"{what} holds no state dict of tensors (StudioGAN saves {{\"state_dict\": ...}})")
