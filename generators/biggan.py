@@ -84,6 +84,7 @@ class BigGANGenerator(Generator):
 
     channels = 3
     output_range = (-1.0, 1.0)
+    kind = "biggan-deep"
 
     def __init__(self, model, truncation: float = DEFAULT_TRUNCATION, name: str = "biggan"):
         super().__init__()

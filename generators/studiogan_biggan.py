@@ -41,7 +41,7 @@ BN_EPS = 1e-4         # ops.batchnorm_2d's default, used for every norm of this 
 
 
 class TorchBatchNorm(StandingNorm):
-    """`nn.BatchNorm2d`'s layout: `running_mean`, `running_var`, `num_batches_tracked`, and `weight`, `bias` when affine."""
+    """`nn.BatchNorm2d`'s layout: `running_mean`, `running_var`, `num_batches_tracked`; `weight`, `bias` if affine."""
 
     def __init__(self, channels: int, affine: bool):
         super().__init__(channels, BN_EPS)
@@ -102,7 +102,7 @@ class SelfAttention(nn.Module):
 
 
 class StudioBigGAN(nn.Module):
-    """StudioGAN's 32 px BigGAN `Generator`: `z (N, 4·chunk)`, class indices `y (N,)` → `(N, 3, 32, 32)` in [-1, 1]."""
+    """StudioGAN's 32 px BigGAN `Generator`: `z (N, 4·chunk)`, class indices `y (N,)` → `(N, 3, 32, 32)`, [-1, 1]."""
 
     def __init__(self, conv_dim: int, chunk: int, shared_dim: int, num_classes: int):
         super().__init__()

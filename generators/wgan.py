@@ -69,6 +69,7 @@ class UpBlock(nn.Module):
 class WGANGenerator(Generator):
     """Class-conditional (or unconditional) generator: `(N, latent_dim)`, `(N,)` → `(N, C, S, S)` in [-1, 1]."""
     name = "wgan"
+    kind = "wgan"
     output_range = (-1.0, 1.0)
 
     def __init__(self, latent_dim: int = 128, num_classes: int | None = 10, channels: int = 1, image_size: int = 28,
