@@ -28,8 +28,8 @@ from isda_viz.runs import load_checkpoint
 from .base import Generator
 
 _KIND = re.compile(r"^[a-z][a-z0-9-]*$")
-# Modules of this package that hold no family (imported by `discover` all the same would be harmless,
-# but the training loop pulls in classifiers and outputs: kept out of a plain `load_generator`).
+# Modules of this package that hold no family, which `discover` skips (a training loop pulls in classifiers
+# and outputs, which loading a generator does not need). Modules named `_*` are skipped too.
 _NOT_FAMILIES = {"base", "registry", "wgan_train"}
 
 
