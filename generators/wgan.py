@@ -29,6 +29,7 @@ from .base import Generator
 from .registry import LoadRequest, register_generator
 
 GENERATOR_FILE = "generator.pt"
+WGAN_FORMAT = "isda-viz-wgan"  # generator.pt's "format"
 STATE_FILE = "training_state.pt"  # critic, optimisers, RNG: what --resume needs beyond generator.pt
 
 
@@ -134,7 +135,7 @@ class WGANCritic(nn.Module):
 
 def save_generator(generator: WGANGenerator, path, iteration: int, dataset: str) -> None:
     """Write `generator.pt`: plain weights and the config that rebuilds the network (loads with weights_only=True)."""
-    save_atomic({"format": "isda-viz-wgan", "config": generator.arch_config(), "dataset": dataset,
+    save_atomic({"format": WGAN_FORMAT, "config": generator.arch_config(), "dataset": dataset,
                  "iteration": iteration, "state_dict": {k: v.detach().cpu().contiguous()
                                                         for k, v in generator.state_dict().items()}}, path)
 
@@ -145,7 +146,7 @@ def load_wgan(path, device="cpu") -> WGANGenerator:
     if path.is_dir():
         path = path / GENERATOR_FILE
     ckpt = load_checkpoint(path, "generator file")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "isda-viz-wgan":
+    if not isinstance(ckpt, dict) or ckpt.get("format") != WGAN_FORMAT:
         raise IsdaVizError(f"{path} is not a generator written by isda-viz train-gan")
     try:
         generator = WGANGenerator(**ckpt["config"])
@@ -158,11 +159,19 @@ def load_wgan(path, device="cpu") -> WGANGenerator:
 
 
 def _is_gan_dir_or_file(request: LoadRequest) -> bool:
+    """A GAN_DIR (its generator.pt not another family's format: the train-gan architectures share the folder
+    layout), or a generator.pt of this format."""
     path = request.path
     if path.is_dir():
-        return (path / GENERATOR_FILE).exists() or (path / STATE_FILE).exists()
+        if not (path / GENERATOR_FILE).exists():
+            return (path / STATE_FILE).exists()  # then load_wgan says generator.pt is missing
+        try:
+            contents = LoadRequest(str(path / GENERATOR_FILE)).contents()
+        except IsdaVizError:
+            return True  # unreadable: load_wgan says so
+        return not isinstance(contents, dict) or contents.get("format", WGAN_FORMAT) == WGAN_FORMAT
     contents = request.contents()
-    return isinstance(contents, dict) and contents.get("format") == "isda-viz-wgan"
+    return isinstance(contents, dict) and contents.get("format") == WGAN_FORMAT
 
 
 @register_generator(
