@@ -163,14 +163,14 @@ class AmortizedInverter:
 
     def augment(self, render_features: RenderFeatures, wanted: torch.Tensor, labels: torch.Tensor,
                 z_star: torch.Tensor, star_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step II's codes `(M, D)` for `wanted (M, A)` from `z_star (M, D)` with features `star_features (M, A)`."""
+        """Step II's codes `(M, D)` for `wanted (M, A)` from normalised codes `z_star (M, D)` (ẑ*) with features
+        `star_features (M, A)`."""
         return self._passes(render_features, wanted, labels, z_star, star_features, self.augment_passes, AUGMENT)
 
     @torch.no_grad()
     def _passes(self, render_features, target, labels, z_hat, current, passes: int, mode: float):
         network = self.network
-        target = target.to(network.feature_mean)
-        z_hat = normalize_latent(z_hat.to(network.feature_mean))
+        target, z_hat = target.to(network.feature_mean), z_hat.to(network.feature_mean)
         if current is None:
             current = render_features(z_hat, labels)[1]
         for _ in range(passes):
@@ -185,7 +185,7 @@ class AmortizedInverter:
 
 class ExportedInverter(nn.Module):
     """One call for every pass: `forward(target (M, A), labels (M,))` → Step I's codes `(M, D)`; with
-    `z_star (M, D)` (and optionally its `star_features`), Step II's codes from there instead."""
+    normalised codes `z_star (M, D)` (and optionally their `star_features`), Step II's codes from there."""
 
     def __init__(self, inverter: AmortizedInverter, render_features: RenderFeatures):
         super().__init__()
@@ -200,7 +200,7 @@ class ExportedInverter(nn.Module):
         if z_star is None:
             return inverter.reconstruct(self.render_features, target, labels)[0]
         if star_features is None:
-            star_features = self.render_features(normalize_latent(z_star), labels)[1]
+            star_features = self.render_features(z_star, labels)[1]
         return inverter.augment(self.render_features, target, labels, z_star, star_features)[0]
 
 
