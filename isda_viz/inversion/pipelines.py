@@ -17,7 +17,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -56,8 +55,6 @@ from isda_viz.outputs.report import (
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
 from isda_viz.runs import assembled_beside, private_mkdtemp
 
-if TYPE_CHECKING:
-    from isda_viz.generators.base import Generator
 
 
 INVERTERS = ("search", "amortized")

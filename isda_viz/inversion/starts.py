@@ -104,3 +104,22 @@ class AmortizedStart(CodeSource):
                 "reconstruct_passes": self.inverter.reconstruct_passes,
                 "augment_passes": self.inverter.augment_passes,
                 "inverter_options": options_dict(self.inverter.options)}
+
+
+class FromCodes(CodeSource):
+    """Given codes, then `steps` more optimiser steps (e.g. `explore`'s "refine" of the picture on screen):
+    Step I from `step1 (N, D)`, Step II from `step2 (N, M, D)` (None: from z*)."""
+
+    name = "codes"
+
+    def __init__(self, step1: torch.Tensor | None, step2: torch.Tensor | None, steps: int,
+                 options: InversionOptions | None = None):
+        self.codes1, self.codes2, self.refine_steps = step1, step2, steps
+        self.refinement = replace(options or InversionOptions(), reconstruct_iterations=steps,
+                                  augment_iterations=steps, restarts=1, **REFINE_LR)
+
+    def step1_starts(self, render_features, features, labels, prior):
+        return self.codes1[:, None]
+
+    def step2_starts(self, render_features, wanted, labels, z_star, star_features):
+        return self.codes2
