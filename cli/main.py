@@ -12,6 +12,7 @@ from .audit import audit_command
 from .augment import augment_command, grid_command
 from .demo import demo_command
 from .directions import directions_command
+from .explore import explore_command
 from .gan import train_gan_command
 from .inverter import train_inverter_command
 from .plot import plot_command
@@ -47,3 +48,4 @@ main.add_command(demo_command)
 main.add_command(plot_command)
 main.add_command(directions_command)
 main.add_command(train_inverter_command)
+main.add_command(explore_command)

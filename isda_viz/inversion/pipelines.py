@@ -23,7 +23,7 @@ import torch
 from isda_viz import locks
 from isda_viz.classifiers.classifier import Classifier, load_classifier
 from isda_viz.classifiers.covariance_file import read_covariance_file
-from isda_viz.classifiers.statistics import class_statistics
+from isda_viz.classifiers.statistics import ClassStatistics, class_statistics
 from isda_viz.data.datasets import load_split
 from isda_viz.data.images import check_image_path, load_image_file
 from isda_viz.devices import pick_device
@@ -33,7 +33,7 @@ from isda_viz.inversion.adapter import Models, read_class_map
 from isda_viz.inversion.amortized import AmortizedInverter, InverterOptions
 from isda_viz.inversion.inverter_cache import find_inverter, train_pair_inverter
 from isda_viz.inversion.optimizer import InversionOptions
-from isda_viz.inversion.pipeline import draw_prior, invert_batch
+from isda_viz.inversion.pipeline import InvertedBatch, draw_prior, invert_batch
 from isda_viz.inversion.starts import REFINE_STEPS, AmortizedStart, CodeSource, PriorSearch
 from isda_viz.isda.directions import augmentation_shares
 from isda_viz.isda.estimator import check_covariance
@@ -214,13 +214,22 @@ def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tenso
         wanted = sample_augmented_features(target, statistics.slots(labels), statistics.estimator,
                                            options.strength, k, rng)                               # (N, K, A)
     wanted = wanted.to(target)
-    shares = augmentation_shares(wanted - target[:, None], labels, statistics.covariance)             # (N, K, 6)
     done = invert_batch(models, images, labels, wanted, source, prior, micro_batch=options.micro_batch,
                         progress=options.progress)
+    return augmentation_result(models, done, wanted, sources, statistics)
+
+
+def augmentation_result(models: Models, done: InvertedBatch, wanted: torch.Tensor, sources: list[str],
+                        statistics: ClassStatistics) -> AugmentationResult:
+    """`invert_batch`'s result `done` for targets `wanted (N, K, A)` as the report's entries and pictures (also
+    `explore`'s "save", whose pictures come from several Step II calls); `statistics` holds the images' classes."""
+    labels = done.labels
+    shares = augmentation_shares(wanted.to(done.features) - done.features[:, None], labels,
+                                 statistics.covariance)                                                  # (N, K, 6)
     distance = (done.pictures - done.reconstructions[:, None]).pow(2).flatten(2).mean(2).sqrt()  # RMS, [0, 1]
-    entries = [_image_entry(i, sources[i], int(labels[i]), classifier.class_names, done, distance, shares)
-               for i in range(len(images))]
-    return AugmentationResult(images.cpu(), labels.cpu(), done.reconstructions, done.pictures, entries,
+    entries = [_image_entry(i, sources[i], int(labels[i]), models.classifier.class_names, done, distance, shares)
+               for i in range(len(labels))]
+    return AugmentationResult(done.images.cpu(), labels.cpu(), done.reconstructions, done.pictures, entries,
                               done.seconds)
 
 
@@ -240,7 +249,8 @@ def _image_entry(i: int, source: str, label: int, class_names, done, distance, s
             for j in range(len(done.pictures_predicted[i]))])
 
 
-def _settings(options: VisualizeOptions, models: Models, source: CodeSource) -> Settings:
+def report_settings(options: VisualizeOptions, models: Models, source: CodeSource) -> Settings:
+    """The report's `settings` for pictures `source` made under `options`."""
     return Settings(strength=options.strength, num_augmented=options.num_augmented, seed=options.seed,
                     options=source.settings(), classifier=str(models.classifier.source),
                     judge=str(models.judge.source) if models.judge else None, inverter=source.name,
@@ -386,7 +396,7 @@ def _augment_images(images: list, out: Path, label: str | None, options: Visuali
         labels = torch.full((len(pixels),), classifier.class_index(label, "--label"))
     source = code_source(models, options)
     result = invert_and_augment(models, pixels, labels, [str(p) for p in images], options, source=source)
-    return write_augment_dir(result, classifier.class_names, out, _settings(options, models, source),
+    return write_augment_dir(result, classifier.class_names, out, report_settings(options, models, source),
                              embed=options.embed)
 
 
@@ -449,7 +459,7 @@ def _make_grid(out_png: Path, per_class: int, classes: list[str] | None, num_sam
             samples = models.adapter().pixels(z, y).cpu().view(len(labels), num_samples, *images.shape[1:])
         for i, entry in enumerate(result.entries):
             entry.samples = [ImageFile(file=f"{i:03d}_sample_{j}.png") for j in range(num_samples)]
-    return write_grid_files(result, classifier.class_names, out_png, _settings(options, models, source), samples,
+    return write_grid_files(result, classifier.class_names, out_png, report_settings(options, models, source), samples,
                             options.embed)
 
 

@@ -102,6 +102,17 @@ def traversal_targets(features: torch.Tensor, vectors: torch.Tensor, values: tor
     return features[:, None, None] + offsets.to(features)
 
 
+def combined_traversal_target(features: torch.Tensor, vectors: torch.Tensor, values: torch.Tensor,
+                              strength: float, t: torch.Tensor) -> torch.Tensor:
+    """a + sum_k t_k sqrt(lambda e_k) u_k, every direction moved at once (one slider per direction):
+    `features (N, A)`, `vectors (N, K, A)`, `values (N, K)`, `t (N, K)` → `(N, A)` in the features' dtype.
+    Each term is `traversal_targets`' offset in the same float64 operations, so with one t_k non-zero the
+    target is bit for bit that direction's `traversal_targets` target."""
+    scale = (strength * values.to(torch.float64)).sqrt()                                         # (N, K)
+    offsets = t.to(torch.float64)[..., None] * (scale[..., None] * vectors.to(torch.float64))    # (N, K, A)
+    return features + offsets.sum(1).to(features)
+
+
 def isda_noise(labels: torch.Tensor, estimator: CovarianceEstimator, strength: float, draws: int,
                generator: torch.Generator) -> torch.Tensor:
     """eps ~ N(0, lambda Sigma_y) for estimator slots `labels (N,)`: `(N, draws, A)` float64, CPU."""
