@@ -21,6 +21,7 @@ from isda_viz.app.session import ExploreSession
 from isda_viz.app.worker import Worker
 from isda_viz.errors import IsdaVizError
 from isda_viz.inversion.adapter import Models
+from isda_viz.inversion.amortized import AmortizedInverter
 from isda_viz.inversion.pipelines import VisualizeOptions, check_models
 
 DEFAULT_PORT = 8765
@@ -118,10 +119,12 @@ class ExploreApp:
                 f'(<code>.stop()</code> ends it)</p>')
 
 
-def explore(options: ExploreOptions | None = None, *, models: Models | None = None, warn=None) -> ExploreApp:
+def explore(options: ExploreOptions | None = None, *, models: Models | None = None,
+            inverter: AmortizedInverter | None = None, warn=None) -> ExploreApp:
     """Start the explorer in background threads and return it (see `ExploreApp`). `models`: already loaded
-    (default: `options.visualize.load_models()`); `warn(message)`: where the warning that a network-facing
-    `host` serves the page to the network goes (default stderr)."""
+    (default: `options.visualize.load_models()`); `inverter`: an amortized inverter trained for them (default:
+    the pair's cached one); `warn(message)`: where the warning that a network-facing `host` serves the page to
+    the network goes (default stderr)."""
     options = options or ExploreOptions()
     save_dir = Path(options.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
@@ -134,7 +137,8 @@ def explore(options: ExploreOptions | None = None, *, models: Models | None = No
         models = models or options.visualize.load_models()
         check_models(models)
         session = ExploreSession(models, options.visualize, directions=options.directions,
-                                 per_class=options.per_class, classes=options.classes, save_dir=save_dir)
+                                 per_class=options.per_class, classes=options.classes, save_dir=save_dir,
+                                 inverter=inverter)
     except BaseException:
         server.server_close()
         raise

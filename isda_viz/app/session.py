@@ -32,6 +32,7 @@ from isda_viz.classifiers.statistics import ClassStatistics, class_statistics
 from isda_viz.data.images import load_image_file
 from isda_viz.errors import IsdaVizError
 from isda_viz.inversion.adapter import Models
+from isda_viz.inversion.amortized import AmortizedInverter
 from isda_viz.inversion.pipeline import Augmented, InvertedBatch, Reconstructed, augment_batch, draw_prior, \
     reconstruct_batch
 from isda_viz.inversion.pipelines import (
@@ -120,17 +121,19 @@ class ExploreSession:
 
     `options`: the models' and search's options (`strength` is λ's start, `refine_steps` the slider pictures'
     refinement, default `MOVE_REFINE_STEPS`); `directions` K; `per_class`/`classes`: the thumbnails (test images);
-    `save_dir`: where "save" writes. `notes` collects what the page should say (e.g. the search is used)."""
+    `save_dir`: where "save" writes; `inverter`: an amortized inverter trained for `models` (default: the pair's
+    cached one, `code_source`). `notes` collects what the page should say (e.g. the search is used)."""
 
     def __init__(self, models: Models, options: VisualizeOptions, *, directions: int = 5, per_class: int = 4,
-                 classes: list[str] | None = None, save_dir: Path = Path("explore-saves")):
+                 classes: list[str] | None = None, save_dir: Path = Path("explore-saves"),
+                 inverter: AmortizedInverter | None = None):
         classifier = models.classifier
         if not 1 <= directions <= classifier.feature_dim:
             raise IsdaVizError(f"--directions must be between 1 and the classifier's {classifier.feature_dim} "
                                f"feature dimensions, not {directions}")
         self.models, self.options, self.k, self.save_dir = models, options, directions, Path(save_dir)
         self.notes: list[str] = []
-        self.step1_source, self.move_source = _sources(models, options, self.notes.append)
+        self.step1_source, self.move_source = _sources(models, options, self.notes.append, inverter)
         self.searching = not isinstance(self.move_source, AmortizedStart)
         chosen = [classifier.class_index(c, "--classes") for c in classes] if classes else None
         self.thumbnails, self.thumbnail_labels, self.thumbnail_sources = _thumbnails(models, per_class, chosen,
@@ -315,11 +318,16 @@ class ExploreSession:
         return f"{stem}-{n:03d}"
 
 
-def _sources(models: Models, options: VisualizeOptions, note) -> tuple[CodeSource, CodeSource]:
-    """Step I's way of producing codes (the pair's: `code_source`, the amortized inverter refined by
-    `REFINE_STEPS` unless `--refine-steps` says otherwise) and the slider pictures' (the same inverter refined by
-    `refine_steps`, default `MOVE_REFINE_STEPS`); the search for both where the pair has no inverter."""
-    step1 = code_source(models, options, log=note)
+def _sources(models: Models, options: VisualizeOptions, note, inverter: AmortizedInverter | None = None
+             ) -> tuple[CodeSource, CodeSource]:
+    """Step I's way of producing codes (the pair's: `code_source`, or `inverter` where given; the amortized inverter
+    refined by `REFINE_STEPS` unless `--refine-steps` says otherwise) and the slider pictures' (the same inverter
+    refined by `refine_steps`, default `MOVE_REFINE_STEPS`); the search for both where the pair has no inverter."""
+    if inverter is not None and options.inverter != "search":
+        steps = REFINE_STEPS if options.refine_steps is None else options.refine_steps
+        step1 = AmortizedStart(inverter, steps, options.inversion)
+    else:
+        step1 = code_source(models, options, log=note)
     if not isinstance(step1, AmortizedStart):
         if options.inverter == "search":   # without an inverter, `code_source`'s own note says it
             note("--inverter search: each picture is a search and takes seconds")
