@@ -5,6 +5,7 @@
                                              # in a temporary copy of the run (nothing is written beside the package)
     python bench/explore.py --device cuda    # the shipped pair on the GPU, then BigGAN-deep-128 + ResNet-50
                                              # (random weights, an inverter trained 50 steps: timing only)
+    python bench/explore.py --screenshot docs/explore.png [--search]   # the README's picture of the page
 
 The page itself times every picture (`window.exploreLatencies`): from the slider's input event (its
 `timeStamp`) to the next animation frame after the new picture is decoded in the page. The bench sends real
@@ -230,6 +231,27 @@ def gpu_app(args, work: Path):
     return app, upload
 
 
+def screenshot(app, path: Path, profile: Path, thumbnail: int, t: list[float]) -> None:
+    """The README's picture of the page: test image `thumbnail` opened, the sliders at `t`, one draw."""
+    driver = headless_chromium(profile, height=1120)
+    try:
+        driver.get(app.url)
+        wait_for(driver, "document.body.dataset.ready === '1'", 3600)
+        driver.execute_script(f"return openThumbnail({thumbnail})")
+        wait_for(driver, f"state.view && document.querySelector('.thumb.selected').dataset.index === '{thumbnail}'"
+                         " && document.getElementById('status').textContent === ''", 3600)
+        driver.execute_script("document.querySelectorAll('#sliders input').forEach((s, k) => { s.value = arguments[0][k]; });"
+                              "onSliderInput(null);", t)
+        wait_for(driver, "!state.inflight && !state.latest && document.getElementById('current').dataset.seq === "
+                         "String(state.seq)", 3600)
+        driver.find_element("id", "draw").click()
+        wait_for(driver, "document.querySelectorAll('#draws figure').length === 16", 3600)
+        time.sleep(0.5)
+        driver.save_screenshot(str(path))
+    finally:
+        driver.quit()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", default=None, help="RUN_DIR (default: the shipped ISDA ResNet-32)")
@@ -241,9 +263,21 @@ def main():
                         help="optimiser steps per slider picture (default: explore's, 0)")
     parser.add_argument("--train", action="store_true", help="train the pair's inverter first if it has none")
     parser.add_argument("--train-steps", type=int, default=InverterOptions().steps)
+    parser.add_argument("--screenshot", type=Path, default=None,
+                        help="instead of timing: save a screenshot of the page here (test image --thumbnail, the "
+                             "sliders at --t, one draw); with --search, the pictures of the search")
+    parser.add_argument("--thumbnail", type=int, default=3)
+    parser.add_argument("--t", type=lambda text: [float(v) for v in text.split(",")], default=[2.0, 0, -1.5, 0, 0])
+    parser.add_argument("--search", action="store_true", help="--screenshot: the search makes the pictures")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="isda-viz-bench-explore-") as folder:
         work = Path(folder)
+        if args.screenshot is not None:
+            options = VisualizeOptions(classifier=args.classifier, device=args.device, progress=False,
+                                       refine_steps=args.refine_steps, inverter="search" if args.search else None)
+            with explore(ExploreOptions(visualize=options, port=0, per_class=4, save_dir=str(work / "saves"))) as app:
+                screenshot(app, args.screenshot, work / "profile", args.thumbnail, args.t)
+            return
         with shipped_app(args, work) as app:
             bench_pair(f"shipped pair ({app.session.models.classifier.source}) on {args.device}", app, args,
                        work / "profile")

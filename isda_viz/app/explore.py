@@ -88,8 +88,8 @@ class ExploreApp:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.worker.stop()        # first: requests waiting on it are answered, so no handler holds a slot
         self.server.shutdown()
-        self.worker.stop()
         self.server.server_close()
         self._thread.join(10)
 

@@ -338,11 +338,11 @@ def _sources(models: Models, options: VisualizeOptions, note, inverter: Amortize
 
 def _thumbnails(models: Models, per_class: int, classes: list[int] | None, options: VisualizeOptions, note):
     """The first `per_class` test images of each class `(N, C, H, W)`, their labels and sources; none (with a
-    note) where the classifier names no dataset and no --data-root is given."""
+    note) where the classifier names no dataset to take them from (weights files)."""
     classifier = models.classifier
-    if classifier.dataset is None and options.data_root is None:
+    if classifier.dataset is None:
         note(f"the classifier in {classifier.source} names no dataset, so there are no test images to pick: "
-             "upload one (or give --data-root)")
+             "upload one")
         c, s = classifier.channels, classifier.image_size
         return torch.zeros(0, c, s, s), torch.zeros(0, dtype=torch.long), []
     return images_per_class(classifier, per_class, classes, options.data_root)
