@@ -10,7 +10,9 @@ const state = {
   thumbnail: null,
 };
 // What bench/explore.py and the browser tests read: per displayed picture, the milliseconds from the input
-// event of the position it shows to the next animation frame after it is decoded in the page.
+// event of the position it shows to the next animation frame after it is decoded in the page (`ms`), and its
+// parts: event to request sent (`waited_ms`: a request in flight), the request (`request_ms`), and response to
+// that frame (`display_ms`).
 window.exploreLatencies = [];
 window.explorePictures = 0;
 
@@ -103,10 +105,15 @@ async function pump() {
   document.body.classList.add("busy");
   setStatus(state.info.searching ? "searching (seconds)…" : "computing…");
   try {
+    const asked = performance.now();
     const picture = await api("/api/move", {view, t: sent.t, strength: sent.strength, seq: sent.seq});
+    const answered = performance.now();
     if (state.view && state.view.view === view) {   // not an image the page has left meanwhile
       const shown = await showPicture(picture);
-      if (picture.seq === sent.seq) window.exploreLatencies.push({ms: shown - sent.time, seq: sent.seq});
+      if (picture.seq === sent.seq) {
+        window.exploreLatencies.push({ms: shown - sent.time, seq: sent.seq, waited_ms: asked - sent.time,
+                                      request_ms: answered - asked, display_ms: shown - answered});
+      }
     }
     showMessage("");
   } catch (error) {
