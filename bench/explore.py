@@ -191,7 +191,8 @@ def bench_pair(title: str, app, args, profile: Path, upload: Path | None = None)
           f"{parts['request_ms']:.1f}, response -> picture displayed {parts['display_ms']:.1f}")
     median = statistics.median(browser)
     verdict = "met" if median <= TARGET_MS else "MISSED"
-    print(f"  target median <= {TARGET_MS} ms: {verdict}; goal {GOAL_MS} ms: {'met' if median <= GOAL_MS else 'not met'}")
+    goal = "met" if median <= GOAL_MS else "not met"
+    print(f"  target median <= {TARGET_MS} ms: {verdict}; goal {GOAL_MS} ms: {goal}")
     final = "n/a" if dragged["final_ms"] is None else f"{dragged['final_ms']:.0f} ms"
     print(f"  drag: {dragged['events']} input events in {dragged['seconds']:.2f} s -> {dragged['computed']} pictures "
           f"computed, {dragged['shown']} shown ({dragged['events'] - dragged['computed']} coalesced); last event -> "
@@ -248,8 +249,8 @@ def screenshot(app, path: Path, profile: Path, thumbnail: int, t: list[float]) -
         driver.execute_script(f"return openThumbnail({thumbnail})")
         wait_for(driver, f"state.view && document.querySelector('.thumb.selected').dataset.index === '{thumbnail}'"
                          " && document.getElementById('status').textContent === ''", 3600)
-        driver.execute_script("document.querySelectorAll('#sliders input').forEach((s, k) => { s.value = arguments[0][k]; });"
-                              "onSliderInput(null);", t)
+        driver.execute_script("document.querySelectorAll('#sliders input').forEach((s, k) => "
+                              "{ s.value = arguments[0][k]; }); onSliderInput(null);", t)
         wait_for(driver, "!state.inflight && !state.latest && document.getElementById('current').dataset.seq === "
                          "String(state.seq)", 3600)
         driver.find_element("id", "draw").click()

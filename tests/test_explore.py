@@ -42,7 +42,7 @@ from isda_viz.inversion.inverter_cache import find_inverter
 from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipeline import augment_batch, draw_prior, reconstruct_batch
 from isda_viz.inversion.pipelines import VisualizeOptions, images_per_class, make_inverter
-from isda_viz.inversion.starts import AmortizedStart, FromCodes
+from isda_viz.inversion.starts import REFINE_STEPS, AmortizedStart, FromCodes
 from isda_viz.isda.directions import class_directions, combined_traversal_target, traversal_targets
 from isda_viz.outputs.figures import to_pil
 from isda_viz.outputs.report import read_report
@@ -171,8 +171,9 @@ def test_the_api_gives_the_library_s_pictures_bit_for_bit(app):
     assert abs(moved["top"][0][1] - float(torch.softmax(logits, 1).max())) < 1e-12
     assert [d["share"] for d in view["directions"]] == directions.shares.tolist()
 
-    refined = _post(app, "/api/refine", {"view": view["view"]})       # 40 more steps from the code on screen
-    again = augment_batch(models, step1, wanted, FromCodes(None, step2.z, 40, options.inversion), progress=False)
+    refined = _post(app, "/api/refine", {"view": view["view"]})       # REFINE_STEPS more from the code on screen
+    again = augment_batch(models, step1, wanted, FromCodes(None, step2.z, REFINE_STEPS, options.inversion),
+                          progress=False)
     assert _png(refined["png"]).tobytes() == to_pil(again.pictures[0, 0]).tobytes()
     assert refined["reached_shift_error"] == float(again.reached_shift_error[0, 0])
 
@@ -286,7 +287,8 @@ def test_twenty_concurrent_requests_are_all_answered_and_memory_stays_bounded(ap
     answered = {answer["seq"]: answer for _, answer in answers}
     for seq in sorted(answered)[-3:]:                         # a shared answer is the picture of its position
         view, t, _ = asked[seq]
-        assert _post(app, "/api/move", {"view": view, "t": t, "strength": 0.5, "seq": 99})["png"] == answered[seq]["png"]
+        fresh = _post(app, "/api/move", {"view": view, "t": t, "strength": 0.5, "seq": 99})
+        assert fresh["png"] == answered[seq]["png"]
     for i in range(MAX_VIEWS + 3):
         _post(app, "/api/open", {"thumbnail": i % len(app.session.thumbnails)})
     assert len(app.session.views) == MAX_VIEWS
@@ -345,7 +347,8 @@ def test_file_routes_refuse_path_traversal_and_serve_only_the_page_s_files(app):
     for name in STATIC:
         assert _raw_get(app, f"/static/{name}") == (200, STATIC[name][0])
     for path in ["/static/../session.py", "/static/%2e%2e/session.py", "/static/..%2fsession.py",
-                 "/static/%2E%2E%2Fsession.py", "/static//etc/passwd", "/static/%2Fetc%2Fpasswd", "/../../../etc/passwd",
+                 "/static/%2E%2E%2Fsession.py", "/static//etc/passwd", "/static/%2Fetc%2Fpasswd",
+                 "/../../../etc/passwd",
                  "/static/explore.js/../../session.py", "/static/./explore.js", "/static/..\\session.py",
                  "/%2e%2e/%2e%2e/etc/passwd", "/static/", "/etc/passwd", "//etc/passwd", "/api/../static/explore.js",
                  "/static/%00explore.js"]:
