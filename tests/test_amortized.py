@@ -83,20 +83,25 @@ def test_training_is_deterministic_and_lowers_the_objective_against_its_untraine
     untrained = _trained(models, InverterOptions(**{**vars(TINY), "lr": 0.0, "steps": 1}))
 
     images, labels, _ = images_per_class(models.classifier, 2, None)
-    features = models.classifier.features(images)
+    features, pixels = models.classifier.features(images), models.classifier.preprocess(images)
     statistics = class_statistics(models.classifier)
     wanted = sample_augmented_features(features, labels, statistics.estimator, 0.5, 2,
                                        torch.Generator().manual_seed(3)).flatten(0, 1)
     render_features = _render_features(models)
 
     def errors(inverter):
-        z_star, star = inverter.reconstruct(render_features, features, labels)
-        step1 = ((star - features).norm(dim=1) / features.norm(dim=1)).mean()
+        """Each step's training objective on test images: Step I's (features + pixels) / ||a||^2, Step II's
+        squared reached-shift error."""
+        z_star, star = inverter.reconstruct(render_features, features, labels, pixels)
+        with torch.no_grad():
+            image = render_features(z_star, labels)[0]
+        step1 = (((star - features).pow(2).sum(1) + TINY.eta * (image - pixels).pow(2).flatten(1).sum(1))
+                 / features.pow(2).sum(1)).mean()
         rows = labels.repeat_interleave(2)
         _, reached = inverter.augment(render_features, wanted, rows, z_star.repeat_interleave(2, 0),
                                       star.repeat_interleave(2, 0))
         shift = wanted - features.repeat_interleave(2, 0)
-        return step1, ((reached - wanted).norm(dim=1) / shift.norm(dim=1)).mean()
+        return step1, ((reached - wanted).pow(2).sum(1) / shift.pow(2).sum(1)).mean()
 
     trained_errors, untrained_errors = errors(first), errors(untrained)
     assert trained_errors[0] < untrained_errors[0] and trained_errors[1] < untrained_errors[1]
@@ -107,15 +112,15 @@ def test_its_passes_equal_one_call_of_the_exported_forward(pair):
     inverter = _trained(models)
     render_features = _render_features(models)
     images, labels, _ = images_per_class(models.classifier, 1, None)
-    target = models.classifier.features(images)
+    target, pixels = models.classifier.features(images), models.classifier.preprocess(images)
     z_hat = normalize_latent(inverter.network.start[labels])
     with torch.no_grad():
-        current = render_features(z_hat, labels)[1]
+        image, current = render_features(z_hat, labels)
         for _ in range(inverter.reconstruct_passes):   # the passes written out, as the docstring states them
-            z_hat = inverter.network.step(target, current, z_hat, labels, 0.0)
-            current = render_features(z_hat, labels)[1]
+            z_hat = inverter.network.step(target, current, z_hat, labels, 0.0, pixels - image)
+            image, current = render_features(z_hat, labels)
         exported = inverter.export(render_features)
-        assert torch.equal(exported(target, labels), z_hat)
+        assert torch.equal(exported(target, labels, pixels), z_hat)
         wanted = target + 0.1 * target.std()
         z_two, current_two = z_hat, current
         for _ in range(inverter.augment_passes):

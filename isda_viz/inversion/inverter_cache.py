@@ -46,7 +46,7 @@ from isda_viz.runs import load_checkpoint, save_atomic, write_json_atomic
 
 INVERTER_DIR = "inverters"
 """Folder in a classifier's cache holding trained inverters (`NAME.pt` + its key `NAME.json`)."""
-FORMAT = 1
+FORMAT = 2
 MAX_KEY_BYTES = 1 << 20          # a key file is a few KB; anything larger is not ours
 
 
@@ -130,7 +130,7 @@ def _read_entry(path: Path, key: dict, device) -> AmortizedInverter | None:
         state = load_checkpoint(path, "inverter cache")
         shape, passes = state["shape"], state["passes"]
         network = InverterNetwork(**{k: int(shape[k]) for k in ("feature_dim", "latent_dim", "num_classes", "hidden",
-                                                                 "depth", "rank")})
+                                                                 "depth", "rank", "channels")})
         network.load_state_dict(state["state_dict"])
         options = InverterOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in held["options"].items()})
         info = {k: v for k, v in state.get("info", {}).items() if isinstance(v, (int, float, str))}
