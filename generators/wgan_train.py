@@ -43,13 +43,16 @@ from isda_viz.runs import (
 )
 
 from isda_viz.outputs.figures import sample_grid
+from isda_viz.outputs.generator_report import GENERATOR_REPORT, write_generator_report
 
 from .base import Generator
+from .reach import ReachOptions, generator_reach
 from .wgan import (
     GENERATOR_FILE,
     STATE_FILE,
     WGANCritic,
     WGANGenerator,
+    load_wgan,
     recompute_batchnorm_statistics,
     save_generator,
 )
@@ -320,7 +323,8 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
 
     Writes `generator.pt` (see `save_generator`), `training_state.pt` (critic,
     optimisers, RNG: for `resume`), `samples.png`, `metrics.jsonl` and `config.json`.
-    With `cfg.classifier`, measures class agreement every `sample_every` iterations.
+    With `cfg.classifier`, measures class agreement every `sample_every` iterations, and at the end
+    the generator report (`generator_report.json`, also cached for the pair: `generators.reach`).
     """
     with guarded_run_dir(cfg.out, STATE_FILE):  # one writer; a run failing before its first state leaves nothing
         return _train(cfg, resume, progress, log)
@@ -366,7 +370,24 @@ def _train(cfg: GanConfig, resume: bool, progress: bool, log) -> dict:
     if not record:
         history = read_jsonl(out / "metrics.jsonl")
         record = history[-1] if history else {}
+    if run.classifier is not None:
+        _write_reach(run, progress, log)
     return record
+
+
+def _write_reach(run: _GanTraining, progress: bool, log) -> None:
+    """The generator report of the saved generator against the classifier (`generators.reach`): cached for the
+    pair (so inversions record it) and copied into the GAN_DIR as generator_report.json."""
+    options = ReachOptions(seed=run.cfg.seed)
+    log(f"generator report: {2 * options.per_class} training images and {options.per_class} samples per class "
+        "through the classifier")
+    report = generator_reach(run.classifier, load_wgan(run.out, run.device), options, run.cfg.data_root,
+                             progress=progress, log=log)
+    write_generator_report(dataclasses.replace(report), run.out / GENERATOR_REPORT)
+    o = report.overall
+    log(f"generator report: Fréchet distance {o.frechet_distance:.4g} (tr Σ_real {o.real_trace:.4g}), precision "
+        f"{o.precision:.3f}, recall {o.recall:.3f} over {len(report.classes)} classes "
+        f"({run.out / GENERATOR_REPORT})")
 
 
 def samples_picture(generator: Generator, z: torch.Tensor, class_names: list[str] | None, scale: int = 2):
