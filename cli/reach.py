@@ -7,7 +7,7 @@ import click
 from isda_viz.audit.reach import GeneratorReportOptions, generator_report
 from isda_viz.generators.reach import ReachOptions
 
-from .common import classifier_options, device_option, seed_option, truncation_option
+from .common import classifier_options, device_option, generator_option, seed_option, truncation_option
 
 _DEFAULT = ReachOptions()
 
@@ -15,8 +15,7 @@ _DEFAULT = ReachOptions()
 @click.command("generator-report")
 @classifier_options("Classifier RUN_DIR, or a weights FILE with --classifier-arch (default: the shipped "
                     "Fashion-MNIST ISDA ResNet-32).")
-@click.option("--generator", default=None, help="GAN_DIR, BigGAN folder or name (default: the shipped "
-                                                 "Fashion-MNIST WGAN-GP).")
+@generator_option
 @truncation_option
 @click.option("--class-map", type=click.Path(dir_okay=False), default=None,
               help="Which generator class draws each classifier class (JSON {classifier_class: generator_class}, "

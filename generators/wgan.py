@@ -26,6 +26,7 @@ from isda_viz.errors import IsdaVizError
 from isda_viz.runs import load_checkpoint, save_atomic
 
 from .base import Generator
+from .registry import LoadRequest, register_generator
 
 GENERATOR_FILE = "generator.pt"
 STATE_FILE = "training_state.pt"  # critic, optimisers, RNG: what --resume needs beyond generator.pt
@@ -68,6 +69,7 @@ class UpBlock(nn.Module):
 class WGANGenerator(Generator):
     """Class-conditional (or unconditional) generator: `(N, latent_dim)`, `(N,)` → `(N, C, S, S)` in [-1, 1]."""
     name = "wgan"
+    kind = "wgan"
     output_range = (-1.0, 1.0)
 
     def __init__(self, latent_dim: int = 128, num_classes: int | None = 10, channels: int = 1, image_size: int = 28,
@@ -153,6 +155,26 @@ def load_wgan(path, device="cpu") -> WGANGenerator:
                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     generator.name = f"wgan:{path.parent}"
     return generator.to(device).freeze()
+
+
+def _is_gan_dir_or_file(request: LoadRequest) -> bool:
+    path = request.path
+    if path.is_dir():
+        return (path / GENERATOR_FILE).exists() or (path / STATE_FILE).exists()
+    contents = request.contents()
+    return isinstance(contents, dict) and contents.get("format") == "isda-viz-wgan"
+
+
+@register_generator(
+    "wgan", summary="the compact class-conditional WGAN-GP of isda-viz train-gan", file="GAN_DIR or its generator.pt",
+    dataset="yours (Fashion-MNIST shipped)", resolution="28 or 32 px", source="`isda-viz train-gan` (the shipped "
+    "one: `isda_viz/pretrained/`)", licence="yours (the shipped weights: this project's)",
+    command="isda-viz augment --image a.png --classifier runs/fmnist-isda --generator runs/fmnist-gan --out out/a",
+    recognise=_is_gan_dir_or_file, folder_hint=f"{GENERATOR_FILE} (a train-gan GAN_DIR)")
+def load_wgan_family(request: LoadRequest) -> WGANGenerator:
+    """The registry's loader: `load_wgan`. Its batch-norm statistics are standing ones already (`train_gan`
+    recomputes them before saving), so `standing_statistics` changes nothing."""
+    return load_wgan(request.spec, request.device)
 
 
 @torch.no_grad()
