@@ -295,3 +295,14 @@ def test_the_pooled_sets_are_capped(monkeypatch, synthetic):
     assert (report.overall.real, report.overall.generated) == (100, 100)
     assert [e.real for e in report.classes] == [PER_CLASS] * CLASSES
     assert list(itertools.chain(*[[e.precision, e.recall] for e in report.classes])) == [1.0] * 2 * CLASSES
+
+
+def test_the_shipped_pair_ships_its_report_and_inversions_of_it_record_it():
+    from isda_viz.pretrained import HERE, default_classifier, default_generator
+
+    summary = cached_reach_summary(load_classifier(default_classifier()), load_generator(str(default_generator())))
+    assert summary is not None and Path(summary["file"]).parent.parent == HERE / "fmnist-isda-resnet32"
+    report = read_generator_report(summary["file"])
+    assert report.settings["per_class"] == ReachOptions().per_class and report.classifier.startswith("isda_viz/")
+    assert (summary["precision"], summary["recall"], summary["real"]) == (report.overall.precision,
+                                                                         report.overall.recall, 5000)
