@@ -3,8 +3,8 @@
 Facts from the paper's CIFAR-10 code (igul222/improved_wgan_training, `gan_cifar_resnet.py`), which these modules
 follow (our own code; torch's default initialisation, not theirs):
 
-* Generator: z (128) → linear → `(W, 4, 4)` → 3 residual "up" blocks `W → W` (each: BN, ReLU, 2x nearest upsampling
-  (their depth-to-space of 4 copies), 3x3 conv, BN, ReLU, 3x3 conv; shortcut: upsampling and a 1x1 conv) →
+* Generator: z (128) → linear → `(W, 4, 4)` → 3 residual "up" blocks `W → W` (each: BN, ReLU, 2x nearest
+  upsampling (their depth-to-space of 4 copies), 3x3 conv, BN, ReLU, 3x3 conv; shortcut: upsampling, 1x1 conv) →
   BN, ReLU, 3x3 conv to the image's channels → tanh; `W = DIM_G = 128`. Class-conditional, the blocks' batch norms
   are conditional (Dumoulin et al. 2016: a per-class scale, init 1, and offset, init 0, on an affine-free batch
   norm: their `cond_batchnorm`); the last one is a plain batch norm (their `Generator.OutputN` gets no labels).
