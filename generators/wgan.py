@@ -29,6 +29,7 @@ from .base import Generator
 from .registry import LoadRequest, register_generator
 
 GENERATOR_FILE = "generator.pt"
+WGAN_FORMAT = "isda-viz-wgan"  # generator.pt's "format"
 STATE_FILE = "training_state.pt"  # critic, optimisers, RNG: what --resume needs beyond generator.pt
 
 
@@ -70,7 +71,7 @@ class WGANGenerator(Generator):
     """Class-conditional (or unconditional) generator: `(N, latent_dim)`, `(N,)` → `(N, C, S, S)` in [-1, 1]."""
     name = "wgan"
     kind = "wgan"
-    file_format = "isda-viz-wgan"   # generator.pt's "format"
+    file_format = WGAN_FORMAT
     output_range = (-1.0, 1.0)
 
     def __init__(self, latent_dim: int = 128, num_classes: int | None = 10, channels: int = 1, image_size: int = 28,
@@ -165,23 +166,20 @@ def load_saved_generator(path, network: type[Generator], device="cpu") -> Genera
     return generator.to(device).freeze()
 
 
-def saved_format(path: Path) -> str | None:
-    """The "format" of the `generator.pt` at `path`, None when it has none or cannot be read (the loader says why)."""
-    try:
-        ckpt = load_checkpoint(path, "generator file")
-    except IsdaVizError:
-        return None
-    return ckpt.get("format") if isinstance(ckpt, dict) else None
-
-
 def _is_gan_dir_or_file(request: LoadRequest) -> bool:
+    """A GAN_DIR (its generator.pt not another family's format: the train-gan architectures share the folder
+    layout), or a generator.pt of this format."""
     path = request.path
-    if path.is_dir():  # a GAN_DIR, unless its generator.pt says it is another family's (train-gan --arch resnet)
-        if (path / GENERATOR_FILE).exists():
-            return saved_format(path / GENERATOR_FILE) in (WGANGenerator.file_format, None)
-        return (path / STATE_FILE).exists()
+    if path.is_dir():
+        if not (path / GENERATOR_FILE).exists():
+            return (path / STATE_FILE).exists()  # then load_wgan says generator.pt is missing
+        try:
+            contents = LoadRequest(str(path / GENERATOR_FILE)).contents()
+        except IsdaVizError:
+            return True  # unreadable: load_wgan says so
+        return not isinstance(contents, dict) or contents.get("format", WGAN_FORMAT) == WGAN_FORMAT
     contents = request.contents()
-    return isinstance(contents, dict) and contents.get("format") == "isda-viz-wgan"
+    return isinstance(contents, dict) and contents.get("format") == WGAN_FORMAT
 
 
 @register_generator(

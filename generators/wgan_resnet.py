@@ -31,7 +31,7 @@ from isda_viz.errors import IsdaVizError
 
 from .base import Generator
 from .registry import LoadRequest, register_generator
-from .wgan import GENERATOR_FILE, ConditionalBatchNorm2d, load_saved_generator, saved_format
+from .wgan import GENERATOR_FILE, ConditionalBatchNorm2d, load_saved_generator
 
 GULRAJANI = {
     "n_critic": 5,               # N_CRITIC = 5 (also the paper's Algorithm 1 default)
@@ -167,10 +167,17 @@ def resnet_critic_parameters(width: int, num_classes: int | None, channels: int 
 
 
 def _is_resnet_gan(request: LoadRequest) -> bool:
+    """A GAN_DIR whose generator.pt, or a generator.pt, is of this format."""
     path = request.path
     if path.is_dir():
-        return saved_format(path / GENERATOR_FILE) == ResNetGenerator.file_format
-    contents = request.contents()
+        if not (path / GENERATOR_FILE).exists():
+            return False
+        try:
+            contents = LoadRequest(str(path / GENERATOR_FILE)).contents()
+        except IsdaVizError:
+            return False  # unreadable: the wgan family claims it, and its loader says why
+    else:
+        contents = request.contents()
     return isinstance(contents, dict) and contents.get("format") == ResNetGenerator.file_format
 
 

@@ -66,6 +66,9 @@ def toy_family():
     calls = []
 
     def recognise(request: LoadRequest) -> bool:
+        if request.path.is_dir():  # a train-gan-style GAN_DIR whose generator.pt is of this family's format
+            contents = LoadRequest(str(request.path / "generator.pt")).contents()
+            return contents.get("format") == "toy"
         state = request.tensors()
         return state is not None and set(state) == {"toy.scale"}
 
@@ -74,6 +77,8 @@ def toy_family():
                         recognise=recognise)
     def load_toy(request: LoadRequest) -> Generator:
         calls.append(request)
+        if request.path.is_dir():
+            return Toy(float(LoadRequest(str(request.path / "generator.pt")).contents()["scale"])).freeze()
         return Toy(float(request.tensors()["toy.scale"])).freeze()
 
     yield calls
@@ -90,6 +95,11 @@ def test_one_registration_makes_a_family_loadable_listed_and_recognised(toy_fami
     assert toy_family[1].kind is None and toy_family[1].path == tmp_path / "toy.pt"
     with pytest.raises(IsdaVizError, match="unknown generator kind 'toy'.*toy-gan"):
         load_generator(f"toy:{tmp_path / 'toy.pt'}")
+    # a GAN_DIR of another train-gan architecture is not taken for the WGAN's
+    (tmp_path / "gan").mkdir()
+    torch.save({"format": "toy", "scale": torch.tensor(3.0)}, tmp_path / "gan" / "generator.pt")
+    gan = load_generator(str(tmp_path / "gan"))
+    assert isinstance(gan, Toy) and float(gan.scale) == 3.0
 
 
 def test_registration_is_checked():
