@@ -203,20 +203,25 @@ def test_a_cached_file_carrying_a_pickled_global_is_refused_and_never_runs(pair,
 
 def test_micro_batches_give_the_codes_of_one_batch_and_bound_peak_memory(pair):
     models = _models(*pair)
-    source = AmortizedStart(_trained(models), refine_steps=3)
+    inverter = _trained(models)
     images, labels, _ = images_per_class(models.classifier, 2, [0, 1, 2, 3])
     features = models.classifier.features(images)
     wanted = features[:, None] + 0.05 * torch.randn(len(images), 3, features.shape[1],
                                                     generator=torch.Generator().manual_seed(0))
     prior = draw_prior(models, len(images), 1, torch.Generator().manual_seed(0))
 
-    def run(rows):
-        return invert_batch(models, images, labels, wanted, source, prior, micro_batch=rows, progress=False)
+    def run(rows, steps):
+        return invert_batch(models, images, labels, wanted, AmortizedStart(inverter, steps), prior, micro_batch=rows,
+                            progress=False)
 
-    whole, parts = run(10_000), run(3)
+    whole, parts = run(10_000, 0), run(3, 0)    # the passes alone: batched kernels' rounding only
     assert torch.allclose(whole.z_star, parts.z_star, atol=1e-5) and torch.allclose(whole.z, parts.z, atol=1e-5)
+    # Adam divides each coordinate's gradient by its own running scale, so rounding in a near-zero gradient
+    # can move that coordinate by up to a step: the codes agree to about the step size, the errors closely.
+    whole, parts = run(10_000, 3), run(3, 3)
+    assert torch.allclose(whole.z, parts.z, atol=2e-3)
     assert torch.allclose(whole.reached_shift_error, parts.reached_shift_error, atol=1e-4)
-    assert _peak_bytes(lambda: run(3)) < 0.6 * _peak_bytes(lambda: run(10_000))
+    assert _peak_bytes(lambda: run(3, 3)) < 0.6 * _peak_bytes(lambda: run(10_000, 3))
 
 
 def _peak_bytes(fn) -> int:
