@@ -16,6 +16,7 @@ from .explore import explore_command
 from .gan import train_gan_command
 from .inverter import train_inverter_command
 from .plot import plot_command
+from .reach import generator_report_command
 from .train import train_command
 
 
@@ -48,4 +49,5 @@ main.add_command(demo_command)
 main.add_command(plot_command)
 main.add_command(directions_command)
 main.add_command(train_inverter_command)
+main.add_command(generator_report_command)
 main.add_command(explore_command)

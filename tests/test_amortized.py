@@ -83,20 +83,25 @@ def test_training_is_deterministic_and_lowers_the_objective_against_its_untraine
     untrained = _trained(models, InverterOptions(**{**vars(TINY), "lr": 0.0, "steps": 1}))
 
     images, labels, _ = images_per_class(models.classifier, 2, None)
-    features = models.classifier.features(images)
+    features, pixels = models.classifier.features(images), models.classifier.preprocess(images)
     statistics = class_statistics(models.classifier)
     wanted = sample_augmented_features(features, labels, statistics.estimator, 0.5, 2,
                                        torch.Generator().manual_seed(3)).flatten(0, 1)
     render_features = _render_features(models)
 
     def errors(inverter):
-        z_star, star = inverter.reconstruct(render_features, features, labels)
-        step1 = ((star - features).norm(dim=1) / features.norm(dim=1)).mean()
+        """Each step's training objective on test images: Step I's (features + pixels) / ||a||^2, Step II's
+        squared reached-shift error."""
+        z_star, star = inverter.reconstruct(render_features, features, labels, pixels)
+        with torch.no_grad():
+            image = render_features(z_star, labels)[0]
+        step1 = (((star - features).pow(2).sum(1) + TINY.eta * (image - pixels).pow(2).flatten(1).sum(1))
+                 / features.pow(2).sum(1)).mean()
         rows = labels.repeat_interleave(2)
         _, reached = inverter.augment(render_features, wanted, rows, z_star.repeat_interleave(2, 0),
                                       star.repeat_interleave(2, 0))
         shift = wanted - features.repeat_interleave(2, 0)
-        return step1, ((reached - wanted).norm(dim=1) / shift.norm(dim=1)).mean()
+        return step1, ((reached - wanted).pow(2).sum(1) / shift.pow(2).sum(1)).mean()
 
     trained_errors, untrained_errors = errors(first), errors(untrained)
     assert trained_errors[0] < untrained_errors[0] and trained_errors[1] < untrained_errors[1]
@@ -107,15 +112,15 @@ def test_its_passes_equal_one_call_of_the_exported_forward(pair):
     inverter = _trained(models)
     render_features = _render_features(models)
     images, labels, _ = images_per_class(models.classifier, 1, None)
-    target = models.classifier.features(images)
+    target, pixels = models.classifier.features(images), models.classifier.preprocess(images)
     z_hat = normalize_latent(inverter.network.start[labels])
     with torch.no_grad():
-        current = render_features(z_hat, labels)[1]
+        image, current = render_features(z_hat, labels)
         for _ in range(inverter.reconstruct_passes):   # the passes written out, as the docstring states them
-            z_hat = inverter.network.step(target, current, z_hat, labels, 0.0)
-            current = render_features(z_hat, labels)[1]
+            z_hat = inverter.network.step(target, current, z_hat, labels, 0.0, pixels - image)
+            image, current = render_features(z_hat, labels)
         exported = inverter.export(render_features)
-        assert torch.equal(exported(target, labels), z_hat)
+        assert torch.equal(exported(target, labels, pixels), z_hat)
         wanted = target + 0.1 * target.std()
         z_two, current_two = z_hat, current
         for _ in range(inverter.augment_passes):
@@ -198,20 +203,25 @@ def test_a_cached_file_carrying_a_pickled_global_is_refused_and_never_runs(pair,
 
 def test_micro_batches_give_the_codes_of_one_batch_and_bound_peak_memory(pair):
     models = _models(*pair)
-    source = AmortizedStart(_trained(models), refine_steps=3)
+    inverter = _trained(models)
     images, labels, _ = images_per_class(models.classifier, 2, [0, 1, 2, 3])
     features = models.classifier.features(images)
     wanted = features[:, None] + 0.05 * torch.randn(len(images), 3, features.shape[1],
                                                     generator=torch.Generator().manual_seed(0))
     prior = draw_prior(models, len(images), 1, torch.Generator().manual_seed(0))
 
-    def run(rows):
-        return invert_batch(models, images, labels, wanted, source, prior, micro_batch=rows, progress=False)
+    def run(rows, steps):
+        return invert_batch(models, images, labels, wanted, AmortizedStart(inverter, steps), prior, micro_batch=rows,
+                            progress=False)
 
-    whole, parts = run(10_000), run(3)
+    whole, parts = run(10_000, 0), run(3, 0)    # the passes alone: batched kernels' rounding only
     assert torch.allclose(whole.z_star, parts.z_star, atol=1e-5) and torch.allclose(whole.z, parts.z, atol=1e-5)
+    # Adam divides each coordinate's gradient by its own running scale, so rounding in a near-zero gradient
+    # can move that coordinate by up to a step: the codes agree to about the step size, the errors closely.
+    whole, parts = run(10_000, 3), run(3, 3)
+    assert torch.allclose(whole.z, parts.z, atol=2e-3)
     assert torch.allclose(whole.reached_shift_error, parts.reached_shift_error, atol=1e-4)
-    assert _peak_bytes(lambda: run(3)) < 0.6 * _peak_bytes(lambda: run(10_000))
+    assert _peak_bytes(lambda: run(3, 3)) < 0.6 * _peak_bytes(lambda: run(10_000, 3))
 
 
 def _peak_bytes(fn) -> int:

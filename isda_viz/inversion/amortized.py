@@ -5,8 +5,8 @@ each from scratch with hundreds of gradient steps, although `augment`, `grid`, `
 invert the same (classifier f, generator G) pair again and again. Like the iterative residual encoders of
 GAN inversion (ReStyle, Alaluf et al. 2021; In-Domain GAN Inversion and pSp/e4e refine an encoder's code
 with a few optimisation steps), `InverterNetwork` learns the inversion once per pair. Pass t sees the target
-ã `(A)`, the features f_t = f(G(ẑ_t)) `(A)` of its current code, ẑ_t `(D)` itself and the class, and moves
-the code:
+ã `(A)`, the features f_t = f(G(ẑ_t)) `(A)` of its current code, ẑ_t `(D)` itself and the class (and in
+Step I, where the image x is known, the residual x − G(ẑ_t) pooled to 8×8 per channel), and moves the code:
 
     ẑ_{t+1} = normalize(ẑ_t + h(x_t) + U(x_t) V(x_t)ᵀ r_t / √A),
 
@@ -58,16 +58,16 @@ class InverterOptions:
     Each of `steps` Adam steps (cosine-decayed from `lr`) draws `batch_size` real training images (of
     `real_images` drawn once) and `generator_fraction` as many generator samples, runs Step I's
     `reconstruct_passes` and then Step II's `augment_passes` towards one target per row: an ISDA draw
-    ã ~ N(a, λΣ_y), or with probability `traversal_fraction` a traversal target a + t √(λ e_k) u_k (t
-    uniform in ±`extent`, k among the top `directions`), λ log-uniform over `strengths`. `eta` weighs
-    Step I's pixel term as the search's does.
+    ã ~ N(a, λΣ_y), or with probability `traversal_fraction` a traversal target a + t √(λ e_k) u_k (|t|
+    uniform in [0.5, `extent`], either sign, k among the top `directions`), λ log-uniform over `strengths`.
+    `eta` weighs Step I's pixel term as the search's does.
     """
 
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 64
     generator_fraction: float = 0.25
-    reconstruct_passes: int = 3
-    augment_passes: int = 4
+    reconstruct_passes: int = 4
+    augment_passes: int = 3
     hidden: int = 512
     depth: int = 2
     rank: int = 16
@@ -99,21 +99,29 @@ class InverterOptions:
 
 
 class InverterNetwork(nn.Module):
-    """One pass of the inverter: `step(target (M, A), current (M, A), ẑ (M, D), labels (M,), mode)` → ẑ'.
+    """One pass of the inverter: `step(target (M, A), current (M, A), ẑ (M, D), labels (M,), mode, pixels)` → ẑ'.
 
     `labels` are the classifier's classes (`num_classes` of them; the class is an input, and picks Step I's
     learned start `start[label]`); `feature_mean`/`feature_std` standardise features (set from the training
-    features). The last layer starts near zero, so an untrained inverter stays at its start.
+    features). Step I also sees where its picture differs from the image it reconstructs: the residual
+    x − G(ẑ) (classifier input, `(M, channels, H, W)`) average-pooled to `POOL`×`POOL` per channel, divided
+    by `pixel_scale`, so any image size gives the same inputs; Step II has no image and sees zeros there. The
+    last layer starts near zero, so an untrained inverter stays at its start.
     """
 
+    POOL = 8
+
     def __init__(self, feature_dim: int, latent_dim: int, num_classes: int, hidden: int = 512, depth: int = 2,
-                 rank: int = 16):
+                 rank: int = 16, channels: int = 1):
         super().__init__()
         self.feature_dim, self.latent_dim, self.num_classes, self.rank = feature_dim, latent_dim, num_classes, rank
+        self.channels = channels
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
         self.register_buffer("feature_std", torch.ones(feature_dim))
+        self.register_buffer("pixel_scale", torch.ones(()))
         self.start = nn.Parameter(torch.zeros(num_classes, latent_dim))
-        layers: list[nn.Module] = [nn.Linear(3 * feature_dim + latent_dim + num_classes + 1, hidden), nn.ReLU()]
+        inputs = 3 * feature_dim + latent_dim + num_classes + 1 + channels * self.POOL ** 2
+        layers: list[nn.Module] = [nn.Linear(inputs, hidden), nn.ReLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.ReLU()]
         self.trunk = nn.Sequential(*layers)
@@ -124,21 +132,30 @@ class InverterNetwork(nn.Module):
     def shape(self) -> dict:
         """What rebuilds this network: its sizes."""
         return {"feature_dim": self.feature_dim, "latent_dim": self.latent_dim, "num_classes": self.num_classes,
-                "hidden": self.trunk[0].out_features, "depth": len(self.trunk) // 2, "rank": self.rank}
+                "hidden": self.trunk[0].out_features, "depth": len(self.trunk) // 2, "rank": self.rank,
+                "channels": self.channels}
 
     def starts(self, labels: torch.Tensor) -> torch.Tensor:
         """Step I's first code per row, `(M, D)`, normalised."""
         return normalize_latent(self.start[labels])
 
+    def pooled(self, residual: torch.Tensor | None, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """The pixel residual `(M, channels, H, W)` as `(M, channels·POOL²)` inputs (zeros for None)."""
+        if residual is None:
+            return like.new_zeros(rows, self.channels * self.POOL ** 2)
+        return nn.functional.adaptive_avg_pool2d(residual, self.POOL).flatten(1).to(like) / self.pixel_scale
+
     def step(self, target: torch.Tensor, current: torch.Tensor, z_hat: torch.Tensor, labels: torch.Tensor,
-             mode: float) -> torch.Tensor:
-        """The next code `(M, D)` (normalised) from the target and current features `(M, A)`, the current code."""
+             mode: float, pixel_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The next code `(M, D)` (normalised) from the target and current features `(M, A)`, the current code
+        and, in Step I, the pixel residual `(M, channels, H, W)`."""
         a, d = self.feature_dim, self.latent_dim
         target_std = (target - self.feature_mean) / self.feature_std
         current_std = (current - self.feature_mean) / self.feature_std
         residual = target_std.clamp_min(-self.feature_mean / self.feature_std) - current_std
         one_hot = nn.functional.one_hot(labels.long(), self.num_classes).to(target_std)
-        inputs = torch.cat([target_std, current_std, residual, z_hat, one_hot, torch.full_like(target_std[:, :1], mode)], 1)
+        inputs = torch.cat([target_std, current_std, residual, z_hat, one_hot, torch.full_like(target_std[:, :1], mode),
+                            self.pooled(pixel_residual, len(target), target_std)], 1)
         out = self.head(self.trunk(inputs))
         direct = out[:, :d]
         u = out[:, d:d + self.rank * d].view(-1, d, self.rank)
@@ -155,11 +172,12 @@ class AmortizedInverter:
     options: InverterOptions = field(default_factory=InverterOptions)
     info: dict = field(default_factory=dict)
 
-    def reconstruct(self, render_features: RenderFeatures, target: torch.Tensor,
-                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step I's codes `(N, D)` for `target (N, A)` and their features `(N, A)` (no gradients)."""
+    def reconstruct(self, render_features: RenderFeatures, target: torch.Tensor, labels: torch.Tensor,
+                    pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step I's codes `(N, D)` for `target (N, A)`, the features of the images `pixels (N, C, H, W)`
+        (classifier input; None: unknown), and their features `(N, A)` (no gradients)."""
         return self._passes(render_features, target, labels, self.network.starts(labels), None,
-                            self.reconstruct_passes, RECONSTRUCT)
+                            self.reconstruct_passes, RECONSTRUCT, pixels)
 
     def augment(self, render_features: RenderFeatures, wanted: torch.Tensor, labels: torch.Tensor,
                 z_star: torch.Tensor, star_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,24 +186,27 @@ class AmortizedInverter:
         return self._passes(render_features, wanted, labels, z_star, star_features, self.augment_passes, AUGMENT)
 
     @torch.no_grad()
-    def _passes(self, render_features, target, labels, z_hat, current, passes: int, mode: float):
+    def _passes(self, render_features, target, labels, z_hat, current, passes: int, mode: float, pixels=None):
         network = self.network
         target, z_hat = target.to(network.feature_mean), z_hat.to(network.feature_mean)
-        if current is None:
-            current = render_features(z_hat, labels)[1]
+        image = None
+        if current is None or pixels is not None:
+            image, current = render_features(z_hat, labels)
         for _ in range(passes):
-            z_hat = network.step(target, current.to(target), z_hat, labels, mode)
-            current = render_features(z_hat, labels)[1]
+            residual = None if pixels is None else pixels - image
+            z_hat = network.step(target, current.to(target), z_hat, labels, mode, residual)
+            image, current = render_features(z_hat, labels)
         return z_hat, current
 
     def export(self, render_features: RenderFeatures) -> "ExportedInverter":
-        """The whole inversion as one module: `forward(target, labels, z_star=None)` → codes (see `ExportedInverter`)."""
+        """The whole inversion as one module: `forward(target, labels, ...)` → codes (see `ExportedInverter`)."""
         return ExportedInverter(self, render_features)
 
 
 class ExportedInverter(nn.Module):
-    """One call for every pass: `forward(target (M, A), labels (M,))` → Step I's codes `(M, D)`; with
-    normalised codes `z_star (M, D)` (and optionally their `star_features`), Step II's codes from there."""
+    """One call for every pass: `forward(target (M, A), labels (M,), pixels=None)` → Step I's codes `(M, D)`
+    (`pixels`: the images reconstructed, classifier input); with normalised codes `z_star (M, D)` (and
+    optionally their `star_features`), Step II's codes from there."""
 
     def __init__(self, inverter: AmortizedInverter, render_features: RenderFeatures):
         super().__init__()
@@ -194,11 +215,11 @@ class ExportedInverter(nn.Module):
         self.render_features = render_features
 
     @torch.no_grad()
-    def forward(self, target: torch.Tensor, labels: torch.Tensor, z_star: torch.Tensor | None = None,
-                star_features: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, target: torch.Tensor, labels: torch.Tensor, pixels: torch.Tensor | None = None,
+                z_star: torch.Tensor | None = None, star_features: torch.Tensor | None = None) -> torch.Tensor:
         inverter = AmortizedInverter(self.network, self.reconstruct_passes, self.augment_passes)
         if z_star is None:
-            return inverter.reconstruct(self.render_features, target, labels)[0]
+            return inverter.reconstruct(self.render_features, target, labels, pixels)[0]
         if star_features is None:
             star_features = self.render_features(z_star, labels)[1]
         return inverter.augment(self.render_features, target, labels, z_star, star_features)[0]
@@ -233,7 +254,9 @@ def _draw_targets(data: InverterData, features: torch.Tensor, labels: torch.Tens
     factors = data.factors[labels.cpu()]
     eps = noise * factors if factors.dim() == 2 else torch.einsum("mab,mb->ma", factors, noise)
     k = torch.randint(data.vectors.shape[1], (m,), generator=rng)
-    t = torch.empty(m).uniform_(-options.extent, options.extent, generator=rng)
+    # |t| from half a standard deviation on: the loss is relative to the shift, which t near 0 makes vanish
+    t = torch.empty(m).uniform_(min(0.5, options.extent), options.extent, generator=rng)
+    t = t * (torch.randint(2, (m,), generator=rng) * 2 - 1)
     along = data.vectors[labels.cpu(), k] * (t * data.values[labels.cpu(), k].clamp_min(0).sqrt())[:, None]
     traverse = torch.rand(m, generator=rng) < options.traversal_fraction
     offset = torch.where(traverse[:, None], along, eps) * strength.sqrt()[:, None]
@@ -264,10 +287,10 @@ def _training_step(network: InverterNetwork, render_features: RenderFeatures, da
     total = 0.0
     z_hat = network.starts(labels)
     with torch.no_grad():
-        current = render_features(z_hat, labels)[1]
+        image, current = render_features(z_hat, labels)
     scale = features.pow(2).sum(1).clamp_min(1e-12)
     for _ in range(options.reconstruct_passes):
-        z_hat = network.step(features, current, z_hat.detach(), labels, RECONSTRUCT)
+        z_hat = network.step(features, current, z_hat.detach(), labels, RECONSTRUCT, pixels - image.detach())
         image, reached = render_features(z_hat, labels)
         pixel = (image - pixels).pow(2).flatten(1).sum(1)
         loss = ((reached - features).pow(2).sum(1) + options.eta * pixel) / scale
@@ -301,13 +324,15 @@ def train_inverter(render_features: RenderFeatures, sample_latent, latent_dim: i
     device = data.features.device
     with torch.random.fork_rng(devices=[]):  # its initial weights from the seed, not the global stream
         torch.manual_seed(options.seed)
-        network = InverterNetwork(data.features.shape[1], latent_dim,
-                                  data.factors.shape[0], options.hidden, options.depth, options.rank).to(device)
+        network = InverterNetwork(data.features.shape[1], latent_dim, data.factors.shape[0], options.hidden,
+                                  options.depth, options.rank, data.images.shape[1]).to(device)
     rng = torch.Generator().manual_seed(options.seed)
     with torch.no_grad():
         network.feature_mean.copy_(data.features.mean(0))
         std = data.features.std(0)
         network.feature_std.copy_(std.clamp_min(1e-3 * float(std.max()) + 1e-12))
+        pooled = nn.functional.adaptive_avg_pool2d(data.images[:1024], InverterNetwork.POOL)
+        network.pixel_scale.fill_(float(pooled.std()) + 1e-12)
         network.start.copy_(normalize_latent(sample_latent(network.num_classes, rng, device)))
     adam = torch.optim.Adam(network.parameters(), lr=options.lr)
     loss = float("nan")

@@ -24,10 +24,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
-from isda_viz.cache import cache_dir
+from isda_viz.cache import cache_dir, module_fingerprint
 from isda_viz.classifiers.classifier import CLASSIFIER_CACHE
 from isda_viz.classifiers.statistics import class_statistics, statistics_data
 from isda_viz.errors import IsdaVizError
@@ -46,19 +45,8 @@ from isda_viz.runs import load_checkpoint, save_atomic, write_json_atomic
 
 INVERTER_DIR = "inverters"
 """Folder in a classifier's cache holding trained inverters (`NAME.pt` + its key `NAME.json`)."""
-FORMAT = 1
+FORMAT = 2
 MAX_KEY_BYTES = 1 << 20          # a key file is a few KB; anything larger is not ours
-
-
-def module_fingerprint(module: nn.Module, extra: dict | None = None) -> str:
-    """sha256 over a module's state (names, dtypes, shapes, bytes of every parameter and buffer) and `extra`:
-    what identifies a network that did not come from one weights file (e.g. a generator)."""
-    digest = hashlib.sha256(json.dumps(extra or {}, sort_keys=True, default=str).encode())
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)   # 1-d: a 0-d tensor has no byte view
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def drawn_classes(models: Models) -> list[int]:
@@ -130,7 +118,7 @@ def _read_entry(path: Path, key: dict, device) -> AmortizedInverter | None:
         state = load_checkpoint(path, "inverter cache")
         shape, passes = state["shape"], state["passes"]
         network = InverterNetwork(**{k: int(shape[k]) for k in ("feature_dim", "latent_dim", "num_classes", "hidden",
-                                                                 "depth", "rank")})
+                                                                 "depth", "rank", "channels")})
         network.load_state_dict(state["state_dict"])
         options = InverterOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in held["options"].items()})
         info = {k: v for k, v in state.get("info", {}).items() if isinstance(v, (int, float, str))}

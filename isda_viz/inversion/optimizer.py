@@ -287,7 +287,7 @@ def augment(render: Render, featurize: Callable[[torch.Tensor], torch.Tensor], f
             progress: bool = True, starts: torch.Tensor | None = None) -> Augmentation:
     """Step II (Eq. 21): z' for augmented features `wanted (N, K, A)` of images with `features (N, A)`,
     each of the N·K problems starting from its image's `z_star (N, D)` (or from `starts (N, K, D)`,
-    e.g. the encoder's E(a~)), all in one batch."""
+    e.g. the amortized inverter's), all in one batch."""
     n, k = wanted.shape[:2]
     owner = torch.arange(n, device=features.device).repeat_interleave(k)
     flat = wanted.reshape(n * k, -1)

@@ -173,10 +173,10 @@ def augment_batch(models: Models, step1: Reconstructed, wanted: torch.Tensor, so
 def _step1(models: Models, networks: _Networks, source: CodeSource, images, labels, features, prior, progress):
     """Step I for one micro-batch: `(z* (n, D), its features (n, A), feature error (n,))`."""
     classifier = models.classifier
-    starts = source.step1_starts(networks.render_features, features, labels, prior)
+    pixels = classifier.preprocess(images)
+    starts = source.step1_starts(networks.render_features, features, labels, prior, pixels)
     result = reconstruct(lambda z_hat, owner: networks.render(z_hat, labels[owner]), classifier.model.features,
-                         features, starts, source.refinement, pixel_target=classifier.preprocess(images),
-                         progress=progress)
+                         features, starts, source.refinement, pixel_target=pixels, progress=progress)
     return result.z, result.features, result.feature_error
 
 

@@ -29,6 +29,7 @@ from isda_viz.data.images import check_image_path, load_image_file
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
+from isda_viz.generators.reach import cached_reach_summary
 from isda_viz.inversion.adapter import Models, read_class_map
 from isda_viz.inversion.amortized import AmortizedInverter, InverterOptions
 from isda_viz.inversion.inverter_cache import find_inverter, train_pair_inverter
@@ -254,7 +255,8 @@ def report_settings(options: VisualizeOptions, models: Models, source: CodeSourc
     return Settings(strength=options.strength, num_augmented=options.num_augmented, seed=options.seed,
                     options=source.settings(), classifier=str(models.classifier.source),
                     judge=str(models.judge.source) if models.judge else None, inverter=source.name,
-                    refine_steps=getattr(source, "refine_steps", None))
+                    refine_steps=getattr(source, "refine_steps", None),
+                    generator_reach=cached_reach_summary(models.classifier, models.generator, models.class_map))
 
 
 def _check_out_dir(out: Path, markers: tuple[str, ...] = (REPORT,)) -> None:

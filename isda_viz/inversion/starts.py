@@ -22,7 +22,7 @@ import torch
 from isda_viz.inversion.amortized import AmortizedInverter, RenderFeatures, options_dict
 from isda_viz.inversion.optimizer import InversionOptions, normalize_latent
 
-REFINE_STEPS = 40
+REFINE_STEPS = 100
 """Optimiser steps after the amortized passes, in each of Step I and Step II, unless `--refine-steps` says
 otherwise (chosen with `bench/inversion.py`: see the README)."""
 DIRECTIONS_REFINE_STEPS = 10
@@ -40,9 +40,10 @@ class CodeSource:
     refinement: InversionOptions
 
     def step1_starts(self, render_features: RenderFeatures, features: torch.Tensor, labels: torch.Tensor,
-                     prior: torch.Tensor) -> torch.Tensor:
-        """Step I's starts `(N, R, D)` for images with `features (N, A)`, `labels (N,)`; `prior (N, R', D)`:
-        the generator's prior draws for this batch (drawn whatever the source, so a seed gives the same ã)."""
+                     prior: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """Step I's starts `(N, R, D)` for images `pixels (N, C, H, W)` (classifier input) with `features (N, A)`,
+        `labels (N,)`; `prior (N, R', D)`: the generator's prior draws for this batch (drawn whatever the
+        source, so a seed gives the same ã)."""
         raise NotImplementedError
 
     def step2_starts(self, render_features: RenderFeatures, wanted: torch.Tensor, labels: torch.Tensor,
@@ -68,7 +69,7 @@ class PriorSearch(CodeSource):
     def __init__(self, options: InversionOptions):
         self.refinement = options
 
-    def step1_starts(self, render_features, features, labels, prior):
+    def step1_starts(self, render_features, features, labels, prior, pixels):
         return prior
 
     def step2_starts(self, render_features, wanted, labels, z_star, star_features):
@@ -88,8 +89,8 @@ class AmortizedStart(CodeSource):
         self.refinement = replace(base, reconstruct_iterations=refine_steps, augment_iterations=refine_steps,
                                   restarts=1, **REFINE_LR)
 
-    def step1_starts(self, render_features, features, labels, prior):
-        z_hat, _ = self.inverter.reconstruct(render_features, features, labels)
+    def step1_starts(self, render_features, features, labels, prior, pixels):
+        z_hat, _ = self.inverter.reconstruct(render_features, features, labels, pixels)
         return z_hat[:, None]
 
     def step2_starts(self, render_features, wanted, labels, z_star, star_features):
@@ -118,7 +119,7 @@ class FromCodes(CodeSource):
         self.refinement = replace(options or InversionOptions(), reconstruct_iterations=steps,
                                   augment_iterations=steps, restarts=1, **REFINE_LR)
 
-    def step1_starts(self, render_features, features, labels, prior):
+    def step1_starts(self, render_features, features, labels, prior, pixels):
         return self.codes1[:, None]
 
     def step2_starts(self, render_features, wanted, labels, z_star, star_features):

@@ -112,7 +112,10 @@ class Summary:
 class Settings:
     """How a report was made: λ (`strength`), K, seed, the inversion options, the classifier and judge sources,
     and the way codes were produced: `inverter` "search" or "amortized" (`inversion.starts`), with
-    `refine_steps` optimiser steps after the amortized passes (None for the search)."""
+    `refine_steps` optimiser steps after the amortized passes (None for the search);
+    `generator_reach`: how much the generator can reach in the classifier's features, as the pair's cached
+    generator report says (`GeneratorReport.summary()`: its file, overall Fréchet distance, precision, recall,
+    sample counts; None when the pair has none cached: `isda-viz generator-report` measures it)."""
     strength: float
     num_augmented: int
     seed: int
@@ -121,6 +124,7 @@ class Settings:
     judge: str | None = None
     inverter: str = "search"
     refine_steps: int | None = None
+    generator_reach: dict | None = None
 
 
 @dataclass(kw_only=True)
