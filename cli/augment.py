@@ -12,7 +12,8 @@ from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipelines import VisualizeOptions, augment_images, make_grid
 from isda_viz.outputs.html import page_path
 
-from .common import classifier_options, device_option, embed_option, seed_option, truncation_option
+from .common import (classifier_options, deterministic_option, device_option, embed_option, seed_option,
+                     truncation_option)
 
 # The search knobs the options name as they are (`encoder` comes from the --no-encoder flag).
 _INVERSION_KNOBS = tuple(p for p in inspect.signature(InversionOptions.make).parameters if p != "encoder")
@@ -66,6 +67,7 @@ def visualize_options(fn):
                           "'covariance' (and optional 'mean')."),
         seed_option,
         device_option,
+        deterministic_option,
         embed_option,
     ]
     for option in reversed(options):

@@ -5,6 +5,11 @@ from __future__ import annotations
 import click
 
 device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu).")
+deterministic_option = click.option(
+    "--deterministic", is_flag=True,
+    help="CUDA: deterministic kernels, no TF32, cuBLAS workspace setting, so the same seed gives bit-identical "
+         "results on this machine (slower; an operation without a deterministic kernel is named and refused). "
+         "The CPU is deterministic without it.")
 seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same outputs.")
 truncation_option = click.option("--truncation", type=click.FloatRange(0, 1, min_open=True), default=None,
                                  help="BigGAN truncation (default 0.5; ignored by WGAN generators).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from isda_viz._version import __version__
+from isda_viz.devices import deterministic_refusal
 from isda_viz.errors import IsdaVizError
 from isda_viz.runs import write_failure
 
@@ -24,6 +25,11 @@ class IsdaVizGroup(click.Group):
             return super().invoke(ctx)
         except IsdaVizError as e:
             raise click.ClickException(str(e)) from None
+        except RuntimeError as e:  # --deterministic met an operation without a deterministic kernel
+            refusal = deterministic_refusal(e)
+            if refusal is None:
+                raise
+            raise click.ClickException(str(refusal)) from None
         except OSError as e:  # a full disk or a read-only folder met where no `runs.writing` names the file
             error = write_failure(e, e.filename or "an output file")
             if error is None:

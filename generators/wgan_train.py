@@ -27,7 +27,7 @@ from tqdm import tqdm
 from isda_viz._version import __version__
 from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.data.datasets import dataset_spec, load_split
-from isda_viz.devices import pick_device
+from isda_viz.devices import pick_device, use_deterministic
 from isda_viz.errors import IsdaVizError, require_finite
 from isda_viz.generators.base import to_classifier_pixels
 from isda_viz.isda.schedules import learning_rate
@@ -114,6 +114,7 @@ class GanConfig:
     sample_every: int = 200            # iterations between samples.png / generator.pt / agreement
     log_every: int = 25                # iterations between metrics.jsonl lines
     device: str | None = None          # not part of the run's identity
+    deterministic: bool = False        # CUDA: deterministic kernels, no TF32 (devices.use_deterministic); a setting
 
     def __post_init__(self) -> None:
         """One-line `IsdaVizError`s for options no run can use."""
@@ -146,7 +147,7 @@ class _BatchSampler:
 
 # What a resumed run may change; everything else is taken from the run being resumed.
 RESUME_OVERRIDES = ("iterations", "classifier", "classifier_arch", "class_names", "agreement_per_class", "sample_every",
-                    "log_every", "device", "out")
+                    "log_every", "device", "deterministic", "out")
 
 
 def _resumed_config(saved: dict, cfg: GanConfig) -> GanConfig:
@@ -184,6 +185,8 @@ def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]
     """The run in `cfg.out`: data, classifier, networks and optimisers, restored from its training state when
     resuming; writes config.json. Returns the run, the iterations done and the seconds they took."""
     device = pick_device(cfg.device)
+    if cfg.deterministic:  # before any model or cuBLAS handle exists
+        use_deterministic(device)
     out = Path(cfg.out)
     state = open_run_dir(out, STATE_FILE, resume, {"dataset": cfg.dataset, "conditional": cfg.conditional},
                          what="GAN training state")

@@ -211,8 +211,12 @@ class _ScannedFolder(Dataset):
 
 class FolderImages(Dataset):
     """An ImageFolder whose items are uint8 `(3, S, S)` tensors (resize + centre crop, or random crop).
-    Its files are checked before use (`scan_image_folder`; `skip_bad`: skip unreadable ones)."""
+    Its files are checked before use (`scan_image_folder`; `skip_bad`: skip unreadable ones).
+
+    Training folders crop and flip at random (`random_items`): `dataset[(i, seed)]` draws item i's crop and
+    flip from `seed` alone (the process's random state is left as it was), `dataset[i]` from that state."""
     def __init__(self, root: Path, image_size: int, train: bool, skip_bad: bool = False):
+        self.random_items = train
 
         if train:
             tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
@@ -226,9 +230,14 @@ class FolderImages(Dataset):
     def __len__(self) -> int:
         return len(self._indices) if self._indices is not None else len(self.folder)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         j = self._indices[i] if self._indices is not None else i
-        return self.folder[j]
+        if seed is None:
+            return self.folder[j]
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from torch's CPU state
+            torch.manual_seed(seed)
+            return self.folder[j]
 
     def __getstate__(self):  # DataLoader workers get the images, not the loaders kept on the dataset
         return {k: v for k, v in self.__dict__.items() if k != "_loaders"}

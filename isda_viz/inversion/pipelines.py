@@ -27,7 +27,7 @@ from isda_viz.classifiers.covariance_file import read_covariance_file
 from isda_viz.classifiers.statistics import class_statistics
 from isda_viz.data.datasets import load_split
 from isda_viz.data.images import check_image_path, load_image_file
-from isda_viz.devices import pick_device
+from isda_viz.devices import pick_device, use_deterministic
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
 from isda_viz.inversion.adapter import GeneratorAdapter, read_class_map
@@ -90,7 +90,8 @@ class VisualizeOptions:
     (None: its default). `strength` is λ: a~ = a + eps, eps ~ N(0, λ Σ_y); `num_augmented` is K
     per image. `InversionOptions.make` turns the command line's knobs into `inversion`. `embed`:
     the output's HTML page carries its images inline (`data:` URIs) instead of referencing the PNG
-    files.
+    files. `deterministic`: `--deterministic` (`devices.use_deterministic`, process-wide), applied when
+    the models are loaded.
     """
 
     classifier: str | None = None
@@ -110,6 +111,7 @@ class VisualizeOptions:
     data_root: str | None = None      # the classifier's dataset folder (default: the one it was trained from)
     progress: bool = True
     embed: bool = False
+    deterministic: bool = False       # CUDA: deterministic kernels, no TF32 (`devices.use_deterministic`)
 
     def __post_init__(self) -> None:
         """Raise `IsdaVizError` for values no run can use (before any model is loaded)."""
@@ -131,6 +133,8 @@ class VisualizeOptions:
         """The classifier, generator and judge these options name, frozen, on the chosen device."""
 
         device = pick_device(self.device)
+        if self.deterministic:  # before any model or cuBLAS handle exists
+            use_deterministic(device)
         judge = self.judge if self.judge is not None or self.classifier is not None else default_judge()
         extra = {} if self.truncation is None else {"truncation": self.truncation}
         classifier = load_classifier(self.classifier or default_classifier(), device, arch=self.classifier_arch,

@@ -89,18 +89,31 @@ class CovarianceEstimator:
         return self
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, targets: torch.Tensor) -> None:
-        """Merge a batch: `features (N, A)`, `targets (N,)` int class indices."""
+    def update(self, features: torch.Tensor, targets: torch.Tensor, skip_non_finite: bool = False) -> bool:
+        """Merge a batch: `features (N, A)`, `targets (N,)` int class indices; returns True when merged.
+
+        `skip_non_finite`: a batch holding an inf or NaN feature (on any rank) is left out whole, and False
+        returned. Mixed-precision training needs this: an fp16 overflow in the forward pass makes the step's
+        loss non-finite and the GradScaler skips that step, but merged into the float64 running sums the
+        same features would make every later covariance, and so every later loss, NaN.
+        """
         x = features.detach().to(self.device, torch.float64)
         y = targets.to(self.device)
         counts = torch.bincount(y, minlength=self.num_classes).to(torch.float64)
+        if skip_non_finite:  # the flag rides on the counts' all-reduce: every rank decides alike
+            bad = (~torch.isfinite(x)).any().to(torch.float64).view(1)
+            counts = torch.cat([counts, bad])
         sums = torch.zeros_like(self._mean).index_add_(0, y, x)
         if distributed.active():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
+        if skip_non_finite:
+            counts, bad = counts[:-1], counts[-1]
+            if bad > 0:
+                return False
         classes = torch.nonzero(counts).flatten()
         if classes.numel() == 0:
-            return
+            return True
         m = counts[classes]
         batch_mean = sums[classes] / m[:, None]                       # (K, A)
         n = self.count[classes]
@@ -125,6 +138,7 @@ class CovarianceEstimator:
         else:
             rows, valid = self._class_rows(classes, slot[y], centred, cross.sqrt()[:, None] * delta, rank0)
             self._add_rows(classes, rows, valid)
+        return True
 
     def _class_rows(self, classes, slot_of_row, centred, delta_row, rank0: bool):
         """`rows (K, L, A)` float64: each present class's centred features, then its delta row; `valid (K, L)`.

@@ -138,7 +138,10 @@ class ISDALoss(nn.Module):
     `loss = criterion(features (N, A), fc, targets (N,), strength)`: the estimator is
     first updated with the detached batch features (as in the reference code), then
     the augmented logits use the updated covariances. `strength = 0` returns exactly
-    `F.cross_entropy(fc(features), targets)`.
+    `F.cross_entropy(fc(features), targets)`. Under a caller's autocast (bf16/fp16) the
+    features are cast to float32 (at least) and the logits, quadratic forms and cross-entropy
+    computed in it (the network before it still runs in low precision); a batch with
+    inf/NaN features (an fp16 overflow) is not merged into the estimator.
     """
 
     def __init__(self, num_features: int, num_classes: int, covariance: str = "full"):
@@ -150,8 +153,13 @@ class ISDALoss(nn.Module):
                 strength: float) -> torch.Tensor:
         if self.estimator.device != features.device:
             self.estimator.to(features.device)
-        self.estimator.update(features.detach(), targets)
-        return isda_loss(fc(features), fc.weight, targets, self.estimator, strength)
+        # Eq. 7 in float32 (or wider), whatever the caller's autocast: no bf16/fp16 quadratic forms
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        with torch.autocast(features.device.type, enabled=False):
+            features, weight = features.to(dtype), fc.weight.to(dtype)
+            bias = None if fc.bias is None else fc.bias.to(dtype)
+            self.estimator.update(features.detach(), targets, skip_non_finite=True)
+            return isda_loss(F.linear(features, weight, bias), weight, targets, self.estimator, strength)
 
     def get_extra_state(self) -> dict:
         return self.estimator.state_dict()
