@@ -137,6 +137,9 @@ class _BatchSampler:
         idx = torch.randint(len(self.labels), (n,), generator=self.rng)
         if self.images is not None:
             images = self.images[idx]
+        elif getattr(self.dataset, "random_items", False):  # a training folder's random crops: seeded per draw,
+            seeds = torch.randint(0, 2**62, (n,), generator=self.rng)  # so a resumed run crops alike
+            images = torch.stack([self.dataset[(int(i), int(s))][0] for i, s in zip(idx, seeds)])
         else:
             images = torch.stack([self.dataset[int(i)][0] for i in idx])
         x = images.to(self.device).float().div_(127.5).sub_(1.0)

@@ -390,6 +390,7 @@ _STALE_REASONS = {
     "train_fingerprint": "the training images changed",
     "test_fingerprint": "the held-out test images changed",
     "classifier_sha256": "the classifier checkpoint changed",
+    "computed_on": "the features were computed on another device or in another precision",
     "kind": "another index type was asked for",
     "index": "other index parameters were asked for",
 }
@@ -402,6 +403,7 @@ def _manifest_key(dataset, space, train_split, test_split, classifier, params: I
         "train_size": len(train_split), "train_fingerprint": split_fingerprint(train_split),
         "test_size": len(test_split), "test_fingerprint": split_fingerprint(test_split),
         "classifier_sha256": classifier.fingerprint if classifier is not None else None,
+        "computed_on": classifier.computed_on if classifier is not None else None,   # feature space only
         **_build_params(params),
     }
 

@@ -90,6 +90,14 @@ class Classifier:
         return next(self.model.parameters()).device
 
     @property
+    def computed_on(self) -> dict:
+        """`{"device": "cpu" | "cuda" | ..., "dtype": "float32" | ...}`: where and in what precision its features are
+        computed. Part of the key of every cache of derived data (class statistics, the audit's feature index): a
+        GPU's features differ from the CPU's in the last bits, so a CPU run never reuses a GPU run's cache."""
+        dtype = next(self.model.parameters()).dtype
+        return {"device": self.device.type, "dtype": str(dtype).removeprefix("torch.")}
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 

@@ -165,12 +165,13 @@ def _statistics_pass(classifier: Classifier, data: StatisticsData, classes: list
 
 def _statistics_key(classifier: Classifier, data: StatisticsData, classes: list[int], covariance: str) -> dict:
     return {"weights": classifier.fingerprint, "covariance": covariance, "classes": classes,
-            "data": {str(c): data.class_fingerprints[c] for c in classes}}
+            "data": {str(c): data.class_fingerprints[c] for c in classes}, "computed_on": classifier.computed_on}
 
 
 def _cached_statistics(classifier: Classifier, data: StatisticsData, classes: list[int],
                        covariance: str) -> ClassStatistics | None:
-    """Statistics cached for these weights and covariance type whose classes cover `classes` with the same images."""
+    """Statistics cached for these weights and covariance type, computed on this device type in this precision,
+    whose classes cover `classes` with the same images."""
     if classifier.cache_dir is None or classifier.fingerprint is None:
         return None
     for key_file in sorted((classifier.cache_dir / STATISTICS_DIR).glob(f"{covariance}-*.json")):
@@ -178,8 +179,8 @@ def _cached_statistics(classifier: Classifier, data: StatisticsData, classes: li
             key = json.loads(key_file.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if key.get("weights") != classifier.fingerprint:
-            continue
+        if key.get("weights") != classifier.fingerprint or key.get("computed_on") != classifier.computed_on:
+            continue  # other weights, or features computed on another device or in another precision
         held = {int(c): fp for c, fp in key.get("data", {}).items()}
         if all(held.get(c) == data.class_fingerprints[c] for c in classes):
             state = load_checkpoint(key_file.with_suffix(".pt"), "class statistics cache")
