@@ -382,3 +382,15 @@ def test_12_an_old_driver_is_named_when_the_default_falls_back_to_the_cpu(monkey
         in capsys.readouterr().err
     with pytest.raises(IsdaVizError, match="CUDA is not available on this machine .*driver on your system is too old"):
         devices.pick_device("cuda")
+
+
+def test_12_the_gpu_smoke_test_says_plainly_that_it_needs_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_smoke.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "CUDA is not available here" in result.stdout and "nothing was checked" in result.stdout
