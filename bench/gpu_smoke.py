@@ -62,8 +62,9 @@ class NotHeld(Exception):
 class Smoke:
     """The shared state of one smoke run: device, scratch folder, synthetic data and runs made once."""
 
-    def __init__(self, device: str, work: Path, inversion_args: list[str]):
+    def __init__(self, device: str, work: Path, inversion_args: list[str], quick: bool = False):
         self.device, self.work, self.inversion_args = device, work, inversion_args
+        self.size = (lambda full, small: small) if quick else (lambda full, small: full)   # --quick: small sizes
         self.cuda = device.startswith("cuda")
         self.amp = "bf16" if self.cuda else "off"
         self._made: dict[str, Path] = {}
@@ -111,7 +112,7 @@ class Smoke:
             from isda_viz.data.synthetic import write_cifar10, write_cifar100
 
             writer = write_cifar10 if name == "cifar10" else write_cifar100
-            self._made[name] = writer(self.work / name, n_train=512, n_test=64)
+            self._made[name] = writer(self.work / name, n_train=self.size(512, 128), n_test=self.size(64, 32))
         return self._made[name]
 
     def train(self, name: str, *extra, epochs: int = 2) -> Path:
@@ -225,15 +226,15 @@ def check_bound(smoke: Smoke) -> str:
 def check_wrn28_10_full(smoke: Smoke) -> str:
     out = smoke.work / "runs" / "wrn"
     smoke.cli("train", "--dataset", "cifar100", "--data-root", smoke.cifar("cifar100"), "--arch", "wrn28_10",
-              "--limit-train", 256, "--limit-test", 64, "--epochs", 1, "--batch-size", 64, "--amp", smoke.amp,
-              "--device", smoke.device, "--out", out, timeout=600)
+              "--limit-train", smoke.size(256, 64), "--limit-test", 32, "--epochs", 1, "--batch-size", 64,
+              "--amp", smoke.amp, "--device", smoke.device, "--out", out, timeout=600)
     state = _weights(out, key="estimator")
     m2, count = state["m2"], state["count"]
     covariance = m2 / count.clamp(min=1)[:, None, None]
     asymmetry = (covariance - covariance.transpose(1, 2)).abs().max().item()
     lowest = torch.linalg.eigvalsh(covariance).min().item()
     scale = covariance.diagonal(dim1=1, dim2=2).max().item()
-    if m2.shape[1:] != (640, 640) or count.sum() != 256 or not torch.isfinite(m2).all():
+    if m2.shape[1:] != (640, 640) or count.sum() != smoke.size(256, 64) or not torch.isfinite(m2).all():
         raise NotHeld(f"estimator {tuple(m2.shape)}, count {count.sum():.0f}")
     if asymmetry > 1e-9 * scale or lowest < -1e-9 * scale:
         raise NotHeld(f"asymmetry {asymmetry:.1e}, smallest eigenvalue {lowest:.1e} (scale {scale:.1e})")
@@ -242,7 +243,8 @@ def check_wrn28_10_full(smoke: Smoke) -> str:
 
 @check
 def check_semi_supervised(smoke: Smoke) -> str:
-    run = smoke.train("semi", "--labeled", 100, "--labeled-batch", 32, "--ssl", "mean-teacher", "--eta1", 1,
+    run = smoke.train("semi", "--labeled", smoke.size(100, 20), "--labeled-batch", smoke.size(32, 16), "--ssl",
+                      "mean-teacher", "--eta1", 1,
                       "--amp", smoke.amp, epochs=1)
     m = _metrics(run)[-1]
     terms = {k: m[k] for k in m if k.startswith("train_") and k.endswith("_loss")}
@@ -253,11 +255,12 @@ def check_semi_supervised(smoke: Smoke) -> str:
 
 @check
 def check_train_gan_resume(smoke: Smoke) -> str:
-    common = ["--dataset", "cifar10", "--data-root", smoke.cifar(), "--iterations", 40, "--sample-every", 20,
+    half = smoke.size(20, 5)
+    common = ["--dataset", "cifar10", "--data-root", smoke.cifar(), "--iterations", 2 * half, "--sample-every", half,
               "--batch-size", 32, "--device", smoke.device, "--deterministic"]
     straight, resumed = smoke.work / "gan_straight", smoke.work / "gan_resumed"
     smoke.cli("train-gan", *common, "--out", straight)
-    smoke.killed_after("isda_viz.generators.wgan_train", "iteration", 20, "train-gan", *common, "--out", resumed)
+    smoke.killed_after("isda_viz.generators.wgan_train", "iteration", half, "train-gan", *common, "--out", resumed)
     smoke.cli("train-gan", *common, "--out", resumed, "--resume")
     a, b = (_weights(d, "generator.pt", "state_dict") for d in (straight, resumed))
     difference = _largest_difference(a, b)
@@ -267,14 +270,15 @@ def check_train_gan_resume(smoke: Smoke) -> str:
 
 
 def _augment(smoke: Smoke, device: str, out: Path, images: list[Path], *extra) -> dict:
-    smoke.cli("augment", *[a for p in images for a in ("--image", p)], "--iterations", 60, "--restarts", 2, "-k", 2,
+    smoke.cli("augment", *[a for p in images for a in ("--image", p)], "--iterations", smoke.size(60, 8),
+              "--restarts", 2, "-k", 2,
               "--seed", 0, "--device", device, *extra, "--out", out)
     return json.loads((out / "report.json").read_text())
 
 
 @check
 def check_augment_cpu_vs_cuda(smoke: Smoke) -> str:
-    images = smoke.shipped_images(4)
+    images = smoke.shipped_images(smoke.size(4, 2))
     cpu = _augment(smoke, "cpu", smoke.work / "augment_cpu", images)["summary"]
     gpu = _augment(smoke, smoke.device, smoke.work / "augment_gpu", images)["summary"]
     keys = ("step1_median_feature_error", "step2_median_reached_shift_error")
@@ -442,6 +446,8 @@ def main() -> int:
     parser.add_argument("--only", default="", help=f"comma-separated checks: {', '.join(CHECKS)}")
     parser.add_argument("--inversion-args", default="", help="extra arguments for bench/inversion.py")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (its path is printed)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller data and fewer steps (to check the script itself, e.g. with --device cpu)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"bench/gpu_smoke.py checks the CUDA paths, and CUDA is not available here (torch {torch.__version__}, "
@@ -453,7 +459,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown checks {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
     work = Path(tempfile.mkdtemp(prefix="isda-viz-gpu-smoke-"))
-    smoke = Smoke(args.device, work, args.inversion_args.split())
+    smoke = Smoke(args.device, work, args.inversion_args.split(), args.quick)
     smoke.inversion_output = ""
     rows, started = [], time.time()
     for name in names:

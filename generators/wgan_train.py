@@ -27,7 +27,7 @@ from tqdm import tqdm
 from isda_viz._version import __version__
 from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.data.datasets import dataset_spec, load_split
-from isda_viz.devices import pick_device, use_deterministic
+from isda_viz.devices import pick_device, use_deterministic, use_fast_kernels
 from isda_viz.errors import IsdaVizError, require_finite
 from isda_viz.generators.base import to_classifier_pixels
 from isda_viz.isda.schedules import learning_rate
@@ -190,6 +190,7 @@ def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]
     device = pick_device(cfg.device)
     if cfg.deterministic:  # before any model or cuBLAS handle exists
         use_deterministic(device)
+    use_fast_kernels(device)
     out = Path(cfg.out)
     state = open_run_dir(out, STATE_FILE, resume, {"dataset": cfg.dataset, "conditional": cfg.conditional},
                          what="GAN training state")

@@ -88,14 +88,18 @@ def _check_cuda_device(dev: torch.device, asked: str) -> torch.device:
 
 
 def pick_device(device: str | None) -> torch.device:
-    """`cpu`, `cuda`, `cuda:N`, or None (or `auto`): `$ISDA_VIZ_DEVICE` when set, else CUDA when present,
-    else the CPU (with a note when CUDA is missing for a reason such as an old driver)."""
+    """`cpu`, `cuda`, `cuda:N`, or None (or `auto`): `$ISDA_VIZ_DEVICE` when set, else CUDA when present and
+    usable, else the CPU (with a note naming the reason when CUDA is there but unusable: an old driver, a GPU
+    without kernels in this torch build). An explicit CUDA device that cannot run is an `IsdaVizError`."""
     if device is None or device == "auto":
         device = os.environ.get(DEVICE_ENV) or None
         if device is None or device == "auto":
             available, why = _cuda_available()
             if available:
-                return _check_cuda_device(torch.device("cuda"), "cuda")
+                try:
+                    return _check_cuda_device(torch.device("cuda"), "cuda")
+                except IsdaVizError as e:  # e.g. a GPU this torch build has no kernels for: the CPU still works
+                    why = str(e).removeprefix("--device cuda: ")
             if why:
                 _note(f"CUDA is not available ({why}); running on the CPU")
             return torch.device("cpu")

@@ -174,7 +174,8 @@ def test_4_class_statistics_of_a_gpu_run_are_not_reused_on_the_cpu(tiny_ce_run, 
     run = shutil.copytree(tiny_ce_run, tmp_path / "ce")
     passes = []
     real_pass = statistics_module._statistics_pass
-    monkeypatch.setattr(statistics_module, "_statistics_pass", lambda *a, **k: passes.append(a[2]) or real_pass(*a, **k))
+    monkeypatch.setattr(statistics_module, "_statistics_pass",
+                        lambda *a, **k: passes.append(a[2]) or real_pass(*a, **k))
     with monkeypatch.context() as gpu:
         _on_a_gpu(gpu)
         statistics_module.class_statistics(load_classifier(run, "cpu"), classes=[1], progress=False)
@@ -361,6 +362,8 @@ def test_12_a_gpu_without_kernels_in_this_build_and_a_missing_index_are_refused(
     _gpu(monkeypatch, (7, 0))                                    # a V100: sm_70, below the build's sm_75
     with pytest.raises(IsdaVizError, match=r"compute capability 7\.0\) has no kernels in this torch build"):
         devices.pick_device("cuda")
+    monkeypatch.delenv(devices.DEVICE_ENV)
+    assert devices.pick_device(None) == torch.device("cpu")      # the default falls back, with a note
     _gpu(monkeypatch, (8, 6), count=2)
     assert devices.pick_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(IsdaVizError, match=r"--device cuda:7: this machine has 2 GPU\(s\), cuda:0 to cuda:1"):

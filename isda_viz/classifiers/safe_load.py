@@ -138,7 +138,8 @@ class PickledDropInEstimatorCV(PickledEstimatorCV):
 
 
 class PickledDropInISDALoss(PickledISDALoss):
-    """`isda_viz.compat.cifar.ISDALoss`, the drop-in for `ISDA.ISDALoss`: `.estimator`, `.class_num`, `.cross_entropy`."""
+    """`isda_viz.compat.cifar.ISDALoss`, the drop-in for `ISDA.ISDALoss`: `.estimator`, `.class_num`,
+    `.cross_entropy`."""
     pickled_as = "isda_viz.compat.cifar.ISDALoss"
 
 

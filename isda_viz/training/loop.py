@@ -364,7 +364,7 @@ def training_loss(cfg: TrainConfig, fc: nn.Linear, estimator: CovarianceEstimato
     logits = fc(features)
     labeled_logits = logits[:n_l]
     if estimator is not None:  # Sigma of a class (and of a pseudo label) from labeled features only
-        estimator.update(features[:n_l].detach(), y, skip_non_finite=True)  # an fp16 overflow: the scaler skips the step
+        estimator.update(features[:n_l].detach(), y, skip_non_finite=True)  # fp16 overflow: skipped, as by the scaler
     if cfg.loss == "isda":
         supervised = isda_loss(labeled_logits, fc.weight, y, estimator, strength)
     elif cfg.loss == "explicit" and strength > 0:
