@@ -136,13 +136,10 @@ def use_deterministic(device: torch.device | None = None, warn_only: bool = Fals
     torch.use_deterministic_algorithms(True, warn_only=warn_only)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: per-backend float32 precision
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        torch.backends.cudnn.rnn.fp32_precision = "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    # TF32 off. The allow_tf32 switches exist in every torch this package supports; torch >= 2.9's per-backend
+    # `fp32_precision` settings are not mixed in (reading the old switches after setting some new ones raises).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def deterministic() -> bool:

@@ -93,13 +93,11 @@ def restore_determinism():
     state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    precision = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
-                 torch.backends.cudnn.rnn.fp32_precision)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     yield
     torch.use_deterministic_algorithms(state[0], warn_only=state[1])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state[2], state[3]
-    (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
-     torch.backends.cudnn.rnn.fp32_precision) = precision
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     if state[4] is None:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     else:
@@ -111,7 +109,7 @@ def test_3_the_switch_sets_every_setting_it_names(restore_determinism, monkeypat
     devices.use_deterministic(torch.device("cpu"))
     assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     devices.use_fast_kernels(torch.device("cuda"))               # benchmarking stays off when deterministic
     assert not torch.backends.cudnn.benchmark
