@@ -66,16 +66,17 @@ def has_kernels_for(capability: tuple[int, int], arch_list: list[str]) -> bool:
     return False
 
 
-def _check_cuda_device(dev: torch.device, asked: str) -> torch.device:
-    """`dev` (type cuda) if it exists and this torch build has kernels for it, else `IsdaVizError`."""
+def _check_cuda_device(dev: torch.device, asked: str, option: str = "--device") -> torch.device:
+    """`dev` (type cuda) if it exists and this torch build has kernels for it, else `IsdaVizError` (`option`:
+    where the device was asked for)."""
     available, why = _cuda_available()
     if not available:
-        raise IsdaVizError(f"--device {asked} asked for, but CUDA is not available on this machine"
+        raise IsdaVizError(f"{option} {asked} asked for, but CUDA is not available on this machine"
                            + (f" ({why})" if why else ""))
     count = torch.cuda.device_count()
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     if not 0 <= index < count:
-        raise IsdaVizError(f"--device {asked}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        raise IsdaVizError(f"{option} {asked}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
     capability = tuple(torch.cuda.get_device_capability(index))
     arch_list = torch.cuda.get_arch_list()
     if arch_list and not has_kernels_for(capability, arch_list):
@@ -91,8 +92,9 @@ def pick_device(device: str | None) -> torch.device:
     """`cpu`, `cuda`, `cuda:N`, or None (or `auto`): `$ISDA_VIZ_DEVICE` when set, else CUDA when present and
     usable, else the CPU (with a note naming the reason when CUDA is there but unusable: an old driver, a GPU
     without kernels in this torch build). An explicit CUDA device that cannot run is an `IsdaVizError`."""
+    option = "--device"
     if device is None or device == "auto":
-        device = os.environ.get(DEVICE_ENV) or None
+        device, option = os.environ.get(DEVICE_ENV) or None, f"${DEVICE_ENV}"
         if device is None or device == "auto":
             available, why = _cuda_available()
             if available:
@@ -106,9 +108,9 @@ def pick_device(device: str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise IsdaVizError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
+        raise IsdaVizError(f"{option}: unknown device '{device}'; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
-        return _check_cuda_device(dev, device)
+        return _check_cuda_device(dev, device, option)
     return dev
 
 

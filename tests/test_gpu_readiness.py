@@ -210,6 +210,9 @@ def test_5_the_default_device_of_the_suite_is_the_cpu_on_a_gpu_machine_too(monke
     assert devices.pick_device(None) == torch.device("cpu")
     monkeypatch.delenv(devices.DEVICE_ENV)
     assert devices.pick_device(None).type == "cuda"               # outside the suite: CUDA where present
+    monkeypatch.setenv(devices.DEVICE_ENV, "gpu")
+    with pytest.raises(IsdaVizError, match=r"\$ISDA_VIZ_DEVICE: unknown device 'gpu'"):
+        devices.pick_device(None)
 
 
 # ------------------------------------------------------------------------ 7: an fp16 overflow
