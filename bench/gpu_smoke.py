@@ -62,8 +62,9 @@ class NotHeld(Exception):
 class Smoke:
     """The shared state of one smoke run: device, scratch folder, synthetic data and runs made once."""
 
-    def __init__(self, device: str, work: Path, inversion_args: list[str], quick: bool = False):
-        self.device, self.work, self.inversion_args = device, work, inversion_args
+    def __init__(self, device: str, work: Path, inversion_args: list[str], quick: bool = False,
+                 timeout_scale: float = 1.0):
+        self.device, self.work, self.inversion_args, self.timeout_scale = device, work, inversion_args, timeout_scale
         self.size = (lambda full, small: small) if quick else (lambda full, small: full)   # --quick: small sizes
         self.cuda = device.startswith("cuda")
         self.amp = "bf16" if self.cuda else "off"
@@ -74,8 +75,8 @@ class Smoke:
     def run(self, cmd: list, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
         """`cmd` in a fresh process (one thread per CPU op); `NotHeld` with its last error line if it fails."""
         full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
-        result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                                env=full_env, cwd=ROOT)
+        result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                                timeout=timeout * self.timeout_scale, env=full_env, cwd=ROOT)
         if result.returncode != 0:
             lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
             error = next((line for line in reversed(lines) if line.startswith(("Error", "RuntimeError"))),
@@ -446,6 +447,8 @@ def main() -> int:
     parser.add_argument("--only", default="", help=f"comma-separated checks: {', '.join(CHECKS)}")
     parser.add_argument("--inversion-args", default="", help="extra arguments for bench/inversion.py")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (its path is printed)")
+    parser.add_argument("--timeout-scale", type=float, default=1.0,
+                        help="multiply every command's time limit (a slow or busy machine)")
     parser.add_argument("--quick", action="store_true",
                         help="smaller data and fewer steps (to check the script itself, e.g. with --device cpu)")
     args = parser.parse_args()
@@ -459,7 +462,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown checks {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
     work = Path(tempfile.mkdtemp(prefix="isda-viz-gpu-smoke-"))
-    smoke = Smoke(args.device, work, args.inversion_args.split(), args.quick)
+    smoke = Smoke(args.device, work, args.inversion_args.split(), args.quick, args.timeout_scale)
     smoke.inversion_output = ""
     rows, started = [], time.time()
     for name in names:
