@@ -24,7 +24,7 @@ user would run it. The checks:
                            `train --deterministic` twice and killed/resumed, `augment --deterministic` twice:
                            bit-identical
   torchrun_nccl            2+ GPUs: torchrun + NCCL + --sync-bn, a folder test set of 501 images (the
-                           last evaluation batch leaves a rank empty)
+                           last evaluation batch leaves a rank empty); with --device cpu: gloo
 
 Without CUDA it says so and exits with status 0 having checked nothing (`--device cpu` to run it anyway).
 Exit status 1 when any check did not hold.
@@ -428,7 +428,7 @@ def check_deterministic(smoke: Smoke) -> str:
 
 @check
 def check_torchrun_nccl(smoke: Smoke) -> str:
-    if not smoke.cuda or torch.cuda.device_count() < 2:
+    if smoke.cuda and torch.cuda.device_count() < 2:
         return "skipped: needs 2 or more GPUs"
     from isda_viz.data.synthetic import write_image_folders
 
@@ -436,9 +436,10 @@ def check_torchrun_nccl(smoke: Smoke) -> str:
     out = smoke.work / "runs" / "torchrun"
     smoke.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "-m", "isda_viz.cli", "train",
                "--dataset", "folder", "--data-root", data, "--arch", "resnet8", "--epochs", 1, "--batch-size", 16,
-               "--sync-bn", "--workers", 2, "--device", "cuda", "--out", out], timeout=400)
+               "--sync-bn", "--workers", 2, "--device", "cuda" if smoke.cuda else "cpu", "--out", out], timeout=400)
     m = _metrics(out)[-1]
-    return f"2 ranks, NCCL, --sync-bn, 501 test images (last batch: 1): test acc {m['test_accuracy']:.3f}"
+    backend = "NCCL" if smoke.cuda else "gloo (CPU)"
+    return f"2 ranks, {backend}, --sync-bn, 501 test images (last batch: 1): test acc {m['test_accuracy']:.3f}"
 
 
 def main() -> int:
