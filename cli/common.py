@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from isda_viz.classifiers.registry import arch_help
 from isda_viz.generators.registry import generator_help
+from isda_viz.inversion.starts import REFINE_STEPS
 
 device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu).")
 deterministic_option = click.option(
@@ -28,14 +30,7 @@ def classifier_options(classifier_help: str):
     """
     options = [
         click.option("--classifier", default=None, help=classifier_help),
-        click.option("--classifier-arch", default=None, metavar="ARCH",
-                     help="What the --classifier FILE holds: a public ISDA CIFAR architecture (resnet110, wrn28_10, "
-                          "se_resnet110, densenet_bc100, resnext29_8_64, shake_pyramidnet272, ...: the README's table; "
-                          "a checkpoint of that code, its format recognised from its keys) or torchvision:NAME (torchvision "
-                          "weights, e.g. torchvision:resnet50; also a checkpoint of the public ImageNet DDP script), "
-                          "isda-imagenet:densenet121|densenet265 (the public ImageNet DenseNets) or timm:NAME (timm "
-                          "weights: a file or a Hugging Face-style folder; needs isda-viz[timm]). Weights files may be "
-                          ".safetensors. Leave out for an isda-viz RUN_DIR."),
+        click.option("--classifier-arch", default=None, metavar="ARCH", help=arch_help()),
         click.option("--class-names", type=click.Path(dir_okay=False), default=None,
                      help="File naming the classes of a --classifier FILE, one per line or a JSON list "
                           "(default: --data-root's train/ folders)."),
@@ -47,3 +42,14 @@ def classifier_options(classifier_help: str):
         return fn
 
     return decorate
+
+inverter_option = click.option(
+    "--inverter", type=click.Choice(["search", "amortized"]), default=None,
+    help="How latent codes are found: amortized (the pair's trained inverter, a few feed-forward passes, then "
+         "--refine-steps optimiser steps; `isda-viz train-inverter` trains one) or search (random starts, hundreds "
+         "of optimiser steps). Default: amortized where the pair has a trained inverter, else search.")
+
+refine_steps_option = click.option(
+    "--refine-steps", type=click.IntRange(0, 100_000), default=None,
+    help=f"Optimiser steps after the amortized inverter's passes, in Step I and in Step II (default {REFINE_STEPS}; "
+         "0: the inverter alone).")
