@@ -25,15 +25,26 @@ from isda_viz.generators.wgan_train import GanConfig, train_gan
 from isda_viz.inversion.directions import DirectionsOptions, make_directions
 from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipelines import VisualizeOptions, make_grid
-from isda_viz.outputs.audit_report import AUDIT, AuditReport, read_audit
-from isda_viz.outputs.folders import check_out_dir
+from isda_viz.outputs.audit_report import AuditReport, read_audit
+from isda_viz.outputs.folders import FIGURE_LINKS, check_name_lengths, claim_resumable, figure_files_dir, published
 from isda_viz.outputs.directions import DirectionsReport, read_directions_report
-from isda_viz.outputs.html import write_html
+from isda_viz.outputs.html import PAGE, write_html
 from isda_viz.outputs.report import Report, read_report
 from isda_viz.outputs.summary import SUMMARY, DemoSummary, read_summary, write_summary
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
 from isda_viz.runs import CHECKPOINT, load_checkpoint, read_jsonl
 from isda_viz.training.loop import TrainConfig, fit
+
+
+def _figure_entries(name: str) -> tuple[str, ...]:
+    png = Path(name)
+    return (*(png.with_suffix(s).name for s in FIGURE_LINKS), figure_files_dir(png).name)
+
+
+DEMO_ENTRIES = ("classifier", "judge", "gan", *_figure_entries("figure.png"), "audit",
+                *_figure_entries("directions.png"), SUMMARY, PAGE)
+"""What a demo folder may hold (its manifest lists them): the runs trained with --from-scratch, the grid, the
+audit, the directions figure, summary.json and the page."""
 
 
 @dataclass
@@ -88,10 +99,11 @@ def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: 
     `encoder`: the figure's search starts from the learned start (False: from random codes only, the
     figure as before the encoder; `--no-encoder`)."""
 
-    check_out_dir(out)  # a resumable folder: any earlier contents are the demo's own stages
     pick_device(device)  # a device that is not there fails before anything is written
     out = Path(out)
+    check_name_lengths([out])
     with locks.exclusive(out):  # one demo per folder (each stage also locks its own output)
+        claim_resumable(out, "demo", DEMO_ENTRIES)  # a resumable folder: what it holds are the demo's own stages
         return _run_demo(out, device, quick, from_scratch, seed, log, progress, embed, encoder)
 
 
@@ -161,7 +173,7 @@ def _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
 def _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed) -> Report:
 
     figure = out / "figure.png"
-    if figure.exists() and figure.with_suffix(".json").exists():
+    if published(figure):
         _status(log, "grid", f"reusing the finished figure {figure}")
         return read_report(figure.with_suffix(".json"))
     options = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),
@@ -175,7 +187,7 @@ def _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed) 
 def _audit_stage(out, plan, device, log, progress, seconds, embed) -> AuditReport:
 
     audit_dir = out / "audit"
-    if (audit_dir / AUDIT).exists():
+    if published(audit_dir):
         _status(log, "audit", f"reusing the finished audit in {audit_dir}")
         return read_audit(audit_dir)
     _status(log, "audit", "nearest training images of each augmented image (FAISS, pixel space)")
@@ -188,7 +200,7 @@ def _audit_stage(out, plan, device, log, progress, seconds, embed) -> AuditRepor
 
 def _directions_stage(out, plan, models, device, seed, log, progress, seconds, embed) -> DirectionsReport:
     figure = out / "directions.png"
-    if figure.exists() and figure.with_suffix(".json").exists():
+    if published(figure):
         _status(log, "directions", f"reusing the finished directions figure {figure}")
         return read_directions_report(figure)
     visualize = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),

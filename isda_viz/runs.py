@@ -89,13 +89,15 @@ def private_mkdtemp(parent: Path, prefix: str) -> Path:
 
 @contextmanager
 def assembled_beside(out: Path, maps_to: Path | None = None):
-    """A temporary folder `.NAME.tmp.*` beside `out` for the body to fill (and move into place); removed
-    whatever happens. Call it holding `out`'s lock (`locks.exclusive`). Errors of writes inside it (a full disk, a read-only folder) become one
-    `IsdaVizError` naming the destination (`maps_to`, default `out`) instead of the temporary folder."""
+    """A temporary folder `.NAME.tmp.*` beside `out` for the body to fill and publish
+    (`outputs.folders.publish_folder`, which may leave the output it replaced there); removed whatever
+    happens. Call it holding `out`'s lock (`locks.exclusive`). Errors of writes inside it (a full disk, a
+    read-only folder) become one `IsdaVizError` naming the destination (`maps_to`, default `out`) instead of the temporary folder."""
     out = Path(out)
     maps_to = Path(maps_to or out)
-    # Left by a killed run of this output: safe to remove, as the caller holds the output's lock.
-    for stale in [*out.parent.glob(f".{out.name}.tmp.*"), *out.parent.glob(f".{out.name}.old.*")]:
+    # Left by a killed run of this output: safe to remove, as the caller holds the output's lock (an output
+    # moved aside to `.NAME.old.*` by a publication is `outputs.folders`' to put back or remove).
+    for stale in out.parent.glob(f".{out.name}.tmp.*") if out.parent.is_dir() else []:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = private_mkdtemp(out.parent, f".{out.name}.tmp.")
     try:

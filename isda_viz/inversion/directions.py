@@ -11,8 +11,6 @@ The t = 0 target is a itself, shared by an image's directions (one problem, not 
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,6 @@ from isda_viz.inversion.pipelines import (
     check_models,
     images_per_class,
     reconstruction_starts,
-    replace_output_dir,
 )
 from isda_viz.isda.directions import (
     NOISES,
@@ -62,7 +59,14 @@ from isda_viz.outputs.directions import (
     write_directions_report,
 )
 from isda_viz.outputs.figures import to_pil
-from isda_viz.outputs.folders import check_figure_path, check_out_dir
+from isda_viz.outputs.folders import (
+    check_figure_path,
+    check_inputs_outside,
+    claim_figure,
+    figure_files_dir,
+    figure_outputs,
+    publish_figure,
+)
 from isda_viz.outputs.report import ImageFile, ReconstructionEntry
 from isda_viz.runs import assembled_beside
 
@@ -129,8 +133,9 @@ def make_directions(*, out, options: DirectionsOptions | None = None,
 
 
 def _make_directions(out_png: Path, options: DirectionsOptions, models: Models | None) -> DirectionsReport:
-    files_dir = out_png.with_name(out_png.stem + "_files")
-    _check_files_dir(files_dir)
+    files_dir = figure_files_dir(out_png)
+    _check_files_dir(out_png)
+    check_inputs_outside({"--image": options.images, **options.visualize.input_paths()}, figure_outputs(out_png))
     vis = options.visualize
     models = models or vis.load_models()
     check_models(models)
@@ -358,15 +363,16 @@ def _settings(options: DirectionsOptions, models: Models) -> DirectionsSettings:
                               judge=str(models.judge.source) if models.judge else None)
 
 
-def _check_files_dir(folder: Path) -> None:
-    """A FIG_files/ folder we may replace: absent, empty, or an earlier output of `directions`."""
-    check_out_dir(folder, ours=FILES_REPORT, what="a directions output")
+def _check_files_dir(out_png: Path) -> None:
+    """The figure FIG.png may be written: FIG_files/ absent, empty, or an earlier output of `directions` carrying
+    our manifest, and FIG.png, FIG.json, FIG.html absent or its links (`outputs.folders.claim_figure`)."""
+    claim_figure(out_png, "directions")
 
 
 def _write(report: DirectionsReport, traversal: Traversal, out_png: Path, files_dir: Path,
            embed: bool) -> DirectionsReport:
-    """FIG_files/, FIG.json, FIG.png and FIG.html, all built in one temporary folder beside them and
-    renamed into place when complete (FIG_files first, the page last), as `grid` writes its figure."""
+    """FIG_files/ with every frame, the figure, its JSON and page (linked to as FIG.png, FIG.json, FIG.html), all
+    assembled in one temporary folder and published whole (`outputs.folders.publish_figure`), as `grid` does."""
     with assembled_beside(out_png, maps_to=out_png.parent) as tmp:
         files = tmp / files_dir.name
         files.mkdir()
@@ -378,14 +384,10 @@ def _write(report: DirectionsReport, traversal: Traversal, out_png: Path, files_
                 for j, frame in enumerate(direction.frames):
                     to_pil(traversal.frames[i, d, j]).save(files / frame.file)
         write_directions_report(report, files / FILES_REPORT)
-        figure = draw_directions_figure(report, list(traversal.frames), list(traversal.changes))
-        figure.save(files / "figure.png")
-        shutil.copyfile(files / "figure.png", tmp / out_png.name)
+        draw_directions_figure(report, list(traversal.frames), list(traversal.changes)).save(tmp / out_png.name)
         placed = report.with_files_under(files_dir.name)
         write_directions_report(placed, tmp / out_png.with_suffix(".json").name)
         write_directions_page(placed, embed=embed)
-        replace_output_dir(files, files_dir, (FILES_REPORT,))
-        for suffix in (".json", ".png", ".html"):
-            os.replace(tmp / out_png.with_suffix(suffix).name, out_png.with_suffix(suffix))
+        publish_figure(tmp, out_png, "directions")
     placed.path = out_png.with_suffix(".json")
     return placed

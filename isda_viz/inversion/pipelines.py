@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,17 @@ from isda_viz.isda.directions import augmentation_shares
 from isda_viz.isda.estimator import check_covariance
 from isda_viz.isda.sampling import sample_augmented_features
 from isda_viz.outputs.figures import labelled_grid, to_pil
-from isda_viz.outputs.folders import check_figure_path, check_out_dir
+from isda_viz.outputs.folders import (
+    check_figure_path,
+    check_inputs_outside,
+    check_name_lengths,
+    check_replaceable,
+    claim_figure,
+    figure_files_dir,
+    figure_outputs,
+    publish_figure,
+    publish_folder,
+)
 from isda_viz.outputs.html import write_html
 from isda_viz.outputs.report import (
     REPORT,
@@ -58,7 +67,7 @@ from isda_viz.outputs.report import (
     write_report,
 )
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
-from isda_viz.runs import assembled_beside, private_mkdtemp
+from isda_viz.runs import assembled_beside
 
 if TYPE_CHECKING:
     from isda_viz.generators.base import Generator
@@ -126,6 +135,12 @@ class VisualizeOptions:
             raise IsdaVizError("--num-augmented must be >= 1")
         if self.inversion.restarts < (0 if self.inversion.start == "encoder" else 1):   # 0: the learned start alone
             raise IsdaVizError("--restarts must be >= 1 (>= 0 with the learned start)")
+
+    def input_paths(self) -> dict:
+        """The files and folders these options read, by option name (an input is never an output)."""
+        return {"--classifier": self.classifier, "--class-names": self.class_names, "--generator": self.generator,
+                "--class-map": self.class_map, "--judge": self.judge, "--covariance-file": self.covariance_file,
+                "--data-root": self.data_root}
 
     def load_models(self) -> Models:
         """The classifier, generator and judge these options name, frozen, on the chosen device."""
@@ -299,26 +314,16 @@ def _settings(options: VisualizeOptions, models: Models) -> Settings:
                     judge=str(models.judge.source) if models.judge else None)
 
 
-def _check_out_dir(out: Path, markers: tuple[str, ...] = (REPORT,)) -> None:
-    """An --out folder we may replace: absent, empty, or an earlier output of ours (holding one of
-    `markers`, paths relative to the folder; `check_out_dir`)."""
-    check_out_dir(out, ours=markers, what="an augment output")
+def _check_out_dir(out: Path, command: str = "augment") -> None:
+    """An --out folder we may replace: absent, empty, or an earlier output of `command` carrying our manifest
+    and nothing else (`outputs.folders.check_replaceable`)."""
+    check_replaceable(out, command)
 
 
-def replace_output_dir(tmp: Path, out: Path, markers: tuple[str, ...] = (REPORT,)) -> None:
-    """Move a finished temporary folder into place; an older output of ours is replaced whole."""
-    if out.exists():
-        try:
-            _check_out_dir(out, markers)
-        except IsdaVizError:
-            shutil.rmtree(tmp)
-            raise
-        old = private_mkdtemp(out.parent, f".{out.name}.old.")
-        os.replace(out, old / "dir")
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+def replace_output_dir(tmp: Path, out: Path, command: str = "augment") -> None:
+    """Move the finished folder `tmp` (assembled beside `out`) into place, with its manifest; an older output
+    of ours is replaced whole, in one step (`outputs.folders.publish_folder`)."""
+    publish_folder(tmp, out, command)
 
 
 def write_images(result: AugmentationResult, class_names: list[str], folder: Path,
@@ -370,22 +375,17 @@ def write_augment_dir(result: AugmentationResult, class_names: list[str], out, s
         write_report(report, tmp / REPORT)
         if embed is not None:
             write_html(tmp, embed=embed)
-        replace_output_dir(tmp, out)
+        publish_folder(tmp, out, "augment")
     report.path = out / REPORT
     return report
 
 
-def _grid_markers(out_png: Path) -> tuple[str, ...]:
-    """What makes a FIG_files/ folder ours: FIG.json beside it, or (older grids) a report.json inside."""
-    return (f"../{out_png.with_suffix('.json').name}", REPORT)
-
-
 def write_grid_files(result: AugmentationResult, class_names: list[str], out_png: Path, settings: Settings,
                      samples: torch.Tensor | None, embed: bool) -> Report:
-    """Write a grid's FIG.png, FIG.json, FIG_files/ (the single PNGs and their report.json, what
-    `audit --from FIG_files` reads) and FIG.html, all built in one temporary folder and renamed into
-    place when complete (FIG_files first, the page last). Returns the report written as FIG.json."""
-    files_dir = out_png.with_name(out_png.stem + "_files")
+    """Write a grid: FIG_files/ (the single PNGs and their report.json, what `audit --from FIG_files` reads) with
+    the figure, its JSON and page, linked to as FIG.png, FIG.json and FIG.html, all assembled in one temporary
+    folder and published whole (`outputs.folders.publish_figure`). Returns the report written as FIG.json."""
+    files_dir = figure_files_dir(out_png)
     report = _new_report(result, class_names, settings)
     with assembled_beside(out_png, maps_to=out_png.parent) as tmp:
         files = tmp / files_dir.name
@@ -396,9 +396,7 @@ def write_grid_files(result: AugmentationResult, class_names: list[str], out_png
         figure = report.with_files_under(files_dir.name)
         write_report(figure, tmp / out_png.with_suffix(".json").name)
         write_html(tmp / out_png.name, embed=embed)
-        replace_output_dir(files, files_dir, _grid_markers(out_png))
-        for suffix in (".json", ".png", ".html"):
-            os.replace(tmp / out_png.with_suffix(suffix).name, out_png.with_suffix(suffix))
+        publish_figure(tmp, out_png, "grid")
     figure.path = out_png.with_suffix(".json")
     return figure
 
@@ -415,6 +413,7 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
     options = options or VisualizeOptions()
     if not images:
         raise IsdaVizError("give at least one --image")
+    check_name_lengths([Path(out)])
     with locks.exclusive(out):
         return _augment_images(images, Path(out), label, options, models)
 
@@ -422,6 +421,7 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
 def _augment_images(images: list, out: Path, label: str | None, options: VisualizeOptions,
                     models: Models | None) -> Report:
     _check_out_dir(out)
+    check_inputs_outside({"--image": images, **options.input_paths()}, [out])
     for path in images:  # a folder, a device or a missing file fails before any model is loaded
         check_image_path(Path(path))
     models = models or options.load_models()
@@ -472,7 +472,8 @@ def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_
 
 def _make_grid(out_png: Path, per_class: int, classes: list[str] | None, num_samples: int,
                options: VisualizeOptions, models: Models | None) -> Report:
-    _check_out_dir(out_png.with_name(out_png.stem + "_files"), _grid_markers(out_png))
+    claim_figure(out_png, "grid")
+    check_inputs_outside(options.input_paths(), figure_outputs(out_png))
     if classes and len(set(classes)) < len(classes):
         twice = next(c for c in classes if classes.count(c) > 1)
         raise IsdaVizError(f"--classes names {twice} more than once; give each class once")

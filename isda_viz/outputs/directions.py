@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 
 from isda_viz.errors import IsdaVizError
 from isda_viz.outputs.figures import font, labelled_grid
+from isda_viz.outputs.folders import through_figure_link
 from isda_viz.outputs.html import _Ctx, _esc, _fmt, _script, _style
 from isda_viz.outputs.report import ImageFile, ReconstructionEntry
 from isda_viz.runs import write_bytes_atomic, write_json_atomic
@@ -428,5 +429,5 @@ def write_directions_page(report: DirectionsReport, embed: bool = False) -> Path
             f'<title>isda-viz directions: {_esc(report.path.stem)}</title>{_style()}<style>{_PAGE_CSS}</style>'
             f'</head>\n<body><div class="isda-viz">{directions_body(report, out.parent, embed)}</div>'
             f'<script>{_SLIDER_JS}</script>{_script(hash_sort=False)}</body></html>\n')
-    write_bytes_atomic(text.encode("utf-8"), out)
+    write_bytes_atomic(text.encode("utf-8"), through_figure_link(out))  # a published figure keeps its link
     return out

@@ -46,7 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from isda_viz._version import __version__
 from isda_viz.errors import IsdaVizError
 from isda_viz.outputs.audit_report import AUDIT, AuditQuery, AuditReport, read_audit
-from isda_viz.outputs.folders import is_finite_number
+from isda_viz.outputs.folders import is_finite_number, through_figure_link
 from isda_viz.outputs.report import REPORT, ImageEntry, Report, read_report
 from isda_viz.outputs.summary import SUMMARY, DemoSummary, figure_label, read_summary
 from isda_viz.runs import write_bytes_atomic
@@ -87,7 +87,7 @@ def write_html(path, embed: bool = False, audit=None) -> Path:
     """
     page = _locate(path, audit)
     text = _document(page, embed)
-    write_bytes_atomic(text.encode("utf-8"), page.out)
+    write_bytes_atomic(text.encode("utf-8"), through_figure_link(page.out))  # a published figure keeps its link
     return page.out
 
 
