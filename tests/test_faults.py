@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import multiprocessing
 import os
 import shutil
@@ -479,9 +480,271 @@ def test_12_augment_folders_get_the_usual_mode_and_grid_files_are_as_documented(
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
-    assert {p.name for p in out.iterdir()} == {"grid.png", "report.json", "index.html", "000_original.png",
-                                               "000_reconstruction.png", "000_augmented_0.png"}
+    written = {"grid.png", "report.json", "index.html", "000_original.png", "000_reconstruction.png",
+               "000_augmented_0.png"}
+    assert {p.name for p in out.iterdir()} == written | {"isda-viz-output.json"}
+    manifest = json.loads((out / "isda-viz-output.json").read_text())   # the files a run writes: its manifest's
+    assert manifest["tool"] == "isda-viz" and manifest["command"] == "augment" and set(manifest["files"]) == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "out"]  # no temporary folder, no lock left
     assert "isda-viz augment: out</title>" in (out / "index.html").read_text()  # titled as placed, not as assembled
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "`FIG_files/` holds" in readme and "report.json" in readme
+
+
+# ==================================================================================== issue 29: never lose a user's file
+# Each case: the exit code, one `Error:` line, no traceback, the inputs and unrelated files byte-identical, the
+# output as it was or complete.
+
+
+def contents(folder: Path) -> dict:
+    """Every path under `folder` with its bytes (a link: its target): what "byte-identical" compares."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): ("link", os.readlink(p)) if p.is_symlink() else
+            (p.read_bytes() if p.is_file() else "folder") for p in sorted(folder.rglob("*"))}
+
+
+FAST_RANDOM = (*FAST, "--no-encoder")  # no learned start to train or read: the cases here stop before any search
+
+
+# ------------------------------------------------------------------------------------ 29.1: planted lock symlinks
+
+
+@pytest.mark.parametrize("command", ["directions", "augment", "train"])
+def test_29_1_a_planted_lock_symlink_is_refused_and_its_target_untouched(tmp_path, image, command):
+    out_dir, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out_dir.mkdir()
+    precious = elsewhere / "precious.txt"
+    precious.parent.mkdir()
+    precious.write_text("a thesis\n")
+    name = {"directions": "victim.png", "augment": "victim", "train": "victim"}[command]
+    (out_dir / f".{name}.lock").symlink_to(Path("..") / "elsewhere" / "precious.txt")
+    before, inputs = contents(tmp_path), contents(image.parent)
+    args = {"directions": ("directions", "--image", image, "--label", 0, *FAST_RANDOM),
+            "augment": ("augment", "--image", image, *FAST_RANDOM),
+            "train": ("train", *TINY_TRAIN, "--epochs", 1)}[command]
+    error_line(cli(*args, "--out", out_dir / name), "is a symbolic link", f".{name}.lock")
+    assert precious.read_text() == "a thesis\n" and contents(tmp_path) == before and contents(image.parent) == inputs
+
+
+def test_29_1_lock_files_that_are_not_ours_are_never_written_or_removed(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / ".fifo.lock").parent.mkdir(exist_ok=True)
+    os.mkfifo(folder / ".fifo.lock")
+    (folder / ".notes.lock").write_text("my notes, not a pid\n")
+    (folder / "target.txt").write_text("data\n")
+    os.link(folder / "target.txt", folder / ".linked.lock")
+    before = contents(folder)
+    for name, why in (("fifo", "named pipe"), ("notes", "something other than a process id"),
+                      ("linked", "hard links")):
+        with pytest.raises(IsdaVizError, match=why):
+            with locks.exclusive(folder / name):
+                pass
+    assert contents(folder) == before
+    # a lock left by a dead process (a pid) is taken over: removed and made anew, holding this process's pid
+    (folder / ".stale.lock").write_text("999999\n")
+    with locks.exclusive(folder / "stale") as lock:
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert not (folder / ".stale.lock").exists()
+
+
+# ------------------------------------------------------------------------------------ 29.2: user data in the way
+
+
+def _user_folder(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "report.json").write_text('{"mine": true}\n')
+    (root / "thesis.txt").write_text("chapter 1\n")
+    return root
+
+
+@pytest.mark.parametrize("case", ["augment over a user folder", "grid over a user _files folder",
+                                  "directions over a user _files folder", "grid over unrelated figure files",
+                                  "directions --out its own --image", "augment --image inside its --out",
+                                  "a file added to an output", "another command's output", "an --out link"])
+def test_29_2_user_files_in_the_way_are_an_error_naming_them(tmp_path, image, case):
+    work = tmp_path / "work"
+    work.mkdir()
+    if case == "augment over a user folder":
+        _user_folder(work / "mywork")
+        args, named = ("augment", "--image", image, "--out", work / "mywork"), "did not write"
+    elif case.endswith("_files folder"):
+        command = case.split()[0]
+        _user_folder(work / "x" / "photo_files")
+        (work / "x" / "photo.json").write_text("{}")          # a figure's JSON beside it no longer makes it ours
+        (work / "x" / "photo_files" / "directions.json").write_text("{}")
+        args = (command, *(("--image", image, "--label", 0) if command == "directions" else ()),
+                "--out", work / "x" / "photo.png")
+        named = "photo.json"
+    elif case == "grid over unrelated figure files":
+        for suffix in (".png", ".json", ".html"):
+            (work / f"photo{suffix}").write_text(f"my {suffix}")
+        args, named = ("grid", "--out", work / "photo.png"), "photo.png is in the way"
+    elif case == "directions --out its own --image":
+        mine = png(work / "in.png")
+        args, named = ("directions", "--image", mine, "--label", 0, "--out", mine), "in.png"
+    elif case == "augment --image inside its --out":
+        result = cli("augment", "--image", image, *FAST_RANDOM, "--out", work / "aug")
+        assert result.returncode == 0, result.stderr[-2000:]
+        args = ("augment", "--image", work / "aug" / "000_original.png", "--out", work / "aug")
+        named = "an input is never an output"
+    elif case == "a file added to an output":
+        result = cli("augment", "--image", image, *FAST_RANDOM, "--out", work / "aug")
+        assert result.returncode == 0, result.stderr[-2000:]
+        (work / "aug" / "my notes.txt").write_text("notes")
+        args, named = ("augment", "--image", image, "--out", work / "aug"), "my notes.txt"
+    elif case == "another command's output":
+        result = cli("augment", "--image", image, *FAST_RANDOM, "--out", work / "aug")
+        assert result.returncode == 0, result.stderr[-2000:]
+        args, named = ("audit", "--dataset", "fashion-mnist", "--images", image, "--out", work / "aug"), \
+            "not of `isda-viz audit`"
+    else:
+        (tmp_path / "real").mkdir()
+        (work / "aug").symlink_to(tmp_path / "real")
+        args, named = ("augment", "--image", image, "--out", work / "aug"), "symbolic link"
+    before, inputs = contents(tmp_path), contents(image.parent)
+    extra = FAST_RANDOM if args[0] != "audit" else ()
+    error_line(cli(*args, *extra), named)
+    assert contents(tmp_path) == before and contents(image.parent) == inputs
+
+
+# ------------------------------------------------------------------------------------ 29.3: a kill at every rename
+
+
+def _figure_state(out_png: Path) -> dict:
+    """What a reader of the figure sees: per name its bytes through the links (None where absent)."""
+    files = out_png.with_name(out_png.stem + "_files")
+    seen = {s: out_png.with_suffix(s).read_bytes() if out_png.with_suffix(s).exists() else None
+            for s in (".png", ".json", ".html")}
+    seen["files"] = {p.name: p.read_bytes() for p in sorted(files.iterdir())} if files.is_dir() else None
+    return seen
+
+
+def _killed_at(k: int, write, exchange: bool) -> bool:
+    """Run `write()` in a forked child whose k-th publication rename kills it (os._exit, no clean-up, as SIGKILL);
+    True when the child was killed, False when it finished before a k-th rename."""
+    from isda_viz.outputs import folders
+
+    pid = os.fork()
+    if pid == 0:  # the child
+        calls = [0]
+        real_move = folders._move
+
+        def move(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == k:
+                os._exit(9)
+            return real_move(*args, **kwargs)
+
+        folders._move = move
+        if not exchange:
+            folders._exchange = lambda a, b: False
+        try:
+            write()
+            os._exit(0)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, 9), f"the child failed ({code})"
+    return code == 9
+
+
+@pytest.fixture(scope="module")
+def two_figures(tmp_path_factory):
+    """The writes of two grids and two directions figures (seeds 0 and 1), captured from real runs, to be
+    replayed against a figure path; and each one's published state."""
+    import isda_viz.inversion.directions as directions_module
+    import isda_viz.inversion.pipelines as pipelines
+    from isda_viz.inversion.directions import DirectionsOptions, make_directions
+    from isda_viz.inversion.optimizer import InversionOptions
+    from isda_viz.inversion.pipelines import VisualizeOptions, make_grid
+
+    root = tmp_path_factory.mktemp("figures")
+    writes = {"grid": {}, "directions": {}}
+    for seed in (0, 1):
+        options = VisualizeOptions(num_augmented=1, seed=seed, progress=False, inversion=InversionOptions(
+            reconstruct_iterations=2, augment_iterations=2, restarts=1))
+        captured = {}
+        real_grid, real_dirs = pipelines.write_grid_files, directions_module._write
+        pipelines.write_grid_files = lambda *a, **kw: captured.setdefault("grid", (a, kw)) and real_grid(*a, **kw)
+        directions_module._write = lambda *a, **kw: captured.setdefault("directions", (a, kw)) and real_dirs(*a, **kw)
+        try:
+            make_grid(out=root / f"g{seed}.png", classes=["Shirt"], num_samples=1, options=options)
+            make_directions(out=root / f"d{seed}.png", options=DirectionsOptions(
+                visualize=options, classes=["Shirt"], directions=1, steps=3))
+        finally:
+            pipelines.write_grid_files, directions_module._write = real_grid, real_dirs
+        for command, (args, kwargs) in captured.items():
+            writes[command][seed] = (args, kwargs)
+    return writes
+
+
+def _replay(writes, command: str, seed: int, out_png: Path):
+    import isda_viz.inversion.directions as directions_module
+    import isda_viz.inversion.pipelines as pipelines
+
+    args, kwargs = writes[command][seed]
+    if command == "grid":
+        result, names, _, settings, samples, embed = args
+        return lambda: pipelines.write_grid_files(result, names, out_png, settings, samples, embed)
+    report, traversal, _, _, embed = args
+    return lambda: directions_module._write(report, traversal, out_png, out_png.with_name(out_png.stem + "_files"),
+                                            embed)
+
+
+@pytest.mark.parametrize("command", ["grid", "directions"])
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "no-exchange"])
+def test_29_3_a_kill_at_every_rename_leaves_the_old_figure_or_the_new_one(tmp_path, two_figures, command, exchange):
+    from isda_viz import locks as locks_module
+    from isda_viz.outputs.folders import check_replaceable, claim_figure
+
+    def write(seed, out_png):
+        replay = _replay(two_figures, command, seed, out_png)
+
+        def locked():
+            with locks_module.exclusive(out_png):
+                claim_figure(out_png, command)
+                replay()
+        return locked
+
+    reference = {}
+    for seed in (0, 1):
+        out = tmp_path / f"ref{seed}" / "b.png"
+        out.parent.mkdir()
+        write(seed, out)()
+        reference[seed] = _figure_state(out)
+    for seed in (0, 1):
+        state = reference[seed]
+        assert all(state[s] is not None for s in (".png", ".json", ".html")) and state["files"]
+        assert state[".png"] == state["files"]["figure.png"] and state[".json"] == state["files"]["figure.json"]
+    assert reference[0][".png"] != reference[1][".png"]
+    absent = {".png": None, ".json": None, ".html": None, "files": None}
+    for start in ("fresh", "over an old figure"):
+        kills = 0
+        for k in range(1, 20):
+            folder = tmp_path / f"{start.split()[0]}-{k}"
+            folder.mkdir()
+            out = folder / "b.png"
+            if start != "fresh":
+                write(0, out)()
+            if not _killed_at(k, write(1, out), exchange):
+                assert _figure_state(out) == reference[1]
+                break
+            kills += 1
+            seen = _figure_state(out)
+            before = absent if start == "fresh" else reference[0]
+            if seen == absent and not exchange:   # killed between moving the old aside and the new in:
+                with locks_module.exclusive(out):  # the next run's claim puts the old figure back first
+                    claim_figure(out, command)
+                seen = _figure_state(out)
+            assert seen in (before, reference[1]), f"killed at rename {k}"
+            write(1, out)()                           # the next run publishes whole
+            assert _figure_state(out) == reference[1]
+            check_replaceable(out.with_name("b_files"), command)
+            assert sorted(p.name for p in folder.iterdir()) == ["b.html", "b.json", "b.png", "b_files"]
+        # fresh: three links, then the folder; over an old figure: one exchange (or, without: the refused
+        # exchange, then the old aside and the new in)
+        assert kills == (4 if start == "fresh" else 1 if exchange else 3), (start, kills)
