@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -269,9 +270,17 @@ def open_run_dir(out, checkpoint_name: str, resume: bool, match: dict | None = N
     """
     out = Path(out)
     path = out / checkpoint_name
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise IsdaVizError(f"--out {out} is {'a symbolic link' if out.is_symlink() else 'a file'}; give a folder")
     if not path.exists():
-        if resume and out.exists() and any(out.iterdir()):
+        present = sorted(os.listdir(out)) if out.is_dir() else []
+        if resume and present:
             raise IsdaVizError(f"--resume: {out} holds no {checkpoint_name}")
+        foreign = [name for name in present if not _started_run_entry(out, name, checkpoint_name)]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise IsdaVizError(f"--out {out} holds files that are not a run of isda-viz ({shown}); choose another "
+                               "--out or empty it")
         return None
     if not resume:
         raise IsdaVizError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
@@ -283,6 +292,24 @@ def open_run_dir(out, checkpoint_name: str, resume: bool, match: dict | None = N
             raise IsdaVizError(f"{path} holds a run with {key}={ckpt['config'].get(key)}, not {value}; "
                                "choose another --out or match the run")
     return ckpt
+
+
+def _started_run_entry(out: Path, name: str, checkpoint_name: str) -> bool:
+    """Whether `name` in a run directory without a checkpoint is what a run killed before its first one leaves:
+    our config.json (a JSON object naming the isda-viz version), metrics.jsonl beside it, or a temporary of an
+    atomic write of either file."""
+    if name == "config.json":
+        try:
+            if not os.path.isfile(out / name) or os.path.getsize(out / name) > 1 << 16:
+                return False
+            data = json.loads((out / name).read_bytes())
+            return isinstance(data, dict) and "isda_viz_version" in data
+        except (OSError, ValueError, RecursionError):
+            return False
+    if name == "metrics.jsonl":  # ours only beside our config.json
+        return os.path.isfile(out / name) and _started_run_entry(out, "config.json", checkpoint_name)
+    temporary = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", name)
+    return temporary is not None and temporary.group(1) in ("config.json", checkpoint_name)
 
 
 def truncate_metrics(path, key: str, last) -> None:

@@ -562,7 +562,8 @@ def _user_folder(root: Path) -> Path:
 @pytest.mark.parametrize("case", ["augment over a user folder", "grid over a user _files folder",
                                   "directions over a user _files folder", "grid over unrelated figure files",
                                   "directions --out its own --image", "augment --image inside its --out",
-                                  "a file added to an output", "another command's output", "an --out link"])
+                                  "a file added to an output", "another command's output", "an --out link",
+                                  "train into a user folder"])
 def test_29_2_user_files_in_the_way_are_an_error_naming_them(tmp_path, image, case):
     work = tmp_path / "work"
     work.mkdir()
@@ -599,12 +600,16 @@ def test_29_2_user_files_in_the_way_are_an_error_naming_them(tmp_path, image, ca
         assert result.returncode == 0, result.stderr[-2000:]
         args, named = ("audit", "--dataset", "fashion-mnist", "--images", image, "--out", work / "aug"), \
             "not of `isda-viz audit`"
-    else:
+    elif case == "an --out link":
         (tmp_path / "real").mkdir()
         (work / "aug").symlink_to(tmp_path / "real")
         args, named = ("augment", "--image", image, "--out", work / "aug"), "symbolic link"
+    else:
+        _user_folder(work / "run")
+        (work / "run" / "config.json").write_text('{"my": "settings"}')
+        args, named = ("train", *TINY_TRAIN, "--epochs", 1, "--out", work / "run"), "not a run of isda-viz"
     before, inputs = contents(tmp_path), contents(image.parent)
-    extra = FAST_RANDOM if args[0] != "audit" else ()
+    extra = FAST_RANDOM if args[0] not in ("audit", "train") else ()
     error_line(cli(*args, *extra), named)
     assert contents(tmp_path) == before and contents(image.parent) == inputs
 
