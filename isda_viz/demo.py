@@ -20,19 +20,20 @@ from pathlib import Path
 
 from isda_viz import locks
 from isda_viz.audit.run import AuditConfig, run_audit
+from isda_viz.classifiers.run_checkpoint import finished_epochs
 from isda_viz.devices import pick_device
 from isda_viz.generators.wgan_train import GanConfig, train_gan
 from isda_viz.inversion.directions import DirectionsOptions, make_directions
 from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipelines import VisualizeOptions, make_grid
 from isda_viz.outputs.audit_report import AuditReport, read_audit
-from isda_viz.outputs.folders import FIGURE_LINKS, check_name_lengths, claim_resumable, figure_files_dir, published
 from isda_viz.outputs.directions import DirectionsReport, read_directions_report
+from isda_viz.outputs.folders import FIGURE_LINKS, check_name_lengths, claim_resumable, figure_files_dir, published
 from isda_viz.outputs.html import PAGE, write_html
 from isda_viz.outputs.report import Report, read_report
 from isda_viz.outputs.summary import SUMMARY, DemoSummary, read_summary, write_summary
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
-from isda_viz.runs import CHECKPOINT, load_checkpoint, read_jsonl
+from isda_viz.runs import CHECKPOINT, read_jsonl
 from isda_viz.training.loop import TrainConfig, fit
 
 
@@ -83,8 +84,7 @@ class DemoPlan:
 
 
 def _train_finished(run_dir: Path, epochs: int) -> bool:
-    path = run_dir / CHECKPOINT
-    return path.exists() and load_checkpoint(path).get("epoch", 0) >= epochs
+    return finished_epochs(run_dir / CHECKPOINT) >= epochs
 
 
 def _gan_finished(gan_dir: Path, iterations: int) -> bool:

@@ -33,6 +33,7 @@ KB, MB = 1 << 10, 1 << 20
 MAX_JSON_BYTES = 16 * MB     # a config.json, class map or report is kilobytes; a long audit.json a few MB
 MAX_TEXT_BYTES = 16 * MB
 MAX_DEPTH = 32               # nesting of the JSON files we read is 5 at most
+MAX_CLASSES = 100_000        # classes a classifier or generator may name
 
 
 def _kind(mode: int) -> str:
@@ -54,7 +55,7 @@ def regular_file(path, what: str, limit: int | None = None) -> Path:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise IsdaVizError(f"{what} {path} does not exist") from None
+        raise IsdaVizError(f"{what} not found: {path}") from None
     except OSError as e:
         raise IsdaVizError(f"cannot read {what} {path}: {os.strerror(e.errno) if e.errno else e}") from None
     if not stat.S_ISREG(info.st_mode):
@@ -283,6 +284,21 @@ def _check_range(fields: Fields, key: str, value, low, high) -> None:
         bounds = f"between {low} and {high}" if low is not None and high is not None else \
             f">= {low}" if low is not None else f"<= {high}"
         fields.fail(key, f"must be {bounds}, not {_shown(value)}")
+
+
+def check_class_names(names, where: str) -> list[str]:
+    """`names` as a list of distinct non-empty strings (at most MAX_CLASSES); `IsdaVizError` naming `where`."""
+    if not isinstance(names, (list, tuple)) or not names or len(names) > MAX_CLASSES:
+        raise IsdaVizError(f"{where} must be a list of 1 to {MAX_CLASSES} class names")
+    if not all(isinstance(n, str) and n and len(n) <= 1000 for n in names):
+        raise IsdaVizError(f"{where} must hold only names (non-empty strings)")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise IsdaVizError(f"{where} names {name!r} twice (classes {seen[name]} and {i}); every class needs "
+                               "its own name")
+        seen[name] = i
+    return list(names)
 
 
 # ------------------------------------------------------------------------------------------------ tensors

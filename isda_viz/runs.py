@@ -260,13 +260,14 @@ def resolve_run_dir(path) -> Path:
 
 
 def open_run_dir(out, checkpoint_name: str, resume: bool, match: dict | None = None,
-                 what: str = "checkpoint") -> dict | None:
+                 what: str = "checkpoint", read=None) -> dict | None:
     """The checkpoint to resume from in the run directory `out`, or None for a fresh run.
 
     The one resume protocol of `train` and `train-gan`: a folder holding `checkpoint_name`
     is continued only with `resume`; `resume` on a non-empty folder without one is refused;
     the saved run's `config` must agree with `match` (`{key: value}`, e.g. dataset, arch).
-    Refusals are `IsdaVizError`s; nothing is written here.
+    `read(path)`: the format's validating reader, returning the checkpoint's dict (default
+    `load_checkpoint`). Refusals are `IsdaVizError`s; nothing is written here.
     """
     out = Path(out)
     path = out / checkpoint_name
@@ -284,7 +285,7 @@ def open_run_dir(out, checkpoint_name: str, resume: bool, match: dict | None = N
         return None
     if not resume:
         raise IsdaVizError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
-    ckpt = load_checkpoint(path, what)
+    ckpt = read(path) if read is not None else load_checkpoint(path, what)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise IsdaVizError(f"{path} is not a {what} of isda-viz; choose another --out")
     for key, value in (match or {}).items():

@@ -56,6 +56,7 @@ from tqdm import tqdm
 from isda_viz import distributed
 from isda_viz._version import __version__
 from isda_viz.classifiers.networks import build_model
+from isda_viz.classifiers.run_checkpoint import read_run_checkpoint
 from isda_viz.data.batches import augment_batch, iterate_batches, labeled_subset
 from isda_viz.data.datasets import FOLDER_DATASETS, DatasetSpec, TensorImages, dataset_spec, load_split
 from isda_viz.data.images import normalize
@@ -208,7 +209,7 @@ def _open_run_dir(cfg: TrainConfig, resume: bool, num_classes: int, log) -> tupl
     match = {"arch": cfg.arch, "dataset": cfg.dataset, "loss": cfg.loss}
     if cfg.labeled is not None:
         match.update(labeled=cfg.labeled, ssl=cfg.ssl)
-    ckpt = open_run_dir(out, CHECKPOINT, resume, match)
+    ckpt = open_run_dir(out, CHECKPOINT, resume, match, read=lambda path: read_run_checkpoint(path).state)
     if ckpt is not None:
         if len(ckpt.get("class_names", [])) != num_classes:
             raise IsdaVizError(f"{out / CHECKPOINT} holds a run with {len(ckpt.get('class_names', []))} classes, "
