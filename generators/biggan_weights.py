@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from isda_viz.cache import cache_root
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import Fields, check_network_size, read_json
 from isda_viz.runs import write_bytes_atomic
 
 CONFIG_NAME = "config.json"
@@ -118,11 +119,37 @@ def _build(config_path: Path):
         from pytorch_pretrained_biggan import BigGAN, BigGANConfig
     except ImportError as e:
         raise IsdaVizError(f"BigGAN needs pytorch-pretrained-biggan (and scipy): {e}") from None
+    config = BigGANConfig.from_dict(read_biggan_config(config_path))
+    check_network_size(lambda: BigGAN(config), f"the BigGAN config {config_path}")
     try:
-        config = BigGANConfig.from_dict(json.loads(config_path.read_text()))
         return BigGAN(config)
     except (OSError, ValueError, TypeError, KeyError, IndexError) as e:
         raise IsdaVizError(f"{config_path} is not a BigGAN config ({type(e).__name__}: {e})") from None
+
+
+def read_biggan_config(path: Path) -> dict:
+    """A BigGAN `config.json` (pytorch_pretrained_biggan's `BigGANConfig` fields), checked as it is read: at most
+    1 MB of strict JSON, each field of its type and in range (`readers.Fields`); unknown keys are dropped."""
+    fields = Fields(read_json(path, "BigGAN config", limit=1 << 20), f"the BigGAN config {path}")
+    config = {"output_dim": fields.integer("output_dim", 16, 2048, default=128),
+              "z_dim": fields.integer("z_dim", 1, 4096, default=128),
+              "class_embed_dim": fields.integer("class_embed_dim", 1, 4096, default=128),
+              "channel_width": fields.integer("channel_width", 1, 4096, default=128),
+              "num_classes": fields.integer("num_classes", 1, 100_000, default=1000),
+              "eps": fields.number("eps", 1e-12, 1.0, default=1e-4),
+              "n_stats": fields.integer("n_stats", 1, 1000, default=51)}
+    if "layers" in fields.data:
+        layers = fields.items("layers", list, max_length=64)
+        if not layers:
+            fields.fail("layers", "must name at least one layer")
+        for i, layer in enumerate(layers):
+            if not (len(layer) == 3 and isinstance(layer[0], bool) and all(
+                    isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64 for v in layer[1:])):
+                fields.fail("layers", f"item {i} must be [upsample (true/false), in, out] (widths 1-64)")
+        config["layers"] = [tuple(layer) for layer in layers]
+    config["attention_layer_position"] = fields.integer("attention_layer_position", 0,
+                                                        len(config.get("layers", [None] * 10)), default=8)
+    return config
 
 
 def load_biggan_model(spec: str):

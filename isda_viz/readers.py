@@ -332,3 +332,25 @@ def check_tensor(value, where: str, *, shape: tuple | None = None, ndim: int | N
         cast = f" as {str(dtype).replace('torch.', '')}" if dtype is not None else ""
         raise IsdaVizError(f"{where} holds values that are not finite{cast} (inf or NaN)")
     return value
+
+
+# ------------------------------------------------------------------------------------------------ networks
+
+MAX_PARAMETERS = 2_000_000_000   # 8 GB of float32 weights: beyond it a config asks for more than any machine holds
+
+
+def check_network_size(build, where: str, limit: int = MAX_PARAMETERS) -> None:
+    """Build the network `build()` makes on torch's meta device (no memory) and refuse it, naming `where`, when it
+    has more than `limit` parameters: a config's widths are checked before a real network is allocated."""
+    try:
+        with torch.device("meta"):
+            net = build()
+    except IsdaVizError:
+        raise
+    except Exception as e:  # the config does not build at all: the real build says so in its own words
+        raise IsdaVizError(f"{where} does not describe a network ({type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})") from None
+    count = sum(p.numel() for p in net.parameters()) + sum(b.numel() for b in net.buffers())
+    if count > limit:
+        raise IsdaVizError(f"{where} describes a network of {count:,} parameters, more than the {limit:,} "
+                           "isda-viz builds (check its widths)")
