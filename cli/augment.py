@@ -42,7 +42,7 @@ def visualize_options(fn):
         click.option("--restarts", type=click.IntRange(0, 64), default=None,
                      help="Random starts per image in Step I, the best is kept (default 4; the learned start "
                           "E(a) is one more unless --no-encoder; 0: E(a) alone)."),
-        click.option("--iterations", type=click.IntRange(1), default=None,
+        click.option("--iterations", type=click.IntRange(1, 100_000), default=None,
                      help="Step I iterations (default 200); Step II takes 3/2 as many (default 300; with the "
                           "learned start its converged rows stop early)."),
         click.option("--no-encoder", is_flag=True,
@@ -50,9 +50,10 @@ def visualize_options(fn):
                           "or read; 4 starts, 200 + 300 steps, no early stopping)."),
         click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
                      help="adam, or sgd: heavy-ball gradient descent as the reference code (needs --lr)."),
-        click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+        click.option("--lr", type=click.FloatRange(0, 10, min_open=True), default=None,
                      help="Step size on z for both steps (default for adam: 0.2 in Step I, 0.05 in Step II)."),
-        click.option("--tolerance", type=float, default=0.0, help="Stop a stage once every feature error is below this."),
+        click.option("--tolerance", type=click.FloatRange(0, 1e6), default=0.0,
+                     help="Stop a stage once every feature error is below this."),
         click.option("--data-root", type=click.Path(), default=None,
                      help="Folder of the classifier's dataset, as given to `train` (default: the one it was "
                           "trained from); read for test images and, for classifiers without class statistics of "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from isda_viz import locks
+from isda_viz.bounds import check_seed, derived_seed
 from isda_viz.audit.run import AuditConfig, run_audit
 from isda_viz.classifiers.run_checkpoint import finished_epochs
 from isda_viz.devices import pick_device
@@ -100,6 +101,7 @@ def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: 
     figure as before the encoder; `--no-encoder`)."""
 
     pick_device(device)  # a device that is not there fails before anything is written
+    check_seed(seed)
     out = Path(out)
     check_name_lengths([out])
     with locks.exclusive(out):  # one demo per folder (each stage also locks its own output)
@@ -144,7 +146,7 @@ def _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
 
 
     runs = {"classifier": out / "classifier", "judge": out / "judge", "generator": out / "gan"}
-    jobs = [("classifier", "isda", seed, plan.classifier_epochs), ("judge", "ce", seed + 1, plan.judge_epochs)]
+    jobs = [("classifier", "isda", seed, plan.classifier_epochs), ("judge", "ce", derived_seed(seed + 1), plan.judge_epochs)]
     for name, loss, run_seed, epochs in jobs:
         run_dir = runs[name]
         if _train_finished(run_dir, epochs):

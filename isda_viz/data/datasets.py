@@ -10,7 +10,6 @@ through a DataLoader.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import pickle
 import struct
@@ -32,6 +31,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from isda_viz.cache import cache_dir, cache_root
 from isda_viz.data.images import open_rgb, eval_transform
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import parse_json, read_text
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -431,18 +431,13 @@ def load_split(name: str, train: bool, data_root: str | Path | None = None, limi
 
 
 def read_json_or_lines(path: Path, option: str) -> tuple[object, list[str] | None]:
-    """A small file the user names with `option` (`--class-names`, `--class-map`): `(its JSON value, None)`,
-    or `(None, its lines)` when it is not JSON. A missing file is an `IsdaVizError`."""
-    if not path.is_file():
-        raise IsdaVizError(f"{option} file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise IsdaVizError(f"{option} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                           "save it as UTF-8") from None
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError:
-        return None, text.splitlines()
+    """A small file the user names with `option` (`--class-names`, `--class-map`): `(its JSON value, None)` when
+    it starts with `{` or `[` (strict JSON then, nesting and size bounded: `readers.parse_json`), else
+    `(None, its lines)`. A missing file, a FIFO or device, more than 16 MB or text that is not UTF-8 is an
+    `IsdaVizError`."""
+    text = read_text(path, option)
+    if text.lstrip("\ufeff \t\r\n").startswith(("{", "[")):
+        return parse_json(text.lstrip("\ufeff"), path, option), None
+    return None, text.splitlines()
 
 

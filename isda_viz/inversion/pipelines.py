@@ -26,7 +26,8 @@ from isda_viz.classifiers.covariance_file import read_covariance_file
 from isda_viz.classifiers.statistics import class_statistics
 from isda_viz.data.datasets import load_split
 from isda_viz.data.images import check_image_path, load_image_file
-from isda_viz.devices import pick_device
+from isda_viz.bounds import check_count, check_number, check_seed, derived_seed
+from isda_viz.devices import check_device, pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
 from isda_viz.inversion.adapter import GeneratorAdapter, read_class_map
@@ -86,6 +87,10 @@ class Models:
         return GeneratorAdapter(self.generator, self.classifier, self.class_map)
 
 
+MAX_STRENGTH, MAX_LR, MAX_ITERATIONS = 100.0, 10.0, 100_000     # --strength, --lr, --iterations
+MAX_AUGMENTED, MAX_RESTARTS = 64, 64                               # --num-augmented, --restarts
+
+
 @dataclass(kw_only=True)
 class VisualizeOptions:
     """Everything `augment` and `grid` share: which models, how strong an augmentation, how hard a search.
@@ -121,20 +126,25 @@ class VisualizeOptions:
     embed: bool = False
 
     def __post_init__(self) -> None:
-        """Raise `IsdaVizError` for values no run can use (before any model is loaded)."""
+        """Raise `IsdaVizError` for values no run can use (before any model is loaded): every number finite and
+        in its range (`isda_viz.bounds`), the device one this torch has."""
         if not math.isfinite(self.strength) or self.strength < 0:
             raise IsdaVizError(f"--strength must be a finite number >= 0, not {self.strength}")
-        if self.truncation is not None and not math.isfinite(self.truncation):
-            raise IsdaVizError(f"--truncation must be a finite number, not {self.truncation}")
-        for name, option in (("reconstruct_lr", "--lr"), ("augment_lr", "--lr"), ("tolerance", "--tolerance")):
-            value = getattr(self.inversion, name)
-            if not math.isfinite(value):
-                raise IsdaVizError(f"{option} must be a finite number, not {value}")
+        check_number(self.strength, "--strength", 0, MAX_STRENGTH)
+        if self.truncation is not None:
+            check_number(self.truncation, "--truncation", 0, 1, low_open=True)
+        for name in ("reconstruct_lr", "augment_lr"):
+            check_number(getattr(self.inversion, name), "--lr", 0, MAX_LR, low_open=True)
+        check_number(self.inversion.tolerance, "--tolerance", 0, 1e6)
+        for name in ("reconstruct_iterations", "augment_iterations"):
+            check_count(getattr(self.inversion, name), "--iterations", 1, MAX_ITERATIONS)
         check_covariance(self.covariance)
-        if self.num_augmented < 1:
-            raise IsdaVizError("--num-augmented must be >= 1")
+        check_count(self.num_augmented, "--num-augmented", 1, MAX_AUGMENTED)
         if self.inversion.restarts < (0 if self.inversion.start == "encoder" else 1):   # 0: the learned start alone
             raise IsdaVizError("--restarts must be >= 1 (>= 0 with the learned start)")
+        check_count(self.inversion.restarts, "--restarts", 0, MAX_RESTARTS)
+        check_seed(self.seed)
+        check_device(self.device)
 
     def input_paths(self) -> dict:
         """The files and folders these options read, by option name (an input is never an output)."""
@@ -436,6 +446,25 @@ def _augment_images(images: list, out: Path, label: str | None, options: Visuali
     return write_augment_dir(result, classifier.class_names, out, _settings(options, models), embed=options.embed)
 
 
+def check_distinct_classes(classes: list[str] | None) -> None:
+    """`--classes` as given (before any model is loaded): `IsdaVizError` when it names one twice."""
+    if classes and len(set(classes)) < len(classes):
+        twice = next(c for c in classes if classes.count(c) > 1)
+        raise IsdaVizError(f"--classes names {twice} more than once; give each class once")
+
+
+def chosen_classes(classifier: Classifier, classes: list[str] | None) -> list[int] | None:
+    """`--classes` (names or indices) as the classifier's class indices, each class once (`IsdaVizError` for a
+    class named twice, e.g. by name and by index); None for all classes. The one reading of `--classes`."""
+    check_distinct_classes(classes)
+    class_index = [classifier.class_index(c, "--classes") for c in classes] if classes else None
+    if class_index and len(set(class_index)) < len(class_index):
+        twice = next(c for c in class_index if class_index.count(c) > 1)
+        raise IsdaVizError(f"--classes names the class {classifier.class_names[twice]} more than once; "
+                           "give each class once")
+    return class_index
+
+
 def images_per_class(classifier: Classifier, per_class: int, classes: list[int] | None, data_root=None):
     """The first `per_class` test images of each class (all classes, or `classes`), `(N, C, H, W)` in [0, 1]."""
     if classifier.dataset is None:
@@ -474,22 +503,17 @@ def _make_grid(out_png: Path, per_class: int, classes: list[str] | None, num_sam
                options: VisualizeOptions, models: Models | None) -> Report:
     claim_figure(out_png, "grid")
     check_inputs_outside(options.input_paths(), figure_outputs(out_png))
-    if classes and len(set(classes)) < len(classes):
-        twice = next(c for c in classes if classes.count(c) > 1)
-        raise IsdaVizError(f"--classes names {twice} more than once; give each class once")
+    check_distinct_classes(classes)
     models = models or options.load_models()
     check_models(models)
     classifier, generator = models.classifier, models.generator
-    class_index = [classifier.class_index(c, "--classes") for c in classes] if classes else None
-    if class_index and len(set(class_index)) < len(class_index):
-        twice = next(c for c in class_index if class_index.count(c) > 1)
-        raise IsdaVizError(f"--classes names the class {classifier.class_names[twice]} more than once; "
-                           "give each class once")
+    class_index = chosen_classes(classifier, classes)
     images, labels, sources = images_per_class(classifier, per_class, class_index, options.data_root)
     result = invert_and_augment(models, images, labels, sources, options)
     samples = None
     if generator.conditional and num_samples > 0:
-        z = generator.sample_latent(len(labels) * num_samples, torch.Generator().manual_seed(options.seed + 1))
+        z = generator.sample_latent(len(labels) * num_samples,
+                                    torch.Generator().manual_seed(derived_seed(options.seed + 1)))
         with torch.no_grad():
             y = labels.repeat_interleave(num_samples).to(generator.device)
             samples = models.adapter().pixels(z, y).cpu().view(len(labels), num_samples, *images.shape[1:])

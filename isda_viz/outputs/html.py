@@ -187,8 +187,31 @@ def _locate(path, audit=None) -> _Page:
 # Small pieces
 
 
+# Bidirectional controls: in a name they would reorder what follows ("abc\u202egnp.exe" shows as "abcexe.png")
+_BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def page_text(value) -> str:
+    """`value` as text safe to show on a page: bytes that were not UTF-8 (a class folder's name read with
+    surrogate escapes) shown as U+FFFD, bidirectional controls written out as `<U+202E>` so they reorder
+    nothing, other lone surrogates replaced. Not yet HTML-escaped (`_esc` does both)."""
+    text = str(value)
+    if _SURROGATES.search(text):
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            text = _SURROGATES.sub("\ufffd", text)
+    return _BIDI_CONTROLS.sub(lambda m: f"<U+{ord(m.group()):04X}>", text)
+
+
+def page_url(path) -> str:
+    """A relative path as a URL: percent-encoded, a name's non-UTF-8 bytes as their own bytes."""
+    return quote(Path(path).as_posix(), errors="surrogateescape")
+
+
 def _esc(value) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(page_text(value), quote=True)
 
 
 def _fmt(key: str, value) -> str:
@@ -246,7 +269,7 @@ class _Ctx:
             data = base64.b64encode(path.read_bytes()).decode("ascii")
             src = f"data:{MIME.get(path.suffix.lower(), 'application/octet-stream')};base64,{data}"
         else:
-            src = quote(Path(os.path.relpath(path, self.html_dir)).as_posix())
+            src = page_url(os.path.relpath(path, self.html_dir))
         pixelated = ' class="px"' if scale > 1 else ""
         return (f'<img src="{_esc(src)}" alt="{_esc(alt or name)}" data-file="{_esc(name)}" width="{shown_w}" '
                 f'height="{shown_h}"{pixelated}>')
@@ -511,7 +534,7 @@ def _files_line(page: _Page, embed: bool) -> str:
     if page.audit_dir is not None:           # every page of the audit figure (older audits: audit.png)
         pages = [p.file for p in page.audit.pages]
         candidates += [page.audit_dir / str(f) for f in pages if f] or [page.audit_dir / "audit.png"]
-    links = [f'<a href="{_esc(quote(Path(os.path.relpath(p, page.out.parent)).as_posix()))}">{_esc(p.name)}</a>'
+    links = [f'<a href="{_esc(page_url(os.path.relpath(p, page.out.parent)))}">{_esc(p.name)}</a>'
              for p in candidates if p.is_file()]
     return f'<p class="meta">figures: {" · ".join(links)}</p>' if links else ""
 
