@@ -15,7 +15,7 @@ from .augment import visualize_options
 @click.option("--label", default=None, help="Class name or index of the --image files (default: the prediction).")
 @click.option("--classes", default=None, help="Comma-separated class names or indices (default: all).")
 @click.option("--per-class", type=click.IntRange(1, 100), default=1, show_default=True, help="Test images per class.")
-@click.option("--directions", "num_directions", type=click.IntRange(1, 64), default=5, show_default=True,
+@click.option("--directions", "num_directions", type=click.IntRange(1, 256), default=5, show_default=True,
               help="Top eigen-directions of each class covariance to traverse.")
 @click.option("--steps", type=int, default=7, show_default=True,
               help="Frames per direction (odd, 3 to 101: t = 0 is one of them).")

@@ -40,7 +40,7 @@ def _urls(name: str) -> dict[str, str]:
             WEIGHTS_NAME: BIGGAN_URL.format(name=name, file="pytorch_model.bin")}
 
 
-def cache_dir() -> Path:
+def biggan_cache_dir() -> Path:
     """Where downloaded BigGAN weights go: `$ISDA_VIZ_CACHE/biggan` (default `~/.cache/isda-viz/biggan`)."""
     return cache_root() / "biggan"
 
@@ -80,7 +80,7 @@ def resolve_biggan(spec: str, allow_download: bool | None = None) -> dict[str, P
     """`{"config.json": path, "pytorch_model.bin": path}` for a local folder or a model name.
 
     A folder must hold both files. A name (`biggan-deep-128|256|512`) is looked up
-    in `cache_dir()`, then in the package's cache, then downloaded into `cache_dir()`
+    in `biggan_cache_dir()`, then in the package's cache, then downloaded into `biggan_cache_dir()`
     unless `allow_download` is False (default: allowed unless `ISDA_VIZ_OFFLINE=1`).
     """
     path = Path(spec).expanduser()
@@ -93,7 +93,7 @@ def resolve_biggan(spec: str, allow_download: bool | None = None) -> dict[str, P
         return files
     if spec not in BIGGAN_NAMES:
         raise IsdaVizError(f"'{spec}' is neither a folder nor a BigGAN name ({', '.join(BIGGAN_NAMES)})")
-    ours = cache_dir() / spec
+    ours = biggan_cache_dir() / spec
     if all((ours / f).is_file() for f in (CONFIG_NAME, WEIGHTS_NAME)):
         return {f: ours / f for f in (CONFIG_NAME, WEIGHTS_NAME)}
     theirs = _package_cache_copy(spec)

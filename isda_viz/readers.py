@@ -19,10 +19,13 @@ finite in the dtype it is cast to).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import stat
+import types
+import typing
 from pathlib import Path
 
 import torch
@@ -299,6 +302,69 @@ def check_class_names(names, where: str) -> list[str]:
                                "its own name")
         seen[name] = i
     return list(names)
+
+
+def build_typed(kind, value, where: str, at: str = ""):
+    """`value` (decoded JSON) as the type `kind`, checked all the way down: dataclasses (their required fields
+    present, unknown keys ignored, `path` never read), `list[X]`, `dict[str, X]`, `X | None`, and plain `int`
+    (not bool), `float` (an int or a finite float), `str`, `bool`, bare `dict`/`list`. The one builder of the
+    typed report files (report.json, FIG.json, audit.json, summary.json); a mismatch is an `IsdaVizError`
+    naming `where` and the key path."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    name = at or "the top level"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return build_typed(option, value, where, at)
+            except IsdaVizError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list or kind is list:
+        if not isinstance(value, list):
+            raise IsdaVizError(f"{where}: {name} must be a list, not {_shown(value)}")
+        return [build_typed(args[0], v, where, f"{at}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or kind is dict:
+        if not isinstance(value, dict):
+            raise IsdaVizError(f"{where}: {name} must be an object, not {_shown(value)}")
+        return {k: build_typed(args[1], v, where, f"{at}.{k}" if at else k) for k, v in value.items()} \
+            if args else dict(value)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise IsdaVizError(f"{where}: {name} must be an object ({kind.__name__}), not {_shown(value)}")
+        hints = typing.get_type_hints(kind)
+        built = {}
+        for f in dataclasses.fields(kind):
+            if not f.init or f.name == "path":
+                continue
+            key = f"{at}.{f.name}" if at else f.name
+            if f.name in value:
+                built[f.name] = build_typed(hints[f.name], value[f.name], where, key)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise IsdaVizError(f"{where}: {key} is missing")
+        return kind(**built)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise IsdaVizError(f"{where}: {name} must be a finite number, not {_shown(value)}")
+        return float(value)
+    if kind in (int, str, bool):
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise IsdaVizError(f"{where}: {name} must be {_kind_name(kind)}, not {_shown(value)}")
+        return value
+    if kind is typing.Any or kind is object:
+        return value
+    raise IsdaVizError(f"internal: no reader for the type {kind} at {name} of {where}")
+
+
+def check_relative_files(paths, where: str) -> None:
+    """Refuse file names (from a report) that are absolute or climb out of the report's folder with `..`."""
+    for path in paths:
+        parts = Path(path).parts
+        if not parts or Path(path).is_absolute() or ".." in parts:
+            raise IsdaVizError(f"{where} names the file {path!r}, which is not a path inside its folder")
 
 
 # ------------------------------------------------------------------------------------------------ tensors

@@ -157,7 +157,14 @@ def save_atomic(obj, path) -> None:
 
 
 def write_json_atomic(obj, path) -> None:
-    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    """`obj` as strict JSON (indented) to `path`, atomically. NaN or an infinity is an `IsdaVizError` naming the
+    file, never written: strict JSON has no such numbers, and the readers refuse them."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise IsdaVizError(f"not writing {path}: it would hold a number that is not finite (NaN or inf); an option "
+                           "or a model produced it") from None
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def write_bytes_atomic(data: bytes, path) -> None:
@@ -221,17 +228,29 @@ def check_checkpoint_start(path, what: str = "checkpoint") -> None:
                            "archive nor a torch pickle")
 
 
-def non_finite_tensor(obj, prefix: str = "") -> str | None:
-    """The dotted name of the first floating-point tensor in `obj` (nested dicts, lists, tuples) holding an
-    inf or NaN, or None when every one is finite."""
+def _first_tensor(obj, test, prefix: str = "", depth: int = 0) -> str | None:
+    """The dotted name of the first tensor in `obj` (nested dicts, lists, tuples) for which `test` is true."""
     if isinstance(obj, torch.Tensor):
-        return None if not obj.is_floating_point() or bool(torch.isfinite(obj).all()) else (prefix or "tensor")
+        return (prefix or "tensor") if test(obj) else None
+    if depth > 64:
+        return prefix or "a value"  # nested deeper than any checkpoint of ours: reported as the culprit
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for key, value in items:
-        name = non_finite_tensor(value, f"{prefix}.{key}" if prefix else str(key))
+        name = _first_tensor(value, test, f"{prefix}.{key}" if prefix else str(key), depth + 1)
         if name is not None:
             return name
     return None
+
+
+def non_dense_tensor(obj) -> str | None:
+    """The dotted name of the first tensor in `obj` that is not a dense (strided) one, e.g. sparse, or None."""
+    return _first_tensor(obj, lambda t: t.layout != torch.strided)
+
+
+def non_finite_tensor(obj, prefix: str = "") -> str | None:
+    """The dotted name of the first floating-point tensor in `obj` (nested dicts, lists, tuples) holding an
+    inf or NaN, or None when every one is finite. Tensors must be dense (`non_dense_tensor` first)."""
+    return _first_tensor(obj, lambda t: t.is_floating_point() and not bool(torch.isfinite(t).all()), prefix)
 
 
 def load_checkpoint(path, what: str = "checkpoint") -> dict:
@@ -244,6 +263,9 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise IsdaVizError(f"{what} {path} is corrupt or not a checkpoint ({type(e).__name__})") from None
+    bad = non_dense_tensor(ckpt)
+    if bad is not None:
+        raise IsdaVizError(f"{what} {path} holds a sparse (not dense) tensor {bad}; isda-viz reads dense tensors")
     bad = non_finite_tensor(ckpt)
     if bad is not None:
         raise IsdaVizError(f"{what} {path} holds non-finite values (inf or NaN) in the tensor {bad}")

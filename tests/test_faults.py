@@ -325,7 +325,7 @@ def test_5_a_read_only_home_is_one_line(disk, image, tmp_path):
 def test_5_every_cache_is_read_at_call_time(tmp_path, monkeypatch):
     from isda_viz.audit.index import default_index_dir
     from isda_viz.cache import cache_root
-    from isda_viz.generators.biggan_weights import cache_dir as biggan_cache
+    from isda_viz.generators.biggan_weights import biggan_cache_dir as biggan_cache
 
     monkeypatch.setenv("ISDA_VIZ_CACHE", str(tmp_path / "c1"))
     assert cache_root() == tmp_path / "c1" and biggan_cache() == tmp_path / "c1" / "biggan"
@@ -753,3 +753,233 @@ def test_29_3_a_kill_at_every_rename_leaves_the_old_figure_or_the_new_one(tmp_pa
         # fresh: three links, then the folder; over an old figure: one exchange (or, without: the refused
         # exchange, then the old aside and the new in)
         assert kills == (4 if start == "fresh" else 1 if exchange else 3), (start, kills)
+
+
+# ------------------------------------------------------------------------------------ 29.4: FIFOs never hang
+
+
+def test_29_4_a_fifo_where_a_cache_or_config_is_read_is_refused_at_once(tmp_path):
+    from isda_viz.classifiers.classifier import load_classifier
+    from isda_viz.classifiers.statistics import STATISTICS_DIR, class_statistics
+
+    # the class-statistics cache: a FIFO as a key is skipped with a note, the statistics are computed
+    run = tmp_path / "run"
+    shutil.copytree(default_classifier(), run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    del ckpt["estimator"]                                     # a CE run: its statistics come from a pass
+    ckpt["config"]["limit_train"] = 100                       # ... over its first 100 training images
+    torch.save(ckpt, run / "checkpoint.pt")
+    (run / STATISTICS_DIR).mkdir()
+    os.mkfifo(run / STATISTICS_DIR / "full-0123456789abcdef.json")
+    classifier = load_classifier(run)
+    started = time.time()
+    statistics = class_statistics(classifier, classes=[0], progress=False)
+    assert time.time() - started < 60 and statistics.classes == [0]
+    # JSON a user names: --class-map, --class-names, a timm config.json
+    fifo = tmp_path / "map.json"
+    os.mkfifo(fifo)
+    line = error_line(cli("augment", "--image", png(tmp_path / "q.png"), "--class-map", fifo, *FAST_RANDOM,
+                          "--out", tmp_path / "out", timeout=60, process=True), "named pipe", str(fifo))
+    assert "map.json" in line and not (tmp_path / "out").exists()
+    with pytest.raises(IsdaVizError, match="named pipe"):
+        read_class_names(fifo)
+
+
+# ------------------------------------------------------------------------------------ 29.5: options that ask for the machine
+
+
+@pytest.mark.parametrize("args, named", [
+    (("--test", "--test-draws", 1_000_000_000), "--test-draws"),
+    (("--steps", 100_000_001), "--steps must be odd, from 3 to 101"),
+    (("--directions", 10_000), "--directions"),
+    (("--test", "--test-draws", 3, "--pixel-draws", 5), "--pixel-draws must be an integer from 0 to 3"),
+])
+def test_29_5_options_are_bounded_before_any_work(tmp_path, args, named):
+    out = tmp_path / "fig.png"
+    started = time.time()
+    result = cli("directions", "--classes", "Shirt", *FAST_RANDOM, *args, "--out", out)
+    assert result.returncode in (1, 2) and "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and named in errors[0], result.stderr[-2000:]
+    assert time.time() - started < 60 and list(tmp_path.iterdir()) == []
+
+
+def test_29_5_the_memory_budget_is_checked_before_any_search(tmp_path, monkeypatch):
+    monkeypatch.setenv("ISDA_VIZ_MEMORY_GB", "0.001")
+    error_line(cli("directions", "--classes", "Shirt", *FAST_RANDOM, "--directions", 5, "--steps", 101,
+                   "--out", tmp_path / "fig.png"), "GB budget (ISDA_VIZ_MEMORY_GB)", "--steps")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ 29.6: no NaN results
+
+
+def test_29_6_non_finite_or_out_of_range_numbers_are_refused(tmp_path):
+    from isda_viz.classifiers.covariance_file import read_covariance_file
+    from isda_viz.runs import write_json_atomic
+
+    for args, named in ((("--range", "inf"), "--range"), (("--range", "1e308"), "--range"),
+                        (("--lr", "1e308"), "--lr"), (("--lr", "nan"), "--lr must be a finite number")):
+        result = cli("directions", "--classes", "Shirt", *FAST_RANDOM, *args, "--out", tmp_path / "fig.png")
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert result.returncode in (1, 2) and len(errors) == 1 and named in errors[0], result.stderr[-1500:]
+    # covariances and means finite in float64 but not in the float32 they are used in; a nearly-PSD one
+    c, a = 10, 64
+    sigma = torch.eye(a, dtype=torch.float64).repeat(c, 1, 1)
+    for name, held, named in (("huge.pt", {"covariance": sigma * 1e40}, "non-finite entries as float32"),
+                              ("mean.pt", {"covariance": sigma, "mean": torch.full((c, a), 1e40, dtype=torch.float64)},
+                               "'mean' has non-finite entries as float32")):
+        torch.save(held, tmp_path / name)
+        with pytest.raises(IsdaVizError, match=named):
+            read_covariance_file(tmp_path / name, c, a)
+    almost = sigma.clone()
+    almost[3, 0, 0] = -5e-5                                   # an eigenvalue -5e-5: within tolerance, projected
+    torch.save(almost, tmp_path / "almost.pt")
+    held = read_covariance_file(tmp_path / "almost.pt", c, a)
+    assert float(torch.linalg.eigvalsh(held.covariance[3].double()).min()) >= -1e-7
+    from isda_viz.isda.sampling import covariance_factors
+    assert torch.isfinite(covariance_factors(held, torch.arange(c))).all()   # sampling can factor it
+    # a run's std of 0, and JSON that would hold NaN is never written
+    run = tmp_path / "run"
+    shutil.copytree(default_classifier(), run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["normalization"]["std"] = [0.0]
+    torch.save(ckpt, run / "checkpoint.pt")
+    error_line(cli("augment", "--image", png(tmp_path / "q.png"), "--classifier", run, *FAST_RANDOM, "--out",
+                   tmp_path / "out"), "normalization.std must be > 0")
+    with pytest.raises(IsdaVizError, match="not finite"):
+        write_json_atomic({"t": [float("nan")]}, tmp_path / "fig.json")
+    assert not (tmp_path / "fig.json").exists() and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ 29.7: crafted files, one line each
+
+
+def _crafted_run(tmp_path: Path, name: str, change) -> Path:
+    run = tmp_path / name
+    shutil.copytree(default_classifier(), run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save(change(ckpt), run / "checkpoint.pt")
+    return run
+
+
+def test_29_7_crafted_run_checkpoints_are_one_line(tmp_path, image):
+    def drop(key):
+        return lambda c: {k: v for k, v in c.items() if k != key}
+
+    def estimator_without_num_features(c):
+        c["estimator"] = {k: v for k, v in c["estimator"].items() if k != "num_features"}
+        return c
+
+    def input_size(size):
+        def change(c):
+            c["input"]["size"] = size
+            return c
+        return change
+
+    def sparse_estimator(c):
+        c["estimator"]["mean64"] = c["estimator"]["mean64"].to_sparse()
+        return c
+
+    cases = {"no-normalization": (drop("normalization"), "normalization is missing"),
+             "no-num-features": (estimator_without_num_features, "num_features is missing"),
+             "bare-tensor": (lambda c: torch.ones(3), "is a Tensor, not a checkpoint"),
+             "size-0": (input_size(0), "input.size must be between 8 and 1024"),
+             "size-100000": (input_size(100_000), "input.size must be between 8 and 1024"),
+             "duplicate-names": (lambda c: {**c, "class_names": ["a"] * 10}, "names 'a' twice"),
+             "sparse": (sparse_estimator, "sparse")}
+    for name, (change, named) in cases.items():
+        run = _crafted_run(tmp_path, name, change)
+        before = contents(run)
+        error_line(cli("augment", "--image", image, "--classifier", run, *FAST_RANDOM, "--out", tmp_path / "out"),
+                   named, name)
+        assert contents(run) == before and not (tmp_path / "out").exists()
+
+
+def test_29_7_crafted_configs_and_options_are_one_line(tmp_path, image):
+    from isda_viz.generators.biggan_weights import read_biggan_config
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    error_line(cli("augment", "--image", image, "--class-map", deep, *FAST_RANDOM, "--out", tmp_path / "o"),
+               "nests 100000 levels")
+    error_line(cli("grid", "--class-names", deep, "--classifier", default_classifier() / "checkpoint.pt",
+                   "--classifier-arch", "resnet32", *FAST_RANDOM, "--out", tmp_path / "g.png"))
+    big = tmp_path / "config.json"
+    big.write_text(json.dumps({"channel_width": 10_000_000}))
+    with pytest.raises(IsdaVizError, match="channel_width must be between 1 and 4096"):
+        read_biggan_config(big)
+    for args, named in ((("--seed", 2**64), "--seed"), (("--seed", 2**64 - 1), "--seed"),
+                        (("--device", "meta"), "cpu or cuda, not meta"), (("--device", "cpu:3"), "no index 3")):
+        result = cli("augment", "--image", image, *FAST_RANDOM, *args, "--out", tmp_path / "o")
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert result.returncode in (1, 2) and len(errors) == 1 and named in errors[0], result.stderr[-1500:]
+    long_name = tmp_path / ("x" * 250 + ".png")
+    error_line(cli("grid", *FAST_RANDOM, "--out", long_name), "bytes long")
+    error_line(cli("augment", "--image", image, *FAST_RANDOM, "--out", tmp_path / ("y" * 300)), "bytes long")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "deep.json", "inputs"]
+
+
+def test_29_7_timm_configs_are_checked_as_read(tmp_path):
+    timm_models = pytest.importorskip("isda_viz.classifiers.timm_models")
+    pytest.importorskip("timm")
+    cases = {"model_args string": ({"model_args": "x"}, "model_args is a string, not an object"),
+             "model_args list": ({"model_args": [1]}, "model_args is a list"),
+             "num_classes inside": ({"model_args": {"num_classes": 5}}, "is set by isda-viz"),
+             "device meta": ({"model_args": {"device": "meta"}}, "is set by isda-viz"),
+             "checkpoint_path": ({"model_args": {"checkpoint_path": "/dev/stdin"}}, "is set by isda-viz"),
+             "pretrained_cfg list": ({"pretrained_cfg": [1]}, "pretrained_cfg is a list"),
+             "input size 0": ({"pretrained_cfg": {"input_size": [3, 0, 0]}}, "input_size must be"),
+             "input size huge": ({"pretrained_cfg": {"input_size": [3, 200000, 200000]}}, "input_size must be"),
+             "mean abc": ({"pretrained_cfg": {"mean": "abc"}}, "mean must be a list"),
+             "std 0": ({"pretrained_cfg": {"std": [0, 1, 1]}}, "std must be 3 finite numbers > 0"),
+             "duplicate labels": ({"label_names": ["a", "b", "a"]}, "names 'a' twice")}
+    for name, (config, named) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(config))
+        with pytest.raises(IsdaVizError, match=named):
+            timm_models.read_timm_config(path)
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"pretrained_cfg": {"mean": [NaN, 0, 0]}}')
+    with pytest.raises(IsdaVizError, match="NaN is not a JSON number"):
+        timm_models.read_timm_config(nan)
+
+
+def test_29_7_a_self_referencing_link_in_an_image_folder_is_one_line(tmp_path):
+    data = folder_dataset(tmp_path / "data")
+    (data / "train" / "a" / "self.png").symlink_to("self.png")
+    error_line(cli("train", "--dataset", "folder", "--data-root", data, "--arch", "resnet8", "--epochs", 1,
+                   "--out", tmp_path / "run"), "symbolic link loop", "self.png")
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------ 29.8: names on pages
+
+
+def test_29_8_names_are_sanitised_for_pages_and_duplicates_refused(tmp_path):
+    from isda_viz.outputs.html import _esc, page_text, page_url
+
+    sneaky = "abc\u202egnp.exe"
+    assert "\u202e" not in _esc(sneaky) and page_text(sneaky) == "abc<U+202E>gnp.exe"
+    undecodable = os.fsdecode(b"Caf\xe9")                     # a class folder's name that is not UTF-8
+    assert page_text(undecodable) == "Caf\ufffd" and _esc(undecodable).encode("utf-8")
+    assert page_url(f"x/{undecodable}.png") == "x/Caf%E9.png"
+    error_line(cli("directions", "--classes", "0,0", *FAST_RANDOM, "--out", tmp_path / "f.png"), "more than once")
+    error_line(cli("directions", "--classes", "Shirt,6", *FAST_RANDOM, "--out", tmp_path / "f.png"), "more than once")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_29_8_an_error_after_a_progress_bar_stands_on_its_own_line(tmp_path, monkeypatch):
+    from tqdm import tqdm
+
+    import isda_viz.inversion.pipelines as pipelines
+
+    def fails_mid_run(*args, **kwargs):
+        bar = tqdm(total=10, desc="work")
+        bar.update(3)
+        raise IsdaVizError("the disk went away")
+
+    monkeypatch.setattr(pipelines, "write_augment_dir", fails_mid_run)
+    result = cli("augment", "--image", png(tmp_path / "q.png"), *FAST_RANDOM, "--out", tmp_path / "out")
+    line = error_line(result, "the disk went away")
+    assert f"\n{line}" in result.stderr  # the line starts with Error:, not after a bar's \r

@@ -37,7 +37,16 @@ from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.outputs.figures import audit_page, to_pil
 from isda_viz.outputs.folders import check_inputs_outside, check_name_lengths, check_replaceable, publish_folder
-from isda_viz.outputs.audit_report import AUDIT, AuditIndex, AuditPage, AuditQuery, AuditReport, Neighbour, write_audit
+from isda_viz.outputs.audit_report import (
+    AUDIT,
+    AuditPage,
+    AuditQuery,
+    AuditReport,
+    IndexRecord,
+    Neighbour,
+    query_source,
+    write_audit,
+)
 from isda_viz.outputs.html import PAGE, html_fragment, write_html
 from isda_viz.outputs.report import read_report
 from isda_viz.runs import assembled_beside, save_image_atomic
@@ -92,8 +101,7 @@ def queries_from_report(out_dir, channels: int, size: int) -> list[Query]:
     queries = []
     for file, role, origin in listed:
         path = base / file
-        what = "reconstruction of" if role == "reconstruction" else "augmented from"
-        queries.append(Query(f"{path} ({what} {origin})", read_query_image(path, channels, size), role))
+        queries.append(Query(query_source(path, role, origin), read_query_image(path, channels, size), role))
     return queries
 
 
@@ -223,7 +231,7 @@ def _run_audit(cfg: AuditConfig, progress: bool, log: Callable[[str], None]) -> 
         distance=embedder.distance_name, threshold=cal["threshold"],
         median_test_distance=cal["median_distance"], flag_rate=cal["flag_rate"],
         flagged=sum(r.flagged for r in records), class_names=class_names,
-        index=AuditIndex(dir=str(index.directory), kind=index.manifest["kind"], status=status,
+        index=IndexRecord(dir=str(index.directory), kind=index.manifest["kind"], status=status,
                          train_size=index.manifest["train_size"],
                          params=dataclasses.asdict(index.neighbours.params)),
         config=dataclasses.asdict(cfg), queries=records)

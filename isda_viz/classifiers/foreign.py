@@ -31,7 +31,7 @@ from isda_viz.classifiers.public import (
     parse_public_arch,
 )
 from isda_viz.classifiers.safe_load import SAFETENSORS_SUFFIX, PickledObject, load_torch_file
-from isda_viz.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES
+from isda_viz.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from isda_viz.errors import IsdaVizError
 
 PUBLIC_CHECKPOINT_KEYS = ("state_dict", "fc")
@@ -255,7 +255,7 @@ def torchvision_preprocessing(name: str) -> tuple[list[float], list[float], int]
         transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
         return list(transform.mean), list(transform.std), int(transform.crop_size[0])
     except (ValueError, AttributeError, KeyError):
-        return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 224
+        return list(IMAGENET_MEAN), list(IMAGENET_STD), 224
 
 
 class HookedTorchvisionClassifier(nn.Module):

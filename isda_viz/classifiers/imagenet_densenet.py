@@ -21,10 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from isda_viz.classifiers.foreign import WeightsFile, load_strict, read_weights_file
+from isda_viz.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from isda_viz.errors import IsdaVizError
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 IMAGENET_INPUT_SIZE = 224
 FINAL_POOL = 7
 """The kernel of the public forward's last `avg_pool2d` (a 7 x 7 map at 224 px)."""

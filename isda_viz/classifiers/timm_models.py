@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from isda_viz.classifiers.foreign import WeightsFile, load_strict, read_weights_file
+from isda_viz.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from isda_viz.errors import IsdaVizError
 from isda_viz.readers import MAX_CLASSES, Fields, check_class_names, check_network_size, read_json
 
@@ -158,8 +159,8 @@ class TimmClassifier(nn.Module):
         if height != width:
             raise IsdaVizError(f"timm {name} takes {height}x{width} inputs; isda-viz handles square inputs only")
         self.channels, self.input_size = int(channels), int(height)
-        self.mean = [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))]
-        self.std = [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
+        self.mean = [float(v) for v in cfg.get("mean", IMAGENET_MEAN)]
+        self.std = [float(v) for v in cfg.get("std", IMAGENET_STD)]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_head(self.net.forward_features(x), pre_logits=True)

@@ -73,14 +73,18 @@ class DatasetSpec:
     default_covariance: str = "full"
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The ImageNet normalisation (per RGB channel) that torchvision, timm and the public ImageNet code use: the one copy."""
+
 SPECS = {
     "fashion-mnist": DatasetSpec("fashion-mnist", 10, 1, 28, [0.2860], [0.3530], FASHION_MNIST_CLASSES),
     "cifar10": DatasetSpec("cifar10", 10, 3, 32, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], CIFAR10_CLASSES),
     "cifar100": DatasetSpec("cifar100", 100, 3, 32, [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762],
                             CIFAR100_CLASSES),
-    "imagenet": DatasetSpec("imagenet", 1000, 3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+    "imagenet": DatasetSpec("imagenet", 1000, 3, 224, list(IMAGENET_MEAN), list(IMAGENET_STD),
                             default_arch="resnet50", default_covariance="diagonal"),
-    "folder": DatasetSpec("folder", 0, 3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+    "folder": DatasetSpec("folder", 0, 3, 224, list(IMAGENET_MEAN), list(IMAGENET_STD),
                           default_arch="resnet50", default_covariance="diagonal"),
 }
 DATASET_NAMES = list(SPECS)
@@ -121,7 +125,13 @@ def _walk_images(class_dir: Path, seen: set[str], root: Path) -> list[Path]:
             raise IsdaVizError(f"cannot list {folder}: {os.strerror(e.errno)}") from None
         names = []
         for entry in entries:
-            if entry.is_dir():  # follows symlinks
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError as e:  # a link to itself (or a longer loop of links): ELOOP
+                raise IsdaVizError(f"symbolic link loop in the image folder: {entry.path} -> "
+                                   f"{os.readlink(entry.path) if entry.is_symlink() else '?'} "
+                                   f"({os.strerror(e.errno)}); remove the link") from None
+            if is_dir:
                 path, real = Path(entry.path), os.path.realpath(entry.path)
                 if real in ancestors:
                     link = next((q for q in [path, *path.parents] if q.is_symlink()), path)

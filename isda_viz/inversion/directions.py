@@ -75,7 +75,7 @@ from isda_viz.runs import assembled_beside
 
 FILES_REPORT = "directions.json"     # the report inside FIG_files/, its paths relative to that folder
 DRAW_CHUNK = 250                     # feature-space test draws per sampling call (bounds memory for large A)
-MAX_DIRECTIONS, MAX_STEPS, MAX_RANGE = 64, 101, 100.0            # --directions, --steps, --range
+MAX_DIRECTIONS, MAX_STEPS, MAX_RANGE = 256, 101, 100.0           # --directions, --steps, --range
 MAX_TEST_DRAWS, MAX_PIXEL_DRAWS = 100_000, 64                     # --test-draws, --pixel-draws (<= --test-draws)
 
 

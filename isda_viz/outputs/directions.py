@@ -42,6 +42,7 @@ from isda_viz.outputs.figures import font, labelled_grid
 from isda_viz.outputs.folders import through_figure_link
 from isda_viz.outputs.html import _Ctx, _esc, _fmt, _script, _style
 from isda_viz.outputs.report import ImageFile, ReconstructionEntry
+from isda_viz.readers import build_typed, check_relative_files, read_json
 from isda_viz.runs import write_bytes_atomic, write_json_atomic
 
 NOISE_LABELS = {"isda": "ISDA: N(0, λΣ_y)", "isotropic": "isotropic: N(0, λ tr(Σ_y)/A · I)",
@@ -209,6 +210,11 @@ def _build(kind, value):
     return value
 
 
+def _files_of(image: DirectionsImage) -> list[str]:
+    return [image.original.file, image.reconstruction.file] + [
+        f for d in image.directions for f in [d.change_file, *(frame.file for frame in d.frames)]]
+
+
 def write_directions_report(report: DirectionsReport, path) -> None:
     """Write `report` as JSON to `path`, atomically; `report.path` becomes `path`."""
     write_json_atomic(report.to_dict(), path)
@@ -219,12 +225,9 @@ def read_directions_report(path) -> DirectionsReport:
     """The report FIG.json at `path` (or beside a FIG.png); `IsdaVizError` when it is not one."""
     path = Path(path)
     path = path.with_suffix(".json") if path.suffix.lower() == ".png" else path
-    try:
-        report = DirectionsReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except OSError as e:
-        raise IsdaVizError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise IsdaVizError(f"{path} is not a report of isda-viz directions ({type(e).__name__}: {e})") from None
+    where = f"{path} (a report of isda-viz directions)"
+    report = build_typed(DirectionsReport, read_json(path, "the directions report", limit=256 << 20), where)
+    check_relative_files([f for image in report.images for f in _files_of(image)], where)
     report.path = path
     return report
 

@@ -45,7 +45,7 @@ from PIL import Image, UnidentifiedImageError
 
 from isda_viz._version import __version__
 from isda_viz.errors import IsdaVizError
-from isda_viz.outputs.audit_report import AUDIT, AuditQuery, AuditReport, read_audit
+from isda_viz.outputs.audit_report import AUDIT, AuditQuery, AuditReport, read_audit, split_query_source
 from isda_viz.outputs.folders import is_finite_number, through_figure_link
 from isda_viz.outputs.report import REPORT, ImageEntry, Report, read_report
 from isda_viz.outputs.summary import SUMMARY, DemoSummary, figure_label, read_summary
@@ -69,8 +69,6 @@ COLUMNS = [("image", "#", True), ("source", "source", False), ("label", "class",
 AUDIT_COLUMNS = [("copy_score", "copy score", True), ("nearest_distance", "nearest distance", True),
                  ("nearest_label", "nearest class", False), ("flagged", "likely copy", False)]
 
-# audit.json `source` of a query from --from: "PATH (augmented from ORIGIN)" / "PATH (reconstruction of ORIGIN)"
-_QUERY_SOURCE = re.compile(r"^(?P<path>.*?) \((?:reconstruction of|augmented from) (?P<origin>.*)\)$", re.S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,8 +312,7 @@ def _prediction(key: str, label: str, value, true_label, names: _Names) -> str:
 def _query_path(source: str, audit_dir: Path) -> Path:
     """The image file an audit query came from (as recorded; a relative path is tried against the working
     folder, then as a folder beside the audit's, the layout of the demo)."""
-    match = _QUERY_SOURCE.match(source)
-    path = Path(match.group("path") if match else source)
+    path = Path(split_query_source(source)[0])
     if path.is_absolute() or path.exists():
         return path
     sibling = audit_dir.parent / path.parent.name / path.name
