@@ -12,7 +12,8 @@ from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipelines import VisualizeOptions, augment_images, make_grid
 from isda_viz.outputs.html import page_path
 
-from .common import classifier_options, device_option, embed_option, seed_option, truncation_option
+from .common import (classifier_options, device_option, embed_option, generator_option, seed_option,
+                     truncation_option)
 
 # The search knobs the options name as they are (`encoder` comes from the --no-encoder flag).
 _INVERSION_KNOBS = tuple(p for p in inspect.signature(InversionOptions.make).parameters if p != "encoder")
@@ -25,9 +26,7 @@ def visualize_options(fn):
     options = [
         classifier_options("Classifier RUN_DIR from `isda-viz train`, or a weights FILE with --classifier-arch "
                            "(default: the shipped Fashion-MNIST ISDA ResNet-32)."),
-        click.option("--generator", default=None,
-                     help="GAN_DIR from `isda-viz train-gan`, biggan-deep-128|256|512, or a local BigGAN folder "
-                          "(default: the shipped Fashion-MNIST WGAN-GP)."),
+        generator_option,
         truncation_option,
         click.option("--class-map", type=click.Path(dir_okay=False), default=None,
                      help="Which generator class draws each classifier class, when their classes differ: JSON "

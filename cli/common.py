@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import click
 
+from isda_viz.generators.registry import generator_help
+
 device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu).")
 seed_option = click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
                            help="Random seed, 0 to 2**63 - 1; same seed, same outputs.")
 truncation_option = click.option("--truncation", type=click.FloatRange(0, 1, min_open=True), default=None,
-                                 help="BigGAN truncation (default 0.5; ignored by WGAN generators).")
+                                 help="Truncation of a BigGAN's latent prior (default: 0.5 for biggan-deep, "
+                                      "1, none, for the other BigGANs; ignored by WGAN generators).")
+generator_option = click.option("--generator", default=None, metavar="KIND:FILE|PATH|NAME", help=generator_help())
 embed_option = click.option("--embed", is_flag=True,
                             help="Inline the images of the HTML page as data: URIs (the page alone can be mailed).")
 

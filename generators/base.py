@@ -24,7 +24,8 @@ class Generator(nn.Module):
     image_size: int
     channels: int
     output_range: tuple[float, float] = (-1.0, 1.0)
-    name: str = "generator"
+    name: str = "generator"          # says where it was loaded from
+    kind: str = "generator"          # its registered family (`generators.registry`), set by `load_generator`
 
     @property
     def conditional(self) -> bool:

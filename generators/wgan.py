@@ -27,8 +27,10 @@ from isda_viz.readers import Fields, check_class_names
 from isda_viz.runs import load_checkpoint, save_atomic
 
 from .base import Generator
+from .registry import LoadRequest, register_generator
 
 GENERATOR_FILE = "generator.pt"
+WGAN_FORMAT = "isda-viz-wgan"  # generator.pt's "format"
 STATE_FILE = "training_state.pt"  # critic, optimisers, RNG: what --resume needs beyond generator.pt
 
 
@@ -69,6 +71,7 @@ class UpBlock(nn.Module):
 class WGANGenerator(Generator):
     """Class-conditional (or unconditional) generator: `(N, latent_dim)`, `(N,)` → `(N, C, S, S)` in [-1, 1]."""
     name = "wgan"
+    kind = "wgan"
     output_range = (-1.0, 1.0)
 
     def __init__(self, latent_dim: int = 128, num_classes: int | None = 10, channels: int = 1, image_size: int = 28,
@@ -133,7 +136,7 @@ class WGANCritic(nn.Module):
 
 def save_generator(generator: WGANGenerator, path, iteration: int, dataset: str) -> None:
     """Write `generator.pt`: plain weights and the config that rebuilds the network (loads with weights_only=True)."""
-    save_atomic({"format": "isda-viz-wgan", "config": generator.arch_config(), "dataset": dataset,
+    save_atomic({"format": WGAN_FORMAT, "config": generator.arch_config(), "dataset": dataset,
                  "iteration": iteration, "state_dict": {k: v.detach().cpu().contiguous()
                                                         for k, v in generator.state_dict().items()}}, path)
 
@@ -161,7 +164,7 @@ def load_wgan(path, device="cpu") -> WGANGenerator:
     if path.is_dir():
         path = path / GENERATOR_FILE
     ckpt = load_checkpoint(path, "generator file")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "isda-viz-wgan":
+    if not isinstance(ckpt, dict) or ckpt.get("format") != WGAN_FORMAT:
         raise IsdaVizError(f"{path} is not a generator written by isda-viz train-gan")
     try:
         generator = WGANGenerator(**_checked_config(ckpt.get("config"), path))
@@ -171,6 +174,34 @@ def load_wgan(path, device="cpu") -> WGANGenerator:
                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     generator.name = f"wgan:{path.parent}"
     return generator.to(device).freeze()
+
+
+def _is_gan_dir_or_file(request: LoadRequest) -> bool:
+    """A GAN_DIR (its generator.pt not another family's format: the train-gan architectures share the folder
+    layout), or a generator.pt of this format."""
+    path = request.path
+    if path.is_dir():
+        if not (path / GENERATOR_FILE).exists():
+            return (path / STATE_FILE).exists()  # then load_wgan says generator.pt is missing
+        try:
+            contents = LoadRequest(str(path / GENERATOR_FILE)).contents()
+        except IsdaVizError:
+            return True  # unreadable: load_wgan says so
+        return not isinstance(contents, dict) or contents.get("format", WGAN_FORMAT) == WGAN_FORMAT
+    contents = request.contents()
+    return isinstance(contents, dict) and contents.get("format") == WGAN_FORMAT
+
+
+@register_generator(
+    "wgan", summary="the compact class-conditional WGAN-GP of isda-viz train-gan", file="GAN_DIR or its generator.pt",
+    dataset="yours (Fashion-MNIST shipped)", resolution="28 or 32 px", source="`isda-viz train-gan` (the shipped "
+    "one: `isda_viz/pretrained/`)", licence="yours (the shipped weights: this project's)",
+    command="isda-viz augment --image a.png --classifier runs/fmnist-isda --generator runs/fmnist-gan --out out/a",
+    recognise=_is_gan_dir_or_file, folder_hint=f"{GENERATOR_FILE} (a train-gan GAN_DIR)")
+def load_wgan_family(request: LoadRequest) -> WGANGenerator:
+    """The registry's loader: `load_wgan`. Its batch-norm statistics are standing ones already (`train_gan`
+    recomputes them before saving), so `standing_statistics` changes nothing."""
+    return load_wgan(request.spec, request.device)
 
 
 @torch.no_grad()

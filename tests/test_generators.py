@@ -345,7 +345,8 @@ def test_biggan_names_resolve_to_local_copies_offline(biggan_dir, tmp_path, monk
 def test_missing_and_corrupt_files_are_one_line_errors(gan_dir, biggan_dir, tmp_path):
     _one_line_error(_invoke(probe, "probe", "--generator", tmp_path / "nowhere"), "not found")
     (tmp_path / "empty").mkdir()
-    _one_line_error(_invoke(probe, "probe", "--generator", tmp_path / "empty"), "neither generator.pt")
+    _one_line_error(_invoke(probe, "probe", "--generator", tmp_path / "empty"), "holds neither", "generator.pt",
+                    "config.json + pytorch_model.bin")
 
     weights_only = tmp_path / "no-weights"
     weights_only.mkdir()
