@@ -137,7 +137,7 @@ class VisualizeOptions:
             check_number(getattr(self.inversion, name), "--lr", 0, MAX_LR, low_open=True)
         check_number(self.inversion.tolerance, "--tolerance", 0, 1e6)
         for name in ("reconstruct_iterations", "augment_iterations"):
-            check_count(getattr(self.inversion, name), "--iterations", 1, MAX_ITERATIONS)
+            check_count(getattr(self.inversion, name), "--iterations", 0, MAX_ITERATIONS)  # 0: the start alone
         check_covariance(self.covariance)
         check_count(self.num_augmented, "--num-augmented", 1, MAX_AUGMENTED)
         if self.inversion.restarts < (0 if self.inversion.start == "encoder" else 1):   # 0: the learned start alone
