@@ -364,7 +364,7 @@ def check_relative_files(paths, where: str) -> None:
     for path in paths:
         parts = Path(path).parts
         if not parts or Path(path).is_absolute() or ".." in parts:
-            raise IsdaVizError(f"{where} names the file {path!r}, which is not a path inside its folder")
+            raise IsdaVizError(f"{where}: it names the file {path!r}, which is not a path inside its folder")
 
 
 # ------------------------------------------------------------------------------------------------ tensors

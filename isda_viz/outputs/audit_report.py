@@ -140,7 +140,7 @@ def read_audit(path) -> AuditReport:
     file = path / AUDIT if path.is_dir() else path
     if not file.exists():
         raise IsdaVizError(f"{path} has no {AUDIT}; give the --out folder of an audit")
-    where = f"{file} (an audit.json of isda-viz audit)"
+    where = f"{file} is not an audit.json of isda-viz audit"
     report = build_typed(AuditReport, read_json(file, "the audit", limit=64 << 20), where)
     check_relative_files([p.file for p in report.pages] + [n.file for q in report.queries for n in q.neighbors
                                                            if n.file is not None], where)

@@ -225,7 +225,7 @@ def read_directions_report(path) -> DirectionsReport:
     """The report FIG.json at `path` (or beside a FIG.png); `IsdaVizError` when it is not one."""
     path = Path(path)
     path = path.with_suffix(".json") if path.suffix.lower() == ".png" else path
-    where = f"{path} (a report of isda-viz directions)"
+    where = f"{path} is not a report of isda-viz directions"
     report = build_typed(DirectionsReport, read_json(path, "the directions report", limit=256 << 20), where)
     check_relative_files([f for image in report.images for f in _files_of(image)], where)
     report.path = path

@@ -219,7 +219,7 @@ def read_report(path) -> Report:
     file = path / REPORT if path.is_dir() else path
     if not file.exists():
         raise IsdaVizError(f"{path} has no {REPORT}; give the --out folder of an augment run or a grid's FIG.json")
-    where = f"{file} (a report of augment or grid)"
+    where = f"{file} is not a report of augment or grid"
     report = build_typed(Report, read_json(file, "the report", limit=MAX_REPORT_BYTES), where)
     check_relative_files([record.file for entry in report.images for record in entry.files()], where)
     report.path = file

@@ -137,6 +137,6 @@ def read_summary(path) -> DemoSummary:
     path = Path(path)
     file = path / SUMMARY if path.is_dir() else path
     summary = build_typed(DemoSummary, read_json(file, "the demo summary", limit=1 << 20),
-                          f"{file} (a demo summary.json)")
+                          f"{file} is not a demo summary.json")
     summary.path = file
     return summary
