@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from isda_viz.classifiers.registry import arch_help
 from isda_viz.generators.registry import generator_help
 
 device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu).")
@@ -24,14 +25,7 @@ def classifier_options(classifier_help: str):
     """
     options = [
         click.option("--classifier", default=None, help=classifier_help),
-        click.option("--classifier-arch", default=None, metavar="ARCH",
-                     help="What the --classifier FILE holds: a public ISDA CIFAR architecture (resnet110, wrn28_10, "
-                          "se_resnet110, densenet_bc100, resnext29_8_64, shake_pyramidnet272, ...: the README's table; "
-                          "a checkpoint of that code, its format recognised from its keys) or torchvision:NAME (torchvision "
-                          "weights, e.g. torchvision:resnet50; also a checkpoint of the public ImageNet DDP script), "
-                          "isda-imagenet:densenet121|densenet265 (the public ImageNet DenseNets) or timm:NAME (timm "
-                          "weights: a file or a Hugging Face-style folder; needs isda-viz[timm]). Weights files may be "
-                          ".safetensors. Leave out for an isda-viz RUN_DIR."),
+        click.option("--classifier-arch", default=None, metavar="ARCH", help=arch_help()),
         click.option("--class-names", type=click.Path(dir_okay=False), default=None,
                      help="File naming the classes of a --classifier FILE, one per line or a JSON list "
                           "(default: --data-root's train/ folders)."),

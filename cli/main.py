@@ -17,6 +17,7 @@ from .demo import demo_command
 from .directions import directions_command
 from .gan import train_gan_command
 from .plot import plot_command
+from .reach import generator_report_command
 from .train import train_command
 
 
@@ -80,3 +81,4 @@ main.add_command(grid_command)
 main.add_command(demo_command)
 main.add_command(plot_command)
 main.add_command(directions_command)
+main.add_command(generator_report_command)

@@ -16,7 +16,6 @@ Weights are a folder in `pytorch_pretrained_biggan`'s format, `config.json` + `p
 from __future__ import annotations
 
 import io
-import json
 import os
 import urllib.request
 from pathlib import Path
@@ -54,8 +53,8 @@ def _package_cache_copy(name: str) -> dict[str, Path] | None:
     found: dict[str, Path] = {}
     for meta in root.glob("*.json"):
         try:
-            url = json.loads(meta.read_text()).get("url")
-        except (OSError, ValueError, AttributeError):
+            url = read_json(meta, "a pytorch-pretrained-biggan cache entry", limit=1 << 16).get("url")
+        except (IsdaVizError, AttributeError):
             continue
         data = meta.with_suffix("")
         if url in wanted and data.is_file():

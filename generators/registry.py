@@ -28,9 +28,9 @@ from isda_viz.runs import load_checkpoint
 from .base import Generator
 
 _KIND = re.compile(r"^[a-z][a-z0-9-]*$")
-# Modules of this package that hold no family, which `discover` skips (a training loop pulls in classifiers
-# and outputs, which loading a generator does not need). Modules named `_*` are skipped too.
-_NOT_FAMILIES = {"base", "registry", "wgan_train"}
+# Modules of this package that hold no family, which `discover` skips (a training loop and the generator report
+# pull in classifiers and outputs, which loading a generator does not need). Modules named `_*` are skipped too.
+_NOT_FAMILIES = {"base", "registry", "wgan_train", "reach"}
 
 
 @dataclass

@@ -72,6 +72,7 @@ class WGANGenerator(Generator):
     """Class-conditional (or unconditional) generator: `(N, latent_dim)`, `(N,)` → `(N, C, S, S)` in [-1, 1]."""
     name = "wgan"
     kind = "wgan"
+    file_format = WGAN_FORMAT
     output_range = (-1.0, 1.0)
 
     def __init__(self, latent_dim: int = 128, num_classes: int | None = 10, channels: int = 1, image_size: int = 28,
@@ -134,21 +135,23 @@ class WGANCritic(nn.Module):
 # ------------------------------------------------------------------------------------------------- saving, loading
 
 
-def save_generator(generator: WGANGenerator, path, iteration: int, dataset: str) -> None:
-    """Write `generator.pt`: plain weights and the config that rebuilds the network (loads with weights_only=True)."""
-    save_atomic({"format": WGAN_FORMAT, "config": generator.arch_config(), "dataset": dataset,
+def save_generator(generator: Generator, path, iteration: int, dataset: str) -> None:
+    """Write `generator.pt`: plain weights and the config that rebuilds the network (loads with weights_only=True);
+    its "format" is the generator class's `file_format` (`WGANGenerator`, `wgan_resnet.ResNetGenerator`)."""
+    save_atomic({"format": generator.file_format, "config": generator.arch_config(), "dataset": dataset,
                  "iteration": iteration, "state_dict": {k: v.detach().cpu().contiguous()
                                                         for k, v in generator.state_dict().items()}}, path)
 
 
 def _checked_config(config, path: Path) -> dict:
     """A `generator.pt`'s `config`, checked before any layer is built (so a crafted width cannot ask for
-    terabytes): the keys `arch_config` writes, each an integer in range, distinct class names."""
+    terabytes): the keys `arch_config` writes (WGANGenerator's and ResNetGenerator's alike), each an integer in
+    range, distinct class names."""
     fields = Fields(config, f"the generator file {path}: config", "a dict")
     unknown = sorted(set(fields.data) - {"latent_dim", "num_classes", "channels", "image_size", "width",
                                          "class_names"})
     if unknown:
-        fields.fail(unknown[0], "is not a setting of the WGAN generator")
+        fields.fail(unknown[0], "is not a setting of the generator")
     checked = {"latent_dim": fields.integer("latent_dim", 1, 4096), "channels": fields.integer("channels", 1, 4),
                "image_size": fields.integer("image_size", 8, 256), "width": fields.integer("width", 1, 1024),
                "num_classes": fields.integer("num_classes", 1, 100_000, default=None)}
@@ -160,19 +163,25 @@ def _checked_config(config, path: Path) -> dict:
 
 def load_wgan(path, device="cpu") -> WGANGenerator:
     """The frozen generator in a `generator.pt` written by `train_gan` (or the GAN_DIR holding one)."""
+    return load_saved_generator(path, WGANGenerator, device)
+
+
+def load_saved_generator(path, network: type[Generator], device="cpu") -> Generator:
+    """The frozen `network` in a `generator.pt` that `save_generator` wrote from one (or the GAN_DIR holding it):
+    its "format" must be `network.file_format`, its weights must fit its config; one-line errors else."""
     path = Path(path)
     if path.is_dir():
         path = path / GENERATOR_FILE
     ckpt = load_checkpoint(path, "generator file")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != WGAN_FORMAT:
-        raise IsdaVizError(f"{path} is not a generator written by isda-viz train-gan")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != network.file_format:
+        raise IsdaVizError(f"{path} is not a {network.kind} generator written by isda-viz train-gan")
     try:
-        generator = WGANGenerator(**_checked_config(ckpt.get("config"), path))
+        generator = network(**_checked_config(ckpt.get("config"), path))
         generator.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise IsdaVizError(f"{path} is corrupt: its weights do not fit its config "
                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    generator.name = f"wgan:{path.parent}"
+    generator.name = f"{network.name}:{path.parent}"
     return generator.to(device).freeze()
 
 

@@ -4,7 +4,12 @@ Training (Gulrajani et al. 2017): the critic minimises `D(fake) - D(real) + λ·
 on random interpolates x̂, `n_critic` critic steps per generator step, Adam with
 β = (0.0 or 0.5, 0.9), learning rates decayed linearly to zero over the run.
 
-Defaults are what reached the class-agreement target on a 2-core CPU: 2 critic
+Two architectures (`GanConfig.arch`): "compact" (`wgan.py`, the default, sized for Fashion-MNIST on a CPU)
+and "resnet" (`wgan_resnet.py`, Gulrajani et al.'s CIFAR ResNet, whose generator's exponential moving
+average is what gets saved and inverted). `--recipe gulrajani` is their published schedule
+(`wgan_resnet.GULRAJANI`); options given explicitly win.
+
+The compact defaults are what reached the class-agreement target on a 2-core CPU: 2 critic
 steps (not the paper's 5) at lr 1e-3 for both nets (not 1e-4) with β = (0.5, 0.9).
 With lr 2e-4 the class-conditional batch-norm scales, which Adam moves by about
 lr per step from the identity, barely separated the classes after 300 iterations;
@@ -14,6 +19,7 @@ the networks stay in the default memory format.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -44,16 +50,20 @@ from isda_viz.runs import (
 )
 
 from isda_viz.outputs.figures import sample_grid
+from isda_viz.outputs.generator_report import GENERATOR_REPORT, write_generator_report
 
 from .base import Generator
+from .reach import ReachOptions, generator_reach
 from .wgan import (
     GENERATOR_FILE,
     STATE_FILE,
     WGANCritic,
     WGANGenerator,
+    load_wgan,
     recompute_batchnorm_statistics,
     save_generator,
 )
+from .wgan_resnet import DEFAULT_WIDTH, GULRAJANI, ResNetCritic, ResNetGenerator
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor | None,
@@ -87,6 +97,45 @@ def class_agreement(generator: Generator, classifier, per_class: int, rng: torch
     return correct / len(y)
 
 
+@dataclass(frozen=True)
+class GanArch:
+    """One `train-gan --arch`: its networks and defaults (`ema_decay` None: no moving average; `critic_width` None:
+    the generator's width)."""
+    generator: type
+    critic: type
+    width: int
+    critic_width: int | None
+    ema_decay: float | None
+    image_size: int | None   # None: the dataset's (at most 32)
+
+
+GAN_ARCHS = {
+    "compact": GanArch(WGANGenerator, WGANCritic, 32, 32, None, None),
+    # EMA 0.999 (with `average_weights`' warm-up): Yazıcı et al. 2019 average GAN generators this way; BigGAN's
+    # 0.9999 suits its 10^5-step runs, not the few thousand a CPU affords.
+    "resnet": GanArch(ResNetGenerator, ResNetCritic, DEFAULT_WIDTH, None, 0.999, 32),
+}
+GAN_RECIPES = {"gulrajani": GULRAJANI}
+
+
+def apply_gan_recipe(cfg: "GanConfig", explicit=()) -> "GanConfig":
+    """`cfg` with its recipe's values (`GAN_RECIPES`), except the fields named in `explicit`; unchanged without one."""
+    if cfg.recipe is None:
+        return cfg
+    return dataclasses.replace(cfg, **{k: v for k, v in GAN_RECIPES[cfg.recipe].items() if k not in set(explicit)})
+
+
+@torch.no_grad()
+def average_weights(average: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """The exponential moving average of `model`'s parameters in `average` after generator step `step` (0-based):
+    `θ̄ ← d·θ̄ + (1 − d)·θ`, `d = min(decay, (1 + step) / (10 + step))` (the warm-up of TensorFlow's
+    `ExponentialMovingAverage(num_updates)`, so early steps are not stuck at the initial weights). Buffers (batch-norm
+    statistics) are not averaged: the saved average gets standing statistics of its own."""
+    d = min(decay, (1 + step) / (10 + step))
+    for mean, param in zip(average.parameters(), model.parameters()):
+        mean.lerp_(param, 1 - d)
+
+
 @dataclass
 class GanConfig:
     """Everything that defines a `train-gan` run; saved as the GAN_DIR's `config.json`."""
@@ -102,8 +151,12 @@ class GanConfig:
     beta1: float = 0.5
     beta2: float = 0.9
     latent_dim: int = 128
-    width: int = 32                    # generator channels at full size (4x that at S/4)
-    critic_width: int = 32             # critic channels after its first conv
+    arch: str = "compact"              # GAN_ARCHS: "compact" (wgan.py) or "resnet" (wgan_resnet.py)
+    width: int | None = None           # generator channels (compact: at full size, 4x that at S/4); None: the arch's
+    critic_width: int | None = None    # critic channels after its first conv; None: the arch's (resnet: width)
+    generator_batch_size: int | None = None  # the generator step's batch; None: batch_size
+    ema_decay: float | None = None     # moving average of the generator's weights; None: the arch's (compact: none)
+    recipe: str | None = None          # GAN_RECIPES: a published schedule (fills what is not given explicitly)
     conditional: bool = True
     image_size: int | None = None      # None: the dataset's size (32 when larger)
     seed: int = 0
@@ -117,7 +170,21 @@ class GanConfig:
     device: str | None = None          # not part of the run's identity
 
     def __post_init__(self) -> None:
-        """One-line `IsdaVizError`s for options no run can use."""
+        """The arch's widths and moving average where not given; one-line `IsdaVizError`s for options no run can use."""
+        if self.arch not in GAN_ARCHS:
+            raise IsdaVizError(f"unknown --arch {self.arch!r}; known: {', '.join(GAN_ARCHS)}")
+        if self.recipe is not None and self.recipe not in GAN_RECIPES:
+            raise IsdaVizError(f"unknown --recipe {self.recipe!r}; known: {', '.join(GAN_RECIPES)}")
+        arch = GAN_ARCHS[self.arch]
+        self.width = arch.width if self.width is None else self.width
+        self.critic_width = (arch.critic_width or self.width) if self.critic_width is None else self.critic_width
+        self.ema_decay = arch.ema_decay if self.ema_decay is None else self.ema_decay
+        for option, value in (("--width", self.width), ("--critic-width", self.critic_width),
+                              ("--generator-batch-size", self.generator_batch_size or 1)):
+            if not isinstance(value, int) or value < 1:
+                raise IsdaVizError(f"{option} must be a positive integer, got {value}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise IsdaVizError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.iterations < 1 or self.batch_size < 1 or self.n_critic < 1:
             raise IsdaVizError("--iterations, --batch-size and --n-critic must be at least 1")
         if self.classifier and not self.conditional:
@@ -164,19 +231,25 @@ class _GanTraining:
     out: Path
     class_names: list[str]
     classifier: object | None            # a `Classifier` measuring class agreement, or None
-    generator: WGANGenerator
-    critic: WGANCritic
+    generator: Generator                 # the network trained
+    critic: nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     rng: torch.Generator                 # every random draw of training: batches, z, y, interpolation
+    average: Generator | None = None     # the moving average of `generator` (cfg.ema_decay): what is saved
     sample_batch: _BatchSampler | None = None   # set once the run's state is restored
     grid_z: torch.Tensor | None = None          # (10, latent_dim) latent codes of samples.png
 
-    def draw_z(self) -> torch.Tensor:
-        return torch.randn(self.cfg.batch_size, self.cfg.latent_dim, generator=self.rng).to(self.device)
+    @property
+    def saved(self) -> Generator:
+        """The generator written to generator.pt: the moving average where there is one."""
+        return self.generator if self.average is None else self.average
 
-    def draw_y(self) -> torch.Tensor | None:
-        n = self.cfg.batch_size
+    def draw_z(self, n: int | None = None) -> torch.Tensor:
+        return torch.randn(n or self.cfg.batch_size, self.cfg.latent_dim, generator=self.rng).to(self.device)
+
+    def draw_y(self, n: int | None = None) -> torch.Tensor | None:
+        n = n or self.cfg.batch_size
         return torch.randint(len(self.class_names), (n,), generator=self.rng).to(self.device) \
             if self.cfg.conditional else None
 
@@ -191,7 +264,8 @@ def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]
     if state is not None:
         cfg = _resumed_config(state["config"], cfg)
     spec = dataset_spec(cfg.dataset, cfg.data_root)
-    cfg = dataclasses.replace(cfg, image_size=cfg.image_size or min(spec.image_size, 32))
+    arch = GAN_ARCHS[cfg.arch]
+    cfg = dataclasses.replace(cfg, image_size=cfg.image_size or arch.image_size or min(spec.image_size, 32))
     train_set = load_split(cfg.dataset, True, cfg.data_root, cfg.limit_train)
     class_names = list(train_set.classes)
     num_classes = len(class_names) if cfg.conditional else None
@@ -206,13 +280,14 @@ def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]
                                f"({len(class_names)} classes)")
 
     torch.manual_seed(cfg.seed)
-    generator = WGANGenerator(cfg.latent_dim, num_classes, spec.channels, cfg.image_size, cfg.width,
-                              class_names).to(device)
-    critic = WGANCritic(num_classes, spec.channels, cfg.critic_width).to(device)
+    generator = arch.generator(cfg.latent_dim, num_classes, spec.channels, cfg.image_size, cfg.width,
+                               class_names).to(device)
+    critic = arch.critic(num_classes, spec.channels, cfg.critic_width).to(device)
     opt_g = torch.optim.Adam(generator.parameters(), cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(critic.parameters(), cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+    average = copy.deepcopy(generator).requires_grad_(False) if cfg.ema_decay is not None else None
     run = _GanTraining(cfg=cfg, device=device, out=out, class_names=class_names, classifier=classifier,
-                       generator=generator, critic=critic, opt_g=opt_g, opt_d=opt_d,
+                       generator=generator, critic=critic, opt_g=opt_g, opt_d=opt_d, average=average,
                        rng=torch.Generator().manual_seed(cfg.seed))
     start, elapsed = 0, 0.0
     if state is not None:
@@ -235,7 +310,8 @@ def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]
 
 def _save_state(run: _GanTraining, iteration: int, seconds: float) -> None:
     """`training_state.pt` after `iteration` iterations that took `seconds`: everything `_restore` needs."""
-    save_atomic({"generator": run.generator.state_dict(), "critic": run.critic.state_dict(),
+    average = {} if run.average is None else {"average": run.average.state_dict()}
+    save_atomic({"generator": run.generator.state_dict(), "critic": run.critic.state_dict(), **average,
                  "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(), "rng": run.rng.get_state(),
                  "iteration": iteration, "seconds": seconds, "config": dataclasses.asdict(run.cfg)},
                 run.out / STATE_FILE)
@@ -246,6 +322,8 @@ def _restore(run: _GanTraining, state: dict) -> tuple[int, float]:
     try:
         run.generator.load_state_dict(state["generator"])
         run.critic.load_state_dict(state["critic"])
+        if run.average is not None:
+            run.average.load_state_dict(state["average"])
         run.opt_g.load_state_dict(state["opt_g"])
         run.opt_d.load_state_dict(state["opt_d"])
         run.rng.set_state(state["rng"])
@@ -277,21 +355,24 @@ def _iteration(run: _GanTraining, it: int) -> dict[str, float]:
         run.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         run.opt_d.step()
-    z = run.draw_z()
-    y = run.draw_y()
+    z = run.draw_z(cfg.generator_batch_size)
+    y = run.draw_y(cfg.generator_batch_size)
     run.critic.requires_grad_(False)
     loss_g = -run.critic(run.generator(z, y), y).mean()
     run.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     run.opt_g.step()
     run.critic.requires_grad_(True)
+    if run.average is not None:
+        average_weights(run.average, run.generator, cfg.ema_decay, it)
     return {"critic_loss": loss_d.item(), "wasserstein": (d_real - d_fake).item(),
             "gradient_penalty": penalty.item(), "generator_loss": loss_g.item()}
 
 
 def _snapshot(run: _GanTraining, iteration: int) -> float | None:
-    """Standing BN statistics, then generator.pt, samples.png, agreement; returns the agreement."""
-    cfg, generator = run.cfg, run.generator
+    """Standing BN statistics of the saved generator (the moving average where there is one), then generator.pt,
+    samples.png, agreement; returns the agreement."""
+    cfg, generator = run.cfg, run.saved
     recompute_batchnorm_statistics(generator, 8, 2 * cfg.batch_size,  # 1024 samples at the default batch
                                    torch.Generator().manual_seed(derived_seed(cfg.seed * 7919 + iteration)))
     generator.eval()
@@ -321,7 +402,8 @@ def train_gan(cfg: GanConfig, resume: bool = False, progress: bool = True, log=p
 
     Writes `generator.pt` (see `save_generator`), `training_state.pt` (critic,
     optimisers, RNG: for `resume`), `samples.png`, `metrics.jsonl` and `config.json`.
-    With `cfg.classifier`, measures class agreement every `sample_every` iterations.
+    With `cfg.classifier`, measures class agreement every `sample_every` iterations, and at the end
+    the generator report (`generator_report.json`, also cached for the pair: `generators.reach`).
     """
     with guarded_run_dir(cfg.out, STATE_FILE):  # one writer; a run failing before its first state leaves nothing
         return _train(cfg, resume, progress, log)
@@ -367,7 +449,24 @@ def _train(cfg: GanConfig, resume: bool, progress: bool, log) -> dict:
     if not record:
         history = read_jsonl(out / "metrics.jsonl")
         record = history[-1] if history else {}
+    if run.classifier is not None:
+        _write_reach(run, progress, log)
     return record
+
+
+def _write_reach(run: _GanTraining, progress: bool, log) -> None:
+    """The generator report of the saved generator against the classifier (`generators.reach`): cached for the
+    pair (so inversions record it) and copied into the GAN_DIR as generator_report.json."""
+    options = ReachOptions(seed=run.cfg.seed)
+    log(f"generator report: {2 * options.per_class} training images and {options.per_class} samples per class "
+        "through the classifier")
+    report = generator_reach(run.classifier, load_wgan(run.out, run.device), options, run.cfg.data_root,
+                             progress=progress, log=log)
+    write_generator_report(dataclasses.replace(report), run.out / GENERATOR_REPORT)
+    o = report.overall
+    log(f"generator report: Fréchet distance {o.frechet_distance:.4g} (tr Σ_real {o.real_trace:.4g}), precision "
+        f"{o.precision:.3f}, recall {o.recall:.3f} over {len(report.classes)} classes "
+        f"({run.out / GENERATOR_REPORT})")
 
 
 def samples_picture(generator: Generator, z: torch.Tensor, class_names: list[str] | None, scale: int = 2):

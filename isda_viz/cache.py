@@ -2,14 +2,19 @@
 
 Read at call time (an in-process change of the variable moves every cache at once), and checked
 when a cache folder is about to be written: a root that is a file, read-only or unreachable is
-one `IsdaVizError` naming it and the variable that moves it.
+one `IsdaVizError` naming it and the variable that moves it. `module_fingerprint` identifies a network
+that did not come from one weights file (a generator), for the keys of what is derived from it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+
+import torch
 
 from isda_viz.errors import IsdaVizError
 
@@ -58,3 +63,14 @@ def cache_dir(*parts: str, create: bool = True) -> Path:
             raise IsdaVizError(f"the cache folder {folder} ({source}) is unusable: {why}; set {CACHE_ENV} to a "
                                "writable folder")
     return folder
+
+
+def module_fingerprint(module: torch.nn.Module, extra: dict | None = None) -> str:
+    """sha256 over a module's state (names, dtypes, shapes, bytes of every parameter and buffer) and `extra`:
+    what identifies a network when it did not come from one weights file (e.g. a generator)."""
+    digest = hashlib.sha256(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)   # 1-d: a 0-d tensor has no byte view
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

@@ -13,7 +13,6 @@ Stages (each skipped, with a status line saying so, when DIR already holds its f
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from isda_viz.outputs.html import PAGE, write_html
 from isda_viz.outputs.report import Report, read_report
 from isda_viz.outputs.summary import SUMMARY, DemoSummary, read_summary, write_summary
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
+from isda_viz.readers import read_json
 from isda_viz.runs import CHECKPOINT, read_jsonl
 from isda_viz.training.loop import TrainConfig, fit
 
@@ -231,7 +231,8 @@ def _metrics_of(run_dir) -> dict:
     history = read_jsonl(Path(run_dir) / "metrics.jsonl")
     if not history:  # shipped weights keep their metrics in provenance.json
         provenance = Path(run_dir) / "provenance.json"
-        return json.loads(provenance.read_text()).get("metrics", {}) if provenance.exists() else {}
+        return read_json(provenance, "the provenance file", limit=1 << 20).get("metrics", {}) \
+            if provenance.exists() else {}
     return history[-1]
 
 

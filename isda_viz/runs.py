@@ -26,6 +26,7 @@ import torch
 
 from isda_viz import locks
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import read_text
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -190,7 +191,7 @@ def read_jsonl(path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path, "the metrics file", limit=1 << 30).splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut by a kill

@@ -22,8 +22,9 @@ import torch.nn as nn
 
 from isda_viz.errors import IsdaVizError
 from isda_viz.isda.estimator import CovarianceEstimator
-from isda_viz.classifiers.foreign import load_torchvision_classifier, read_public_isda_checkpoint
+from isda_viz.classifiers.foreign import read_public_isda_checkpoint
 from isda_viz.classifiers.public import PUBLIC_CIFAR_MEAN, build_public_network
+from isda_viz.classifiers.torchvision_models import load_torchvision_classifier
 from isda_viz.classifiers.safe_load import PickledEstimatorCV, PickledISDALoss, load_torch_file
 
 FORMATS = {"zip": True, "legacy": False}  # value: _use_new_zipfile_serialization
@@ -304,7 +305,10 @@ def test_torchvision_state_dict_loads_with_hook_features(resnet18_net, tmp_path,
     else:
         wrapped = {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 90, "arch": "resnet18"}
         torch.save(wrapped, path, _use_new_zipfile_serialization=False)
-    clf = load_torchvision_classifier(path, "resnet18")
+    weights = load_torchvision_classifier(path, "resnet18")
+    clf = weights.model
+    assert (weights.arch, weights.num_classes, weights.epoch) == ("torchvision:resnet18", 7,
+                                                                   None if layout == "plain" else 90)
     assert (clf.num_classes, clf.feature_dim, clf.fc_name, clf.input_size) == (7, 512, "fc", 224)
     assert clf.mean == [0.485, 0.456, 0.406] and not clf.training
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))

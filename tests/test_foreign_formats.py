@@ -44,7 +44,7 @@ import isda_viz.classifiers.covariance_file as covariance_file_module
 import isda_viz.inversion.pipelines as pipelines_module
 from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.classifiers.covariance_file import read_covariance_file
-from isda_viz.classifiers.foreign import load_torchvision_classifier, read_public_isda_checkpoint
+from isda_viz.classifiers.foreign import read_public_isda_checkpoint
 from isda_viz.classifiers.imagenet_densenet import build_imagenet_densenet
 from isda_viz.classifiers.safe_load import (
     AllowListUnpickler,
@@ -53,6 +53,7 @@ from isda_viz.classifiers.safe_load import (
     load_torch_file,
 )
 from isda_viz.classifiers.statistics import class_statistics
+from isda_viz.classifiers.torchvision_models import load_torchvision_classifier
 from isda_viz.cli.main import main
 from isda_viz.errors import IsdaVizError
 from isda_viz.inversion.optimizer import InversionOptions
@@ -364,7 +365,7 @@ def test_safetensors_weights_are_read_without_any_pickle(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "load", no_pickle)
     monkeypatch.setattr(AllowListUnpickler, "load", no_pickle)
-    clf = load_torchvision_classifier(path, "resnet18")
+    clf = load_torchvision_classifier(path, "resnet18").model
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(clf(x), net(x))

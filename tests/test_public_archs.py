@@ -23,12 +23,12 @@ import isda_viz.classifiers.classifier as classifier_module
 from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.classifiers.networks import BasicBlock, CifarResNet, WideBlock
 from isda_viz.classifiers.public import (
-    PUBLIC_ARCH_NAMES,
     PUBLIC_CIFAR_MEAN,
     PUBLIC_CIFAR_STD,
     build_public_network,
     guess_public_arch,
     parse_public_arch,
+    public_arch_names,
 )
 from isda_viz.classifiers.statistics import class_statistics
 from isda_viz.data.datasets import load_split
@@ -233,7 +233,7 @@ PUBLISHED = {  # name: (A, parameters in millions as published, classifier inclu
 
 
 def test_public_networks_have_the_published_sizes():
-    assert all(parse_public_arch(n).name == n for n in (*PUBLIC_ARCH_NAMES, *PUBLISHED))
+    assert all(parse_public_arch(n).name == n for n in (*public_arch_names(), *PUBLISHED))
     for name, (features, millions) in PUBLISHED.items():
         with torch.device("meta"):  # no memory, no initialisation
             net, fc = build_public_network(name, 10)

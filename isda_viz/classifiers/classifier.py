@@ -8,12 +8,10 @@ normalise them themselves; `model` takes the normalised input (and keeps its
 gradients: the inverter differentiates through `model.features`).
 
 `load_classifier(spec, device, arch)` is the one entry point for classifier
-weights: a run directory written by `isda-viz train` (arch None), a checkpoint
-of the public ISDA CIFAR code (`arch` resnet110, wrn28_10, se_resnet110, densenet_bc100, ...) or a
-torchvision weights file (`arch` "torchvision:NAME"; also the public ImageNet DDP
-checkpoint), the public ImageNet DenseNets ("isda-imagenet:densenet121", `imagenet_densenet`)
-or timm weights ("timm:NAME", a file or Hugging Face-style folder, `timm_models`); the foreign
-formats are read by `isda_viz.classifiers.foreign` without running code the files carry.
+weights: a run directory written by `isda-viz train` (arch None), or a weights file
+of any registered family (`registry`: a checkpoint of the public ISDA CIFAR code, `arch`
+resnet110, wrn28_10, ...; torchvision:NAME; isda-imagenet:densenet121; timm:NAME; ...), read by its
+family's loader into `registry.ClassifierWeights` without running code the file carries.
 
 `class_statistics` gives the per-class feature means and covariances
 (Eqs. 1-3) the augmentation samples from: the classifier's own (ISDA runs,
@@ -32,17 +30,9 @@ from pathlib import Path
 import torch
 
 from isda_viz.cache import cache_dir
-from isda_viz.classifiers.foreign import (
-    WeightsFile,
-    load_torchvision_classifier,
-    read_public_isda_checkpoint,
-    read_weights_file,
-)
-from isda_viz.classifiers.imagenet_densenet import load_imagenet_densenet
 from isda_viz.classifiers.networks import build_model
-from isda_viz.classifiers.public import known_public_archs, match_public_arch
+from isda_viz.classifiers.registry import ClassifierFamily, ClassifierWeights, find_family, known_archs
 from isda_viz.classifiers.run_checkpoint import read_run_checkpoint
-from isda_viz.classifiers.timm_models import load_timm_classifier
 from isda_viz.data.datasets import SPECS, detect_dataset, folder_class_names, read_json_or_lines
 from isda_viz.data.images import map_channels, normalize, resize
 from isda_viz.errors import IsdaVizError
@@ -52,9 +42,7 @@ from isda_viz.runs import CHECKPOINT, file_sha256, non_finite_tensor, resolve_ru
 CLASSIFIER_CACHE = "classifiers"
 """Caches of classifiers given as weights files (`cache_dir(CLASSIFIER_CACHE)`, under `cache.cache_root()`), one
 folder per file's sha256 (`Classifier.cache_dir`)."""
-ARCH_HELP = ("a public ISDA CIFAR name (resnet110, wrn28_10, se_resnet110, densenet_bc100, ...), torchvision:NAME, "
-             "isda-imagenet:densenet121|densenet265 (the public ISDA ImageNet DenseNets) or timm:NAME (timm "
-             "weights: a file or a Hugging Face-style folder)")
+ARCH_HINT = "ARCH (one of the README's table: resnet110, wrn28_10, torchvision:resnet50, timm:NAME, ...)"
 
 
 @dataclass
@@ -217,51 +205,53 @@ def _class_names_for(num_classes: int, class_names, data_root, dataset: str | No
     return names
 
 
-FOREIGN_PREFIXES = ("torchvision:", "timm:", "isda-imagenet:")
-
-
 def load_classifier(spec, device="cpu", arch: str | None = None, class_names=None, data_root=None,
                     log: Callable[[str], None] | None = None) -> Classifier:
     """The classifier named by `spec` on `device`, frozen.
 
     `spec`: with `arch` None, a run directory written by `isda-viz train` (or its `checkpoint.pt`);
-    otherwise a weights file, `arch` saying what it holds: a `public.PUBLIC_ARCH_NAMES` name (`resnet110`, `wrn28_10`,
-    `se_resnet110`, `densenet_bc100`, ...: `public.parse_public_arch`) for a checkpoint of the public ISDA CIFAR code,
-    whose class statistics become `estimator`; `torchvision:NAME` for torchvision weights
-    (ImageNet normalisation and input size; a checkpoint of the public ImageNet DDP script too,
-    whose diagonal statistics become `estimator`); `isda-imagenet:densenet121` (... `densenet265`)
-    for the public ImageNet DenseNets; `timm:NAME` for timm weights (a file or a Hugging Face-style
-    folder; `timm_models`). Weights files may be `.safetensors`. `class_names`: a file or list naming a weights
-    file's classes (default: from `data_root`, whose layout also sets `config["dataset"]`).
+    otherwise a weights file, `arch` saying what it holds: a name of a registered family (`registry.find_family`;
+    the README's table lists them): `resnet110`, `wrn28_10`, `densenet_bc100`, ... for a checkpoint of the
+    public ISDA CIFAR code, `torchvision:NAME` for torchvision weights (a checkpoint of the public ImageNet
+    DDP script too), `isda-imagenet:densenet121` ... `densenet265` for the public ImageNet DenseNets,
+    `timm:NAME` for timm weights (a file or a Hugging Face-style folder). Statistics the file holds become
+    `estimator`. Weights files may be `.safetensors`. `class_names`: a file or list naming a weights
+    file's classes (default: the file's own, else from `data_root`, whose layout also sets `config["dataset"]`).
     `log` gets notes (default: stderr). Anything that does not fit is a one-line `IsdaVizError`.
     """
     log = log or _note
     path = Path(str(spec)).expanduser()
-    if arch is not None and arch.startswith(FOREIGN_PREFIXES):
-        return _load_foreign(path, arch, class_names, data_root, device, log)
     if arch is None:
         run_dir = resolve_run_dir(path)
         if path.is_file() and path.name != CHECKPOINT:
             raise IsdaVizError(f"--classifier {path} is a weights file: say what it holds with --classifier-arch "
-                               f"{ARCH_HELP}")
+                               f"{ARCH_HINT}")
         if not (run_dir / CHECKPOINT).is_file():
             what = "does not exist" if not run_dir.exists() else f"holds no {CHECKPOINT}"
             raise IsdaVizError(f"no classifier run at {run_dir}: it {what} (give a RUN_DIR written by `isda-viz "
-                               f"train`, or a weights FILE with --classifier-arch {ARCH_HELP})")
+                               f"train`, or a weights FILE with --classifier-arch {ARCH_HINT})")
         return _load_run(run_dir, device)
+    family = find_family(arch)
+    _check_weights_path(path, arch, family, data_root)
+    if family is None:
+        raise IsdaVizError(f"unknown --classifier-arch '{arch}'; known: {known_archs()}")
+    weights = family.load(path, family.loader_name(arch))
+    return _weights_classifier(weights, path, arch, family.format, class_names, data_root, device, log)
+
+
+def _check_weights_path(path: Path, arch: str, family: ClassifierFamily | None, data_root) -> None:
+    """One-line errors for a `--classifier` that cannot be the weights file `arch` names."""
+    if family is not None and family.prefix is not None and not family.loader_name(arch):
+        raise IsdaVizError(f"--classifier-arch {arch} names no model (e.g. {family.names[0]})")
     if (path / CHECKPOINT).is_file() or path.name == CHECKPOINT and (path.parent / "config.json").is_file():
         raise IsdaVizError(f"{path} is an isda-viz run, which names its own architecture; leave out --classifier-arch")
-    if path.is_dir():
+    if path.is_dir() and not (family is not None and family.reads_folders):
         raise IsdaVizError(f"--classifier {path} is a folder, not a weights file (and holds no isda-viz run); "
                            f"give the weights FILE for --classifier-arch {arch}")
-    if not path.is_file():
+    if not path.exists():
         raise IsdaVizError(f"--classifier weights file not found: {path}")
     if data_root is not None and not Path(data_root).expanduser().is_dir():
         raise IsdaVizError(f"--data-root {data_root} does not exist")
-    if match_public_arch(arch) is None:
-        raise IsdaVizError(f"unknown --classifier-arch '{arch}'; known: {known_public_archs()}, torchvision:NAME, "
-                           "isda-imagenet:densenet121|densenet265, timm:NAME")
-    return _load_public(path, arch, class_names, data_root, device, log)
 
 
 def _weights_cache(path: Path) -> tuple[str, Path]:
@@ -269,61 +259,26 @@ def _weights_cache(path: Path) -> tuple[str, Path]:
     return sha, cache_dir(CLASSIFIER_CACHE, create=False) / sha  # written (and checked) only when needed
 
 
-def _load_public(path: Path, arch: str, class_names, data_root, device, log) -> Classifier:
-    """A checkpoint of the public ISDA CIFAR code; its `isda_criterion` statistics become the estimator."""
-    ck = read_public_isda_checkpoint(path, arch)
-    names = read_class_names(class_names) if class_names is not None else ck.class_names
-    if len(names) != ck.num_classes:
-        raise IsdaVizError(f"--class-names names {len(names)} classes, but {path} classifies {ck.num_classes}")
-    state = ck.estimator_state()
-    sha, cache = _weights_cache(path)
-    return Classifier(
-        ck.model.to(device), names, ck.mean, ck.std, ck.channels, ck.image_size,
-        estimator=CovarianceEstimator.from_state_dict(state, device=device) if state else None,
-        config={"dataset": ck.dataset, "arch": arch, "data_root": None if data_root is None else str(data_root),
-                "format": "public-isda"},
-        source=path, cache_dir=cache, fingerprint=sha)
-
-
-def _load_foreign(path: Path, arch: str, class_names, data_root, device, log) -> Classifier:
-    """torchvision:NAME, isda-imagenet:NAME or timm:NAME weights (`load_classifier`)."""
-    kind, name = arch.split(":", 1)
-    if not name:
-        raise IsdaVizError(f"--classifier-arch {arch} names no model (e.g. {kind}:resnet50)")
-    if not path.exists():
-        raise IsdaVizError(f"--classifier weights file not found: {path}")
-    if kind != "timm" and path.is_dir():
-        raise IsdaVizError(f"--classifier {path} is a folder; {arch} reads a weights file (timm:NAME also reads a "
-                           "Hugging Face-style folder)")
-    if data_root is not None and not Path(data_root).expanduser().is_dir():
-        raise IsdaVizError(f"--data-root {data_root} does not exist")
-    if kind == "torchvision":
-        weights = read_weights_file(path, f"torchvision {name} weights")
-        model = load_torchvision_classifier(path, name, weights=weights)
-    elif kind == "isda-imagenet":
-        model, weights = load_imagenet_densenet(path, name)
-    else:
-        model, weights = load_timm_classifier(path, name)
-    return _weights_classifier(model, weights, path, arch, kind, class_names, data_root, device, log)
-
-
-def _weights_classifier(model, weights: WeightsFile, path: Path, arch: str, kind: str, class_names, data_root,
-                        device, log) -> Classifier:
-    """A network read from a weights file: its class names, its file's statistics (if any), its cache."""
-    dataset = detect_dataset(data_root) if data_root is not None else None
-    if data_root is not None and dataset is None:
-        raise IsdaVizError(f"--data-root {data_root} holds neither a train/ folder of class folders nor "
-                           "torchvision's CIFAR or Fashion-MNIST files")
-    if class_names is None and getattr(model, "label_names", None) is not None:
-        class_names = model.label_names  # a timm folder's config.json names them
-    names = _class_names_for(model.num_classes, class_names, data_root, dataset, path, log)
-    state = weights.estimator_state(model.num_classes, model.feature_dim)
+def _weights_classifier(weights: ClassifierWeights, path: Path, arch: str, file_format: str, class_names,
+                        data_root, device, log) -> Classifier:
+    """The `Classifier` of what a family's loader read from `path` (`--classifier`, a file or a folder): its class
+    names (`class_names`, else the file's own, else `data_root`'s), its dataset (the file's, else `data_root`'s),
+    its statistics, its cache (keyed by the weights file's sha256)."""
+    dataset = weights.dataset
+    if dataset is None and data_root is not None:
+        dataset = detect_dataset(data_root)
+        if dataset is None:
+            raise IsdaVizError(f"--data-root {data_root} holds neither a train/ folder of class folders nor "
+                               "torchvision's CIFAR or Fashion-MNIST files")
+    names = _class_names_for(weights.num_classes, class_names if class_names is not None else weights.class_names,
+                             data_root, dataset, path, log)
+    state = weights.estimator_state()
     sha, cache = _weights_cache(weights.path)
     return Classifier(
-        model.to(device), names, list(model.mean), list(model.std), getattr(model, "channels", 3), model.input_size,
-        estimator=CovarianceEstimator.from_state_dict(state, device=device) if state else None,
+        weights.model.to(device), names, list(weights.mean), list(weights.std), weights.channels,
+        weights.image_size, estimator=CovarianceEstimator.from_state_dict(state, device=device) if state else None,
         config={"dataset": dataset, "arch": arch, "data_root": None if data_root is None else str(data_root),
-                "format": kind},
+                "format": file_format},
         source=path, cache_dir=cache, fingerprint=sha)
 
 

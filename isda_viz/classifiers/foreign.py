@@ -1,28 +1,28 @@
-"""Classifiers trained elsewhere: checkpoints of the public ISDA CIFAR code, torchvision weights, and the
-weights files they come in (`read_weights_file`: bare state dicts, `.safetensors`, the public ImageNet DDP
-checkpoint whose pickled `ISDA_imagenet.ISDALoss` holds diagonal class statistics).
+"""Classifiers trained elsewhere: checkpoints of the public ISDA CIFAR code, and the weights files others come
+in (`read_weights_file`: bare state dicts, `.safetensors`, the public ImageNet DDP checkpoint whose pickled
+`ISDA_imagenet.ISDALoss` holds diagonal class statistics).
 
-Both readers return a module with isda-viz's model shape: `features(x) (N, A)`,
-`fc: nn.Linear(A, C)`, `feature_dim = A`, and `forward(x)` = the logits `(N, C)`,
-in eval mode on the CPU. Files are read with `safe_load.load_torch_file`, so no
-code they carry runs; state dicts are loaded strictly, after dropping the
-`module.` prefix `nn.DataParallel` / DDP add to every key.
+The readers give `registry.ClassifierWeights`, whose model has isda-viz's model shape: `features(x) (N, A)`,
+`fc: nn.Linear(A, C)`, `feature_dim = A`, and `forward(x)` = the logits `(N, C)`, in eval mode on the CPU.
+Files are read with `safe_load.load_torch_file`, so no code they carry runs; state dicts are loaded strictly,
+after dropping the `module.` prefix `nn.DataParallel` / DDP add to every key. The families of the public
+CIFAR code register here (`register_public_family`), since their checkpoints share one reader.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from isda_viz.classifiers.public import (
     PUBLIC_CIFAR_MEAN,
     PUBLIC_CIFAR_STD,
+    PUBLIC_FORMAT,
     PUBLIC_INPUT_SIZE,
     FullLayer,
     PublicArch,
@@ -30,8 +30,9 @@ from isda_viz.classifiers.public import (
     guess_public_arch,
     parse_public_arch,
 )
+from isda_viz.classifiers.registry import ClassifierWeights, register_classifier_family
 from isda_viz.classifiers.safe_load import SAFETENSORS_SUFFIX, PickledObject, load_torch_file
-from isda_viz.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from isda_viz.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES
 from isda_viz.errors import IsdaVizError
 
 PUBLIC_CHECKPOINT_KEYS = ("state_dict", "fc")
@@ -95,44 +96,6 @@ def public_dataset(num_classes: int) -> tuple[str | None, list[str]]:
     return None, [f"class {i}" for i in range(num_classes)]
 
 
-@dataclass
-class PublicCheckpoint:
-    """A checkpoint of the public ISDA CIFAR code, read into isda-viz's shapes.
-
-    `model` is in eval mode on the CPU and takes `(N, 3, 32, 32)` inputs in [0, 1]
-    normalised with `mean`/`std`. The class statistics are the checkpoint's
-    `isda_criterion.estimator` as float64 (None when the file has none):
-    `class_covariance (C, A, A)` (`CoVariance`, population covariance),
-    `class_mean (C, A)` (`Ave`), `class_count (C,)` (`Amount`: features seen,
-    summed over all epochs, so epochs × training images per class).
-    `best_acc` is top-1 accuracy in percent; `epoch` the epochs trained.
-    """
-
-    path: Path
-    arch: str
-    model: PublicModel
-    num_classes: int
-    dataset: str | None
-    class_names: list[str]
-    mean: list[float] = field(default_factory=lambda: list(PUBLIC_CIFAR_MEAN))
-    std: list[float] = field(default_factory=lambda: list(PUBLIC_CIFAR_STD))
-    image_size: int = PUBLIC_INPUT_SIZE
-    channels: int = 3
-    class_covariance: torch.Tensor | None = None
-    class_mean: torch.Tensor | None = None
-    class_count: torch.Tensor | None = None
-    epoch: int | None = None
-    best_acc: float | None = None
-
-    def estimator_state(self) -> dict | None:
-        """The statistics as `CovarianceEstimator.state_dict()` (full covariance; `m2 = Σ · n`), or None."""
-        if self.class_covariance is None:
-            return None
-        return {"num_features": self.model.feature_dim, "num_classes": self.num_classes, "diagonal": False,
-                "m2": self.class_covariance * self.class_count[:, None, None],
-                "mean64": self.class_mean.clone(), "count": self.class_count.clone()}
-
-
 def _public_statistics(criterion, num_classes: int, feature_dim: int, path: Path):
     """`(covariance, mean, count)` float64 from the pickled `ISDALoss`, checked against the model's shapes."""
     estimator = getattr(criterion, "estimator", None) if isinstance(criterion, PickledObject) else None
@@ -158,6 +121,8 @@ def _from_flat_weights(obj):
     flat = strip_module_prefix(obj)
     fc = OrderedDict((k, v) for k, v in flat.items() if k.startswith("fc."))
     return {"state_dict": OrderedDict((k, v) for k, v in flat.items() if k not in fc), "fc": fc}
+
+
 def _public_state_dicts(ckpt, spec: PublicArch, path: Path) -> tuple[OrderedDict, OrderedDict]:
     """`(feature network state, Full_layer state)` of a public file, `module.` prefixes dropped.
 
@@ -182,8 +147,13 @@ def _public_state_dicts(ckpt, spec: PublicArch, path: Path) -> tuple[OrderedDict
     return strip_module_prefix(ckpt["state_dict"]), strip_module_prefix(ckpt["fc"])
 
 
-def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None) -> PublicCheckpoint:
-    """Read `checkpoint.pth.tar` / `model_best.pth.tar` of the public ISDA CIFAR `train.py`.
+def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None) -> ClassifierWeights:
+    """Read `checkpoint.pth.tar` / `model_best.pth.tar` of the public ISDA CIFAR `train.py`: the loader every
+    family of the public code registers (`register_public_family`).
+
+    Its normalisation is `PUBLIC_CIFAR_MEAN/STD` at 32 px; its class statistics are the pickled
+    `isda_criterion.estimator`'s (`CoVariance (C, A, A)`, `Ave`, `Amount`), float64; its dataset and class names
+    are CIFAR-10/100's from the class count (`public_dataset`).
 
     `arch`: a `parse_public_arch` name (`resnet110`, `wrn28_10`, `se_resnet110`, `densenet_bc100`, ...). A flat
     state dict (`.safetensors`: the feature network's keys and `fc.weight`/`fc.bias`) is read too.
@@ -215,109 +185,28 @@ def read_public_isda_checkpoint(path, arch: str, num_classes: int | None = None)
                                                  file_classes, model.feature_dim, path)
     dataset, class_names = public_dataset(file_classes)
     epoch, best_acc = (ckpt.get("epoch"), ckpt.get("best_acc")) if isinstance(ckpt, Mapping) else (None, None)
-    return PublicCheckpoint(
-        path=path, arch=spec.name, model=model, num_classes=file_classes, dataset=dataset, class_names=class_names,
+    return ClassifierWeights(
+        path=path, arch=spec.name, model=model, mean=list(PUBLIC_CIFAR_MEAN), std=list(PUBLIC_CIFAR_STD),
+        image_size=PUBLIC_INPUT_SIZE, dataset=dataset, class_names=class_names,
         class_covariance=covariance, class_mean=mean, class_count=count,
         epoch=int(epoch) if isinstance(epoch, (int, float)) else None,
         best_acc=float(best_acc) if isinstance(best_acc, (int, float, torch.Tensor)) else None)
 
 
-# ---------------------------------------------------------------- torchvision classifiers
+def register_public_family(name: str, pattern: str, *, names, summary: str, forms=(), rows=(), guess=None,
+                           order: int = 100):
+    """Decorator registering a family of the public CIFAR code (`registry.register_classifier_family`).
 
-def _torchvision_builder(name: str):
-
-    names = torchvision.models.list_models(module=torchvision.models)
-    if name not in names:
-        close = [n for n in names if n.startswith(name[:4])][:6] or names[:6]
-        raise IsdaVizError(f"torchvision has no classification model '{name}' (e.g. {', '.join(close)})")
-    return torchvision.models.get_model_builder(name)
-
-
-def _probe(builder) -> nn.Module:
-    """The network with default settings, for its layer names; on the meta device (no memory, no init) if it can."""
-    try:
-        with torch.device("meta"):
-            return builder(weights=None)
-    except (NotImplementedError, RuntimeError):  # a builder that computes its widths from tensor values
-        return builder(weights=None)
-
-
-def _last_linear(net: nn.Module, name: str) -> str:
-    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise IsdaVizError(f"torchvision {name} has no final nn.Linear layer to take features from")
-    return linears[-1]
-
-
-def torchvision_preprocessing(name: str) -> tuple[list[float], list[float], int]:
-    """`(mean, std, input size)` of the default weights' eval transform (ImageNet's), without downloading."""
-    try:
-        transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
-        return list(transform.mean), list(transform.std), int(transform.crop_size[0])
-    except (ValueError, AttributeError, KeyError):
-        return list(IMAGENET_MEAN), list(IMAGENET_STD), 224
-
-
-class HookedTorchvisionClassifier(nn.Module):
-    """A torchvision network with isda-viz's model shape.
-
-    `features(x) (N, A)` is the input of the final linear layer `fc`, captured by a
-    forward hook while the network runs its own forward; `forward(x)` is the
-    network's own output `(N, C)`. `mean`, `std`, `input_size` are the default
-    weights' eval preprocessing (ImageNet normalisation, 224 for most).
+    The decorated `network(m) -> PublicArch` spells the network a name matching `pattern` (`m` its `re.Match`)
+    builds; the family's files are read by `read_public_isda_checkpoint`. Returns `network` unchanged.
     """
+    def register(network):
+        register_classifier_family(name, pattern=pattern, names=names, summary=summary, forms=forms, rows=rows,
+                                   format=PUBLIC_FORMAT, network=network, guess=guess, order=order)(
+            read_public_isda_checkpoint)
+        return network
 
-    def __init__(self, net: nn.Module, name: str):
-        super().__init__()
-        self.net = net
-        self.name = name
-        self.fc_name = _last_linear(net, name)
-        self.feature_dim = self.fc.in_features
-        self.num_classes = self.fc.out_features
-        self.mean, self.std, self.input_size = torchvision_preprocessing(name)
-
-    @property
-    def fc(self) -> nn.Linear:
-        return self.net.get_submodule(self.fc_name)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        captured = []
-        handle = self.fc.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
-        try:
-            self.net(x)
-        finally:
-            handle.remove()
-        if not captured:
-            raise IsdaVizError(f"torchvision {self.name}: its final linear layer {self.fc_name} was not called")
-        return captured[-1].flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def load_torchvision_classifier(path, name: str, num_classes: int | None = None,
-                                weights: WeightsFile | None = None) -> HookedTorchvisionClassifier:
-    """`torchvision.models.<name>(weights=None, num_classes=C)` with the weights in `path`, in eval mode.
-
-    `path`: a plain state dict (torch or `.safetensors`), or a dict holding one under `state_dict`
-    or `model` (e.g. a checkpoint of the public ImageNet DDP script); `module.` prefixes are dropped.
-    `C` is the row count of the final linear layer's weight in the file; a `num_classes` that
-    differs is an error. `weights`: the file already read by `read_weights_file` (which also
-    gives its class statistics, if any).
-    """
-    path = Path(path)
-    builder = _torchvision_builder(name)
-    state = (weights or read_weights_file(path, f"torchvision {name} weights")).state
-    fc_name = _last_linear(_probe(builder), name)
-    fc_weight = state.get(f"{fc_name}.weight")
-    if fc_weight is None or fc_weight.dim() != 2:
-        raise IsdaVizError(f"{path} has no {fc_name}.weight, the final layer of torchvision {name}; "
-                           f"is it a {name}? (keys: {_examples(list(state))})")
-    if num_classes is not None and num_classes != fc_weight.shape[0]:
-        raise IsdaVizError(f"{path} classifies {fc_weight.shape[0]} classes, not {num_classes}")
-    net = builder(weights=None, num_classes=fc_weight.shape[0])
-    load_strict(net, state, f"{path}: torchvision {name} weights")
-    return HookedTorchvisionClassifier(net, name).eval().requires_grad_(False)
+    return register
 
 
 # ---------------------------------------------------------------- weights files and the public ImageNet checkpoint
@@ -342,16 +231,16 @@ class WeightsFile:
     epoch: int | None = None
     best_acc: float | None = None
 
-    def estimator_state(self, num_classes: int, feature_dim: int) -> dict | None:
-        """The pickled loss's statistics as `CovarianceEstimator.state_dict()`, or None when it has none.
+    def statistics(self, num_classes: int, feature_dim: int):
+        """`(covariance, mean, count)` float64 of the pickled loss, or `(None, None, None)` when it has none.
 
         The public ImageNet `EstimatorCV` keeps a diagonal `CoVariance (C, A)` (population variances),
         `Ave (C, A)` and `Amount (C,)` (features seen over all epochs); a full `(C, A, A)` is read too.
-        `m2 = Σ · n`, float64. Shapes other than the model's are a one-line error.
+        Shapes other than the model's are a one-line error.
         """
         estimator = getattr(self.criterion, "estimator", None)
         if not isinstance(estimator, PickledObject):
-            return None
+            return None, None, None
         c, a = num_classes, feature_dim
         covariance, mean, count = (getattr(estimator, k, None) for k in ("CoVariance", "Ave", "Amount"))
         for name, value, shapes in (("CoVariance", covariance, ((c, a), (c, a, a))), ("Ave", mean, ((c, a),)),
@@ -360,11 +249,17 @@ class WeightsFile:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise IsdaVizError(f"{self.path}: {IMAGENET_CRITERION_KEY}.estimator.{name} should be a tensor of "
                                    f"shape {' or '.join(map(str, shapes))} for this model, found {got}")
-        count = count.to(torch.float64)
-        covariance = covariance.to(torch.float64)
-        scale = count.view(-1, *[1] * (covariance.dim() - 1))
-        return {"num_features": a, "num_classes": c, "diagonal": covariance.dim() == 2,
-                "m2": covariance * scale, "mean64": mean.to(torch.float64), "count": count}
+        return covariance.to(torch.float64), mean.to(torch.float64), count.to(torch.float64)
+
+    def classifier(self, model: nn.Module, arch: str) -> ClassifierWeights:
+        """`ClassifierWeights` of `model` (with its `mean`, `std`, `input_size`, optional `channels` and
+        `label_names`) built from this file: its class statistics, epoch and accuracy."""
+        covariance, mean, count = self.statistics(model.fc.out_features, model.feature_dim)
+        return ClassifierWeights(
+            path=self.path, arch=arch, model=model, mean=list(model.mean), std=list(model.std),
+            image_size=model.input_size, channels=getattr(model, "channels", 3),
+            class_names=getattr(model, "label_names", None), class_covariance=covariance, class_mean=mean,
+            class_count=count, epoch=self.epoch, best_acc=self.best_acc)
 
 
 def _number(value) -> float | None:

@@ -20,7 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isda_viz.classifiers.foreign import WeightsFile, load_strict, read_weights_file
+from isda_viz.classifiers.foreign import load_strict, read_weights_file
+from isda_viz.classifiers.registry import (
+    ClassifierWeights,
+    ReadmeRow,
+    register_classifier_family,
+)
 from isda_viz.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from isda_viz.errors import IsdaVizError
 
@@ -140,13 +145,23 @@ class ImageNetDenseNetClassifier(nn.Module):
         return self.fc(self.features(x))
 
 
-def load_imagenet_densenet(path, name: str, num_classes: int | None = None
-                           ) -> tuple[ImageNetDenseNetClassifier, WeightsFile]:
-    """The public ImageNet DenseNet `name` with the weights in `path`, in eval mode, and the file read.
+@register_classifier_family(
+    "isda-imagenet", prefix="isda-imagenet", names=(f"isda-imagenet:{'|'.join(IMAGENET_DENSENET_BLOCKS)}",),
+    summary="the public ISDA ImageNet DenseNets", order=110,
+    rows=(ReadmeRow("`isda-imagenet:densenet121` … `densenet265`",
+                    "the public ImageNet DenseNet-BC-121 / -169 / -201 / -265: a checkpoint of `imagenet_DDP.py` "
+                    "(with its diagonal class statistics), or the released bare weights",
+                    "1019 (121), 2683 (265)",
+                    "isda-viz augment --image dog.jpg --classifier densenet121.pth.tar --classifier-arch "
+                    "isda-imagenet:densenet121 --generator biggan-deep-128 --out out/dog"),))
+def load_imagenet_densenet(path, name: str, num_classes: int | None = None) -> ClassifierWeights:
+    """The public ImageNet DenseNet `name` with the weights in `path`, in eval mode
+    (an `ImageNetDenseNetClassifier`), and what the file holds besides.
 
     `path`: the public DDP script's `checkpoint.pth.tar` / `model_best.pth.tar` (`module.` keys, its
-    pickled `ISDA_imagenet.ISDALoss`), or a bare state dict (torch or `.safetensors`, e.g. the released
-    pretrained files); loaded strictly. `C` is the row count of the file's `fc.weight`.
+    pickled `ISDA_imagenet.ISDALoss`, whose diagonal statistics come with it), or a bare state dict (torch or
+    `.safetensors`, e.g. the released pretrained files); loaded strictly. `C` is the row count of the file's
+    `fc.weight`.
     """
     if name not in IMAGENET_DENSENET_BLOCKS:
         build_imagenet_densenet(name)  # the one-line error naming the known ones
@@ -159,4 +174,5 @@ def load_imagenet_densenet(path, name: str, num_classes: int | None = None
         raise IsdaVizError(f"{path} classifies {fc_weight.shape[0]} classes, not {num_classes}")
     net = build_imagenet_densenet(name, fc_weight.shape[0])
     load_strict(net, weights.state, f"{path}: public ImageNet {name} weights")
-    return ImageNetDenseNetClassifier(net, name).eval().requires_grad_(False), weights
+    return weights.classifier(ImageNetDenseNetClassifier(net, name).eval().requires_grad_(False),
+                              f"isda-imagenet:{name}")

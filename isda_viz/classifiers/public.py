@@ -35,42 +35,21 @@ The modules are our own code with those names and shapes.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from isda_viz.classifiers.public_densenet import (
-    DENSENET_GROWTH,
-    PublicDenseNetBC,
-    densenet_arch_name,
-    guess_densenet_arch,
-)
-from isda_viz.classifiers.public_resnet import (
-    PREACT_DEPTHS,
-    RESNET_DEPTHS,
-    PublicPreActResNet,
-    PublicResNet,
-    PublicWideResNet,
-    guess_resnet_arch,
-)
-from isda_viz.classifiers.public_resnext import PublicResNeXt, guess_resnext_arch
-from isda_viz.classifiers.public_shake import (
-    PYRAMID_ALPHA,
-    PublicShakePyramidNet,
-    PublicShakeResNeXt,
-    PublicShakeResNet,
-    guess_shake_arch,
-    pyramidnet_arch_name,
-)
+from isda_viz.classifiers.registry import ClassifierFamily, classifier_families, known_archs
 from isda_viz.data.datasets import CIFAR10_CLASSES, CIFAR100_CLASSES  # noqa: F401  (re-exported: the public code's labels)
 from isda_viz.errors import IsdaVizError
 
 PUBLIC_CIFAR_MEAN = [125.3 / 255, 123.0 / 255, 113.9 / 255]
 PUBLIC_CIFAR_STD = [63.0 / 255, 62.1 / 255, 66.7 / 255]
 PUBLIC_INPUT_SIZE = 32
+PUBLIC_FORMAT = "public-isda"
+"""`Classifier.config["format"]` of every family of the public CIFAR code (`foreign.register_public_family`)."""
 
 
 class FullLayer(nn.Module):
@@ -103,72 +82,20 @@ class PublicArch:
         return self.network(*self.args)
 
 
-def _resnet(m):
-    se, depth = m.group(1) or "", int(m.group(2))
-    return PublicArch(f"{se}resnet{depth}", PublicResNet, (depth, bool(se)))
+def public_families() -> list[ClassifierFamily]:
+    """The registered families of the public CIFAR code (each module `public_*.py` registers its own)."""
+    return [f for f in classifier_families() if f.format == PUBLIC_FORMAT]
 
 
-def _wrn(m):
-    se, depth, width = m.group(1) or "", int(m.group(2)), int(m.group(3))
-    return PublicArch(f"{se}wrn{depth}_{width}", PublicWideResNet, (depth, width, bool(se)))
-
-
-def _preact(m):
-    depth = int(m.group(1))
-    return PublicArch(f"preact_resnet{depth}", PublicPreActResNet, (depth,), own_fc=True)
-
-
-def _densenet(m):
-    depth, growth = int(m.group(1)), int(m.group(2) or DENSENET_GROWTH)
-    return PublicArch(densenet_arch_name(depth, growth), PublicDenseNetBC, (depth, growth))
-
-
-def _resnext(m):
-    depth, cardinality, width = map(int, m.groups())
-    return PublicArch(f"resnext{depth}_{cardinality}_{width}", PublicResNeXt, (depth, cardinality, width))
-
-
-def _shake_resnet(m):
-    depth, width = map(int, m.groups())
-    return PublicArch(f"shake_resnet{depth}_2x{width}d", PublicShakeResNet, (depth, width))
-
-
-def _shake_resnext(m):
-    depth, cardinality, width = map(int, m.groups())
-    return PublicArch(f"shake_resnext{depth}_2x{cardinality}x{width}d", PublicShakeResNeXt,
-                      (depth, cardinality, width))
-
-
-def _pyramidnet(m):
-    depth, alpha = int(m.group(1)), int(m.group(2) or PYRAMID_ALPHA)
-    return PublicArch(pyramidnet_arch_name(depth, alpha), PublicShakePyramidNet, (depth, alpha))
-
-
-_FAMILIES = (
-    (r"(se_)?resnet(\d+)(?:_cifar)?", _resnet),
-    (r"(se_)?wrn(\d+)_(\d+)", _wrn),
-    (r"preact_resnet(\d+)(?:_cifar)?", _preact),
-    (r"densenet_bc(\d+)(?:_(\d+))?", _densenet),
-    (r"resnext(\d+)_(\d+)_(\d+)", _resnext),
-    (r"shake_resnet(\d+)_2x(\d+)d", _shake_resnet),
-    (r"shake_resnext(\d+)_2x(\d+)x(\d+)d", _shake_resnext),
-    (r"shake_pyramidnet(\d+)(?:_(\d+))?", _pyramidnet),
-)
-
-PUBLIC_ARCH_NAMES = (
-    *(f"resnet{d}" for d in RESNET_DEPTHS), *(f"se_resnet{d}" for d in RESNET_DEPTHS),
-    *(f"preact_resnet{d}" for d in PREACT_DEPTHS), "wrn16_8", "wrn28_10", "se_wrn16_8", "se_wrn28_10",
-    "densenet_bc100", "densenet_bc190", "resnext29_8_64", "resnext29_16_64", "shake_resnet26_2x32d",
-    "shake_resnet26_2x64d", "shake_resnet26_2x112d", "shake_resnext29_2x4x64d", "shake_pyramidnet272",
-)
-"""The public CIFAR code's own architectures (its constructors, and what `train.py` builds with its defaults)."""
-PUBLIC_ARCH_PATTERNS = ("wrnDEPTH_WIDTH", "se_wrnDEPTH_WIDTH", "densenet_bcDEPTH_GROWTH", "resnextDEPTH_CARD_WIDTH",
-                        "shake_resnetDEPTH_2xWIDTHd", "shake_resnextDEPTH_2xCARDxWIDTHd", "shake_pyramidnetDEPTH_ALPHA")
-"""The other settings of the same classes (`train.py`'s `--layers`, `--widen-factor`, `--growth-rate`, `--alpha`)."""
+def public_arch_names() -> tuple[str, ...]:
+    """The public CIFAR code's own architectures (its constructors, and what `train.py` builds with its defaults)."""
+    return tuple(n for f in public_families() for n in f.names)
 
 
 def known_public_archs() -> str:
-    return f"{', '.join(PUBLIC_ARCH_NAMES)} (also {', '.join(PUBLIC_ARCH_PATTERNS)})"
+    """The public names, then the other settings of the same classes (`train.py`'s `--layers`, `--widen-factor`,
+    `--growth-rate`, `--alpha`) as templates."""
+    return known_archs(public_families())
 
 
 def match_public_arch(arch: str) -> PublicArch | None:
@@ -177,9 +104,9 @@ def match_public_arch(arch: str) -> PublicArch | None:
     A name of a family with impossible settings (`resnet164`, `wrn27_2`) is a one-line `IsdaVizError`
     saying why.
     """
-    for pattern, make in _FAMILIES:
-        if (m := re.fullmatch(pattern, arch)) is not None:
-            spec = make(m)
+    for family in public_families():
+        if (m := family.match(arch)) is not None:
+            spec = family.network(m)
             spec.network.check(*spec.args)
             return spec
     return None
@@ -205,8 +132,12 @@ def build_public_network(arch: str, num_classes: int) -> tuple[nn.Module, FullLa
 
 def guess_public_arch(state: Mapping[str, torch.Tensor]) -> str | None:
     """The arch name (`resnet110`, `wrn28_10`, `densenet_bc100`, ...) a public feature state dict was saved from,
-    if its names and shapes tell."""
-    for guess in (guess_resnet_arch, guess_densenet_arch, guess_resnext_arch, guess_shake_arch):
+    if its names and shapes tell (each family's `guess`)."""
+    guesses = []
+    for family in public_families():
+        if family.guess is not None and family.guess not in guesses:
+            guesses.append(family.guess)
+    for guess in guesses:
         if (name := guess(state)) is not None:
             return name
     return None

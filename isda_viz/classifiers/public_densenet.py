@@ -22,6 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from isda_viz.classifiers.foreign import register_public_family
+from isda_viz.classifiers.public import PublicArch
+from isda_viz.classifiers.registry import ReadmeRow
 from isda_viz.errors import IsdaVizError
 
 DENSENET_GROWTH = 12
@@ -107,3 +110,23 @@ def guess_densenet_arch(state) -> str | None:
     if not layers or conv is None:
         return None
     return densenet_arch_name(6 * max(layers) + 4, conv.shape[0])
+
+
+@register_public_family(
+    "densenet_bc", r"densenet_bc(\d+)(?:_(\d+))?", guess=guess_densenet_arch, order=40,
+    names=("densenet_bc100", "densenet_bc190"), forms=("densenet_bcDEPTH_GROWTH",),
+    summary="the public code's DenseNet-BC",
+    rows=(ReadmeRow("`densenet_bc100`, `densenet_bc190`",
+                    "`train.py --model densenet_bc --layers 100` (growth rate 12, compression 0.5, 24 initial "
+                    "channels: what `train.py` builds)", "342, 657",
+                    "isda-viz augment --image cat.png --classifier checkpoint.pth.tar --classifier-arch "
+                    "densenet_bc100 --generator runs/c10-gan --out out/cat"),
+          ReadmeRow("`densenet_bc190_40` (any `densenet_bcDEPTH_GROWTH`)",
+                    "`train.py --model densenet_bc --layers 190 --growth-rate 40` (still 24 initial channels: 25.0 M "
+                    "parameters, not the 25.6 M of the DenseNet paper's 80)", "2176",
+                    "isda-viz grid --classifier checkpoint.pth.tar --classifier-arch densenet_bc190_40 --generator "
+                    "runs/c100-gan --data-root ~/data --classes apple,bear --out c100.png")))
+def densenet_arch(m) -> PublicArch:
+    """`densenet_bc{depth}(_{growth})`: the public `DenseNet` as `train.py` builds it (growth 12 by default)."""
+    depth, growth = int(m.group(1)), int(m.group(2) or DENSENET_GROWTH)
+    return PublicArch(densenet_arch_name(depth, growth), PublicDenseNetBC, (depth, growth))

@@ -29,7 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from isda_viz.classifiers.foreign import register_public_family
 from isda_viz.classifiers.networks import BasicBlock, WideBlock
+from isda_viz.classifiers.public import PublicArch
+from isda_viz.classifiers.registry import ReadmeRow
 from isda_viz.errors import IsdaVizError
 
 RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)
@@ -212,3 +215,57 @@ def guess_resnet_arch(state) -> str | None:
         se = "se_" if "block1.layer.0.se.fc.0.weight" in state else ""
         return f"{se}wrn{6 * n + 4}_{width.shape[0] // 16}"
     return None
+
+
+# ---------------------------------------------------------------- the families, registered
+
+@register_public_family(
+    "resnet", r"(se_)?resnet(\d+)(?:_cifar)?", guess=guess_resnet_arch, order=10,
+    names=(*(f"resnet{d}" for d in RESNET_DEPTHS), *(f"se_resnet{d}" for d in RESNET_DEPTHS)),
+    summary="a checkpoint of the public ISDA CIFAR code's ResNet or SE-ResNet; its format recognised from its keys",
+    rows=(ReadmeRow("`resnet20` `resnet32` `resnet44` `resnet56` `resnet110` `resnet1202`",
+                    "`train.py --model resnet --layers 110`", "64",
+                    "isda-viz augment --image cat.png --classifier checkpoint.pth.tar --classifier-arch resnet110 "
+                    "--generator runs/c10-gan --out out/cat"),
+          ReadmeRow("`se_resnet20` … `se_resnet1202`", "`train.py --model se_resnet --layers 110`", "64",
+                    "isda-viz augment --image cat.png --classifier checkpoint.pth.tar --classifier-arch se_resnet110 "
+                    "--generator runs/c10-gan --out out/cat")))
+def resnet_arch(m) -> PublicArch:
+    """`(se_)resnet{depth}(_cifar)`: `ResNet_Cifar` of basic blocks, or its SE twin."""
+    se, depth = m.group(1) or "", int(m.group(2))
+    return PublicArch(f"{se}resnet{depth}", PublicResNet, (depth, bool(se)))
+
+
+@register_public_family(
+    "preact_resnet", r"preact_resnet(\d+)(?:_cifar)?", guess=guess_resnet_arch, order=20,
+    names=tuple(f"preact_resnet{d}" for d in PREACT_DEPTHS),
+    summary="the public code's pre-activation ResNets: the network's own state dict",
+    rows=(ReadmeRow("`preact_resnet110`, `preact_resnet164`, `preact_resnet1001`",
+                    "not `train.py` (no branch builds one, and the class has no `feature_num` for `Full_layer`): the "
+                    "network's own state dict, `torch.save(model.state_dict(), \"preact.pth\")`, bare or under "
+                    "`state_dict`, `module.` keys allowed; its `fc` is inside. No class covariances: give "
+                    "`--data-root` for a statistics pass", "64, 256, 256",
+                    "isda-viz augment --image cat.png --classifier preact.pth --classifier-arch preact_resnet110 "
+                    "--data-root ~/data --generator runs/c10-gan --out out/cat"),))
+def preact_resnet_arch(m) -> PublicArch:
+    """`preact_resnet{depth}(_cifar)`: `PreAct_ResNet_Cifar`, which holds its own `fc`."""
+    depth = int(m.group(1))
+    return PublicArch(f"preact_resnet{depth}", PublicPreActResNet, (depth,), own_fc=True)
+
+
+@register_public_family(
+    "wrn", r"(se_)?wrn(\d+)_(\d+)", guess=guess_resnet_arch, order=30,
+    names=("wrn16_8", "wrn28_10", "se_wrn16_8", "se_wrn28_10"), forms=("wrnDEPTH_WIDTH", "se_wrnDEPTH_WIDTH"),
+    summary="the public code's wide ResNets and SE wide ResNets",
+    rows=(ReadmeRow("`wrn16_8`, `wrn28_10` (any `wrnDEPTH_WIDTH`)",
+                    "`train.py --model wideresnet --layers 28 --widen-factor 10`", "64·width (640)",
+                    "isda-viz grid --classifier model_best.pth.tar --classifier-arch wrn28_10 --generator "
+                    "runs/c100-gan --data-root ~/data --classes apple,bear --out c100.png"),
+          ReadmeRow("`se_wrn16_8`, `se_wrn28_10` (any `se_wrnDEPTH_WIDTH`)",
+                    "`train.py --model se_wideresnet --layers 16 --widen-factor 8`", "512, 640",
+                    "isda-viz augment --image cat.png --classifier checkpoint.pth.tar --classifier-arch se_wrn16_8 "
+                    "--generator runs/c10-gan --out out/cat")))
+def wide_resnet_arch(m) -> PublicArch:
+    """`(se_)wrn{depth}_{width}`: `WideResNet(depth, _, width)`, or its SE twin."""
+    se, depth, width = m.group(1) or "", int(m.group(2)), int(m.group(3))
+    return PublicArch(f"{se}wrn{depth}_{width}", PublicWideResNet, (depth, width, bool(se)))

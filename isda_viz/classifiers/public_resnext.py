@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from isda_viz.classifiers.foreign import register_public_family
+from isda_viz.classifiers.public import PublicArch
+from isda_viz.classifiers.registry import ReadmeRow
 from isda_viz.errors import IsdaVizError
 
 
@@ -80,3 +83,17 @@ def guess_resnext_arch(state) -> str | None:
         return None
     cardinality = conv.shape[0] // conv.shape[1]
     return f"resnext{9 * max(blocks) + 11}_{cardinality}_{conv.shape[1]}"
+
+
+@register_public_family(
+    "resnext", r"resnext(\d+)_(\d+)_(\d+)", guess=guess_resnext_arch, order=50,
+    names=("resnext29_8_64", "resnext29_16_64"), forms=("resnextDEPTH_CARD_WIDTH",),
+    summary="the public code's ResNeXt-29",
+    rows=(ReadmeRow("`resnext29_8_64`, `resnext29_16_64`",
+                    "`train.py --model resnext --cardinality 8` (or `16`; no other cardinality builds a model)", "1024",
+                    "isda-viz augment --image cat.png --classifier checkpoint.pth.tar --classifier-arch "
+                    "resnext29_8_64 --generator runs/c10-gan --out out/cat"),))
+def resnext_arch(m) -> PublicArch:
+    """`resnext{depth}_{cardinality}_{width}`: `CifarResNeXt(depth, cardinality, base width)`."""
+    depth, cardinality, width = map(int, m.groups())
+    return PublicArch(f"resnext{depth}_{cardinality}_{width}", PublicResNeXt, (depth, cardinality, width))

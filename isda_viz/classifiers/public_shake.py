@@ -29,6 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from isda_viz.classifiers.foreign import register_public_family
+from isda_viz.classifiers.public import PublicArch
+from isda_viz.classifiers.registry import ReadmeRow
 from isda_viz.errors import IsdaVizError
 
 PYRAMID_ALPHA = 200
@@ -216,3 +219,52 @@ def guess_shake_arch(state) -> str | None:
     if n and final is not None:
         return pyramidnet_arch_name(9 * n + 2, final.shape[0] // 4 - 16)
     return None
+
+
+# ---------------------------------------------------------------- the families, registered
+
+@register_public_family(
+    "shake_resnet", r"shake_resnet(\d+)_2x(\d+)d", guess=guess_shake_arch, order=60,
+    names=("shake_resnet26_2x32d", "shake_resnet26_2x64d", "shake_resnet26_2x112d"),
+    forms=("shake_resnetDEPTH_2xWIDTHd",), summary="the public code's Shake-Shake ResNets",
+    rows=(ReadmeRow("`shake_resnet26_2x32d`, `shake_resnet26_2x112d`",
+                    "`train.py --model shake_shake --widen-factor 32` (or `112`; `96` also builds 2x32d)", "128, 448",
+                    "isda-viz augment --image cat.png --classifier checkpoint.pth.tar --classifier-arch "
+                    "shake_resnet26_2x112d --generator runs/c10-gan --out out/cat"),
+          ReadmeRow("`shake_resnet26_2x64d`",
+                    "defined in `networks/shake_shake.py`, but no `train.py` branch builds it: a `train.py` edited "
+                    "to do so", "256",
+                    "isda-viz augment --image cat.png --classifier checkpoint.pth.tar --classifier-arch "
+                    "shake_resnet26_2x64d --generator runs/c10-gan --out out/cat")))
+def shake_resnet_arch(m) -> PublicArch:
+    """`shake_resnet{depth}_2x{width}d`: `ShakeResNet(depth, width)`."""
+    depth, width = map(int, m.groups())
+    return PublicArch(f"shake_resnet{depth}_2x{width}d", PublicShakeResNet, (depth, width))
+
+
+@register_public_family(
+    "shake_resnext", r"shake_resnext(\d+)_2x(\d+)x(\d+)d", guess=guess_shake_arch, order=70,
+    names=("shake_resnext29_2x4x64d",), forms=("shake_resnextDEPTH_2xCARDxWIDTHd",),
+    summary="the public code's Shake-ResNeXt",
+    rows=(ReadmeRow("`shake_resnext29_2x4x64d`", "`train.py --model shake_shake_x`", "1024",
+                    "isda-viz grid --classifier checkpoint.pth.tar --classifier-arch shake_resnext29_2x4x64d "
+                    "--generator runs/c100-gan --data-root ~/data --classes apple,bear --out c100.png"),))
+def shake_resnext_arch(m) -> PublicArch:
+    """`shake_resnext{depth}_2x{cardinality}x{width}d`: `ShakeResNeXt(depth, width, cardinality)`."""
+    depth, cardinality, width = map(int, m.groups())
+    return PublicArch(f"shake_resnext{depth}_2x{cardinality}x{width}d", PublicShakeResNeXt,
+                      (depth, cardinality, width))
+
+
+@register_public_family(
+    "shake_pyramidnet", r"shake_pyramidnet(\d+)(?:_(\d+))?", guess=guess_shake_arch, order=80,
+    names=("shake_pyramidnet272",), forms=("shake_pyramidnetDEPTH_ALPHA",),
+    summary="the public code's ShakeDrop PyramidNet",
+    rows=(ReadmeRow("`shake_pyramidnet272` (any `shake_pyramidnetDEPTH_ALPHA`)",
+                    "`train.py --model shake_pyramidnet --layers 272` (`--alpha 200`, bottleneck blocks)", "864",
+                    "isda-viz augment --image cat.png --classifier checkpoint.pth.tar --classifier-arch "
+                    "shake_pyramidnet272 --generator runs/c10-gan --out out/cat"),))
+def shake_pyramidnet_arch(m) -> PublicArch:
+    """`shake_pyramidnet{depth}(_{alpha})`: the ShakeDrop PyramidNet (alpha 200 by default)."""
+    depth, alpha = int(m.group(1)), int(m.group(2) or PYRAMID_ALPHA)
+    return PublicArch(pyramidnet_arch_name(depth, alpha), PublicShakePyramidNet, (depth, alpha))

@@ -21,7 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from isda_viz.classifiers.foreign import WeightsFile, load_strict, read_weights_file
+from isda_viz.classifiers.foreign import load_strict, read_weights_file
+from isda_viz.classifiers.registry import (
+    ClassifierWeights,
+    ReadmeRow,
+    register_classifier_family,
+)
 from isda_viz.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from isda_viz.errors import IsdaVizError
 from isda_viz.readers import MAX_CLASSES, Fields, check_class_names, check_network_size, read_json
@@ -169,11 +174,20 @@ class TimmClassifier(nn.Module):
         return self.net(x)
 
 
-def load_timm_classifier(path, name: str, num_classes: int | None = None) -> tuple[TimmClassifier, WeightsFile]:
-    """timm's `name` with the weights at `path` (a file, or a Hugging Face-style folder), in eval mode.
+@register_classifier_family(
+    "timm", prefix="timm", names=("timm:NAME",), reads_folders=True, order=120,
+    summary=f"timm weights: a file or a Hugging Face-style folder; needs {TIMM_EXTRA}",
+    rows=(ReadmeRow("`timm:NAME` (any timm model whose final layer is linear)",
+                    "timm weights: a file, or a Hugging Face-style folder (`config.json` + `model.safetensors`); "
+                    f"needs `{TIMM_EXTRA}`",
+                    "timm's `num_features` (768 for convnext_tiny)",
+                    "isda-viz augment --image dog.jpg --classifier ~/convnext_tiny/ --classifier-arch "
+                    "timm:convnext_tiny --generator biggan-deep-128 --out out/dog"),))
+def load_timm_classifier(path, name: str, num_classes: int | None = None) -> ClassifierWeights:
+    """timm's `name` with the weights at `path` (a file, or a Hugging Face-style folder), in eval mode
+    (a `TimmClassifier`).
 
-    Returns the classifier and the weights file read (`WeightsFile.path` is the file itself, also
-    inside a folder). A folder's `config.json` must name the same `architecture`; its `model_args`
+    `ClassifierWeights.path` is the weights file itself, also inside a folder. A folder's `config.json` must name the same `architecture`; its `model_args`
     go to `create_model`, its `pretrained_cfg` overrides the model's preprocessing and its
     `label_names` (one per class) become the classifier's `label_names`.
     """
@@ -205,4 +219,4 @@ def load_timm_classifier(path, name: str, num_classes: int | None = None) -> tup
     if labels is not None and len(labels) != head_weight.shape[0]:
         raise IsdaVizError(f"{path.parent / HF_CONFIG}: label_names names {len(labels)} classes, but {path} "
                            f"classifies {head_weight.shape[0]}")
-    return TimmClassifier(net, name, labels).eval().requires_grad_(False), weights
+    return weights.classifier(TimmClassifier(net, name, labels).eval().requires_grad_(False), f"timm:{name}")

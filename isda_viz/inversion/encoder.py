@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from isda_viz.cache import module_fingerprint  # noqa: F401  (what the encoder's key is made of)
 from isda_viz.inversion.optimizer import normalize_latent
 from isda_viz.runs import load_checkpoint, save_atomic, write_json_atomic
 
@@ -147,17 +148,6 @@ def train_encoder(render: Render, featurize: Callable[[torch.Tensor], torch.Tens
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     return encoder.eval().requires_grad_(False)
-
-
-def module_fingerprint(module: nn.Module, extra: dict | None = None) -> str:
-    """sha256 over a module's state (names, dtypes, shapes, bytes of every parameter and buffer) and `extra`:
-    what identifies a network when it did not come from one weights file (e.g. a generator)."""
-    digest = hashlib.sha256(json.dumps(extra or {}, sort_keys=True, default=str).encode())
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)   # 1-d: a 0-d tensor has no byte view
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def _note(message: str) -> None:

@@ -30,6 +30,7 @@ from isda_viz.bounds import check_count, check_number, check_seed, derived_seed
 from isda_viz.devices import check_device, pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
+from isda_viz.generators.reach import cached_reach_summary
 from isda_viz.inversion.adapter import GeneratorAdapter, read_class_map
 from isda_viz.inversion.encoder import (
     EncoderOptions,
@@ -321,7 +322,8 @@ def _settings(options: VisualizeOptions, models: Models) -> Settings:
     return Settings(strength=options.strength, num_augmented=options.num_augmented, seed=options.seed,
                     options={key: list(v) if isinstance(v, tuple) else v for key, v in vars(options.inversion).items()},
                     classifier=str(models.classifier.source),
-                    judge=str(models.judge.source) if models.judge else None)
+                    judge=str(models.judge.source) if models.judge else None,
+                    generator_reach=cached_reach_summary(models.classifier, models.generator, models.class_map))
 
 
 def _check_out_dir(out: Path, command: str = "augment") -> None:

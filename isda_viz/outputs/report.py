@@ -111,13 +111,17 @@ class Summary:
 
 @dataclass(kw_only=True)
 class Settings:
-    """How a report was made: λ (`strength`), K, seed, the inversion options, the classifier and judge sources."""
+    """How a report was made: λ (`strength`), K, seed, the inversion options, the classifier and judge sources,
+    and `generator_reach`: how much the generator can reach in the classifier's features, as the pair's cached
+    generator report says (`GeneratorReport.summary()`: its file, overall Fréchet distance, precision, recall,
+    sample counts; None when the pair has none cached: `isda-viz generator-report` measures it)."""
     strength: float
     num_augmented: int
     seed: int
     options: dict
     classifier: str
     judge: str | None = None
+    generator_reach: dict | None = None
 
 
 @dataclass(kw_only=True)
