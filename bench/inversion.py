@@ -1,57 +1,54 @@
-"""Inversion speed and reach: our defaults against the reference schedule, side by side on the same images.
+"""Pictures in milliseconds: the search against the amortized inverter, side by side on the same images and ã.
 
-    python bench/inversion.py [--classifier RUN_DIR] [--generator GAN_DIR] [--images 16] [--reference-cap 3000]
-    python bench/inversion.py --compare-only --images 10      # today's defaults vs the new ones (the demo's workload)
-    python bench/inversion.py --device cuda --images 16       # the same for BigGAN-deep-128 + ResNet-50 (random weights)
+    python bench/inversion.py [--images 10] [--first-index 0] [--refine-steps 0,10,20,40,80] [--train]
+    python bench/inversion.py --first-index 1000 --images 40      # test images no default run looks at
+    python bench/inversion.py --reference                          # the search's schedule vs the paper's
+    python bench/inversion.py --device cuda --images 16            # BigGAN-deep-128 + ResNet-50 (random weights)
 
-`--compare-only` (`compare_defaults`): today's defaults (4 random starts, 200 + 300 steps) against the new
-ones (the learned start of `isda_viz.inversion.encoder`, early stopping), side by side in one run on the
-same images and the same a~ draws (those today's pipeline draws for the seed): augmented images per minute
-(the encoder's one-off training or cache read is printed apart), median Step I feature error, median Step II
-reached-shift error, its floor, and the free-pixel bound on the same targets from each setting's
-reconstructions. `--device cuda` builds BigGAN-deep-128 (its published config) and torchvision ResNet-50,
-both with random weights (none can be downloaded here; enough for timing, not for the errors), and prints
-the same table without the free-pixel bound.
+The default (`compare_inverters`): test images `--first-index` ... (in test-set order) of the classifier's
+dataset, K = 4 ISDA draws ã ~ N(a, 0.5 Σ_y) each, drawn as the pipeline draws them for the seed (the prior's
+starts first), and every setting inverts exactly those targets through `invert_and_augment`: the search
+(`--inverter search`: 4 random starts, 200 + 300 Adam steps), the amortized inverter alone
+(`--refine-steps 0`) and with each refinement in `--refine-steps`. Printed per setting: seconds,
+augmented images per minute, the ratio to the search, median Step I feature error, median Step II
+reached-shift error, and the non-negativity floor; then the free-pixel bound on the same targets (Adam on
+every pixel of the search's reconstructions, no generator). `--train` first trains the pair's inverter
+(`InverterOptions()`, what `isda-viz train-inverter` does), prints its cost and whether it equals the cached
+one bit for bit, and benches that. Run it on a quiet machine: only the ratios printed in one run compare.
 
-The reference (the paper's public code, CIFAR settings) runs plain gradient descent with momentum 0.9 on
-MSE losses: Step I lr 10 for 10,000 iterations, Step II lr 1 for 10,000, both ÷10 every 2,500, one image
-per run. Here both schedules run Step I on the same test images in one batch from the same starts (one
-start per image, so the comparison is per start), the reference capped at --reference-cap iterations.
+`--device cuda` builds BigGAN-deep-128 (its published config) and torchvision ResNet-50 with random
+weights (none can be downloaded here), trains an inverter for 50 steps on the generator's own samples
+(timing only: its errors mean nothing) and prints the same table without the free-pixel bound.
 
-Two reference runs:
-* "same objective": the reference schedule on exactly our objective. Its MSE means divide the feature term
-  by A and the pixel term by P, so eta is scaled by P/A to keep our feature/pixel balance; the objective is
-  then ours divided by A, the scale the reference's lr 10 was chosen for. This isolates optimiser and schedule.
-* "its own weighting": MSE means with eta 1, the reference's balance, which weighs features P/A times more
-  than ours, so its optimum has a lower feature error than ours (a different trade-off, not a faster search).
-
-Goal: the median feature error our defaults end at. The reference's iterations to reach it are measured
-when it gets there within the cap; otherwise the cap is printed as a lower bound ("> cap") beside a
-power-law extrapolation of the last half of its curve, labelled as such.
-
-Step II's reach is printed against two bounds: the non-negativity floor (the negative part of a~, which
-no image's post-ReLU features reach) and free pixels (Adam on every pixel of the reconstruction, no
-generator). Last, images per minute of the full default pipeline for 16 images x 4 augmentations.
+`--reference` runs the search's Step I schedule beside the reference code's (the paper's public code,
+CIFAR settings: plain gradient descent with momentum 0.9 on MSE losses, lr 10, ÷10 every 2,500 steps, one
+image per run) on the same images and starts, the reference capped at --reference-cap iterations: "same
+objective" (our feature/pixel balance: MSE means need eta scaled by P/A) and "its own weighting" (MSE means
+at eta 1, which weighs features P/A times more); then Step II's reach against the floor and free pixels.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 
 import torch
 
-from isda_viz.inversion.adapter import GeneratorAdapter
-from isda_viz.classifiers.statistics import class_statistics
 from isda_viz.classifiers.classifier import load_classifier
+from isda_viz.classifiers.statistics import class_statistics
+from isda_viz.data.datasets import load_split
 from isda_viz.generators import load_generator
+from isda_viz.inversion.adapter import GeneratorAdapter, Models
+from isda_viz.inversion.amortized import InverterData, InverterOptions, train_inverter
+from isda_viz.inversion.inverter_cache import find_inverter, inverter_data
 from isda_viz.inversion.optimizer import InversionOptions, invert_features, negative_target_floor, normalize_latent
+from isda_viz.inversion.pipeline import draw_prior
+from isda_viz.inversion.pipelines import VisualizeOptions, images_per_class, invert_and_augment
+from isda_viz.inversion.starts import AmortizedStart, PriorSearch
 from isda_viz.isda.sampling import sample_augmented_features
-from isda_viz.pretrained import default_classifier, default_generator
 from isda_viz.outputs.report import summarize
-from isda_viz.inversion.pipelines import Models, VisualizeOptions, images_per_class, invert_and_augment, learned_start
+from isda_viz.pretrained import default_classifier, default_generator
 
 
 def first_reaching(history, error):
@@ -96,56 +93,81 @@ def free_pixel_reach(classifier, start_pixels, wanted, shift, iterations, lr=0.0
     return ((reached - wanted).norm(dim=1) / shift.norm(dim=1)).median().item()
 
 
-def today_draws(models, images, labels, seed, k, strength, restarts=4):
-    """The a~ `(N, K, A)` today's pipeline draws (its rng gives the N·restarts starts first), so that every
-    setting compared inverts the same targets."""
+def augmentation_targets(models, images, labels, seed, k, strength=0.5, restarts=4):
+    """The ã `(N, K, A)` the pipeline draws for `seed` (its rng gives the N·restarts prior starts first)."""
     rng = torch.Generator().manual_seed(seed)
+    draw_prior(models, len(images), restarts, rng)
     classifier = models.classifier
-    models.generator.sample_latent(len(images) * restarts, rng, classifier.device)
     statistics = class_statistics(classifier, classes=labels.tolist())
     target = classifier.features(images.to(classifier.device))
-    return sample_augmented_features(target, statistics.slots(labels), statistics.estimator, strength, k, rng)
+    return sample_augmented_features(target, statistics.slots(labels.to(classifier.device)), statistics.estimator,
+                                     strength, k, rng)
 
 
-def compare_defaults(models, images, labels, k=4, seed=0, settings=None, free_pixels=True):
-    """Today's defaults against the new ones (learned start, fewer steps, early stopping), side by side on the
-    same images and a~ draws: augmented images per minute, median Step I feature error, median Step II
-    reached-shift error, its floor and (`free_pixels`) the free-pixel bound on the same targets."""
-    settings = settings or {"today (random starts, 4 x 200 + 300 steps)": InversionOptions.make(encoder=False),
-                            "new defaults (learned start, early stopping)": InversionOptions.make(encoder=True)}
-    wanted = today_draws(models, images, labels, seed, k, 0.5)
-    encoder_seconds = None
-    if any("encoder" in (o.start, o.augment_start) for o in settings.values()):
-        started = time.time()
-        _, info = learned_start(models)
-        encoder_seconds = time.time() - started
-        print(f"learned start: {'read from the cache' if info['cached'] else 'trained'} in {encoder_seconds:.1f} s "
-              f"({info['path'] or 'not cached'}); once per (classifier, generator) pair, not counted below")
+def compare_inverters(models, images, labels, inverter, refine_steps=(0, 10, 20, 40, 80), k=4, seed=0,
+                      free_pixels=True):
+    """The search against `inverter` (an `AmortizedInverter`) alone and with each of `refine_steps`, side by
+    side on the same images and ã; prints the table and returns its rows `(name, seconds, summary, result)`."""
+    wanted = augmentation_targets(models, images, labels, seed, k)
+    options = VisualizeOptions(strength=0.5, num_augmented=k, seed=seed, progress=False)
+    settings = [("search (4 random starts, 200 + 300 steps)", PriorSearch(InversionOptions()))]
+    settings += [(f"amortized + {steps} refine steps" if steps else "amortized alone (--refine-steps 0)",
+                  AmortizedStart(inverter, steps)) for steps in refine_steps]
     rows = []
-    for name, opts in settings.items():
+    for name, source in settings:
         started = time.time()
-        result = invert_and_augment(models, images, labels, [""] * len(images),
-                                    VisualizeOptions(strength=0.5, num_augmented=k, seed=seed, inversion=opts),
-                                    wanted=wanted)
-        seconds = time.time() - started - result.seconds.get("encoder_training", 0.0)
-        rows.append((name, seconds, summarize(result.entries), result))
+        result = invert_and_augment(models, images, labels, [""] * len(images), options, wanted=wanted,
+                                    source=source)
+        rows.append((name, time.time() - started, summarize(result.entries), result))
     base = rows[0][1]
     print(f"\n{len(images)} images x {k} augmentations, the same a~ for every row")
-    print(f"{'setting':<48}{'seconds':>9}{'aug img/min':>13}{'speed':>8}{'step I err':>12}{'step II err':>13}"
+    print(f"{'setting':<44}{'seconds':>9}{'aug img/min':>13}{'speed':>9}{'step I err':>12}{'step II err':>13}"
           f"{'floor':>8}")
     for name, seconds, s, _ in rows:
-        print(f"{name:<48}{seconds:>9.1f}{len(images) * k / seconds * 60:>13.1f}{base / seconds:>7.2f}x"
+        print(f"{name:<44}{seconds:>9.2f}{len(images) * k / seconds * 60:>13.1f}{base / seconds:>8.1f}x"
               f"{s.step1_median_feature_error:>12.4f}{s.step2_median_reached_shift_error:>13.4f}"
               f"{s.step2_median_negative_target_floor:>8.3f}")
     if free_pixels:
         classifier = models.classifier
         flat = wanted.flatten(0, 1).to(classifier.device).float()
         shift = flat - classifier.features(images.to(classifier.device)).repeat_interleave(k, 0)
-        for name, _, _, result in rows:
-            start = result.reconstructions.to(classifier.device).repeat_interleave(k, 0)
-            free = free_pixel_reach(classifier, start, flat, shift, InversionOptions().augment_iterations)
-            print(f"free-pixel bound (300 Adam steps on every pixel, from the reconstructions of {name}): {free:.4f}")
+        start = rows[0][3].reconstructions.to(classifier.device).repeat_interleave(k, 0)
+        free = free_pixel_reach(classifier, start, flat, shift, InversionOptions().augment_iterations)
+        print(f"free-pixel bound (300 Adam steps on every pixel, from the search's reconstructions): {free:.4f}")
     return rows
+
+
+def test_images(classifier, first: int, count: int):
+    """Test images `first` ... `first + count - 1` of the classifier's dataset, `(N, C, H, W)` in [0, 1], labels."""
+    test = load_split(classifier.dataset, False, classifier.config.get("data_root"), image_size=classifier.image_size)
+    chosen = list(range(first, min(first + count, len(test.labels))))
+    images = classifier.fit_images(torch.stack([test[i][0] for i in chosen]).float() / 255).cpu()
+    return images, test.labels[chosen].clone()
+
+
+def trained_inverter(models, train: bool):
+    """The pair's cached inverter, or with `train` one trained now (its cost printed, compared with the cache)."""
+    cached = find_inverter(models, InverterOptions())
+    if not train:
+        if cached is None:
+            raise SystemExit("this pair has no trained inverter: run `isda-viz train-inverter` or pass --train")
+        return cached
+    started = time.time()
+    data = inverter_data(models, InverterOptions())
+    adapter = models.adapter()
+
+    def render_features(z_hat, labels):
+        image = adapter(z_hat, labels if models.generator.conditional else None)
+        return image, models.classifier.model.features(image)
+
+    inverter = train_inverter(render_features, models.generator.sample_latent, models.generator.latent_dim, data)
+    print(f"training the pair's inverter (InverterOptions(): {inverter.options.steps} steps, "
+          f"{torch.get_num_threads()} threads): {time.time() - started:.1f} s in all, of which training "
+          f"{inverter.info['seconds']:.1f} s")
+    if cached is not None:
+        same = all(torch.equal(t, cached.network.state_dict()[name]) for name, t in inverter.network.state_dict().items())
+        print(f"  bit-identical to the cached inverter {cached.info.get('path')}: {same}")
+    return inverter
 
 
 def gpu_models(device):
@@ -193,33 +215,77 @@ def gpu_models(device):
     return Models(classifier, generator)
 
 
+def gpu_inverter(models, steps: int = 50):
+    """An inverter for the random-weight GPU pair, trained briefly on the generator's own samples (timing only)."""
+    classifier, generator = models.classifier, models.generator
+    device = classifier.device
+    rng = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 10
+    adapter = models.adapter()
+    with torch.no_grad():
+        z = normalize_latent(generator.sample_latent(64, rng, device))
+        pixels = adapter(z, labels.to(device))
+        features = classifier.model.features(pixels)
+    estimator = classifier.estimator
+    factors = torch.zeros(1000, features.shape[1])
+    factors[:10] = estimator.covariance[:10].clamp_min(0).sqrt().float().cpu()
+    vectors = torch.zeros(1000, 1, features.shape[1])
+    vectors[:, 0, 0] = 1.0
+    data = InverterData(pixels, labels.to(device), features, factors, vectors, torch.ones(1000, 1), list(range(10)))
+
+    def render_features(z_hat, rows):
+        image = adapter(z_hat, rows)
+        return image, classifier.model.features(image)
+
+    options = InverterOptions(steps=steps, batch_size=16, real_images=64)
+    started = time.time()
+    inverter = train_inverter(render_features, generator.sample_latent, generator.latent_dim, data, options)
+    print(f"inverter: {steps} training steps of batch 16 (+4 samples) in {time.time() - started:.1f} s "
+          f"(timing only; the README's budget is {InverterOptions().steps} steps of 64)")
+    return inverter
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", default=None)
     parser.add_argument("--generator", default=None)
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--first-index", type=int, default=None,
+                        help="Test images from this index on, in test-set order (default: the demo's, one per class).")
+    parser.add_argument("--refine-steps", default="0,10,20,40,80",
+                        help="Comma-separated refinements to measure after the amortized passes.")
+    parser.add_argument("--train", action="store_true", help="Train the pair's inverter first and time it.")
+    parser.add_argument("--reference", action="store_true", help="The search's schedule against the paper's.")
     parser.add_argument("--reference-cap", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compare-only", action="store_true",
-                        help="Only today's defaults vs the new ones (the demo's workload with --images 10).")
     parser.add_argument("--device", default="cpu",
-                        help="cuda: BigGAN-deep-128 + ResNet-50 with random weights, today's vs the new defaults.")
+                        help="cuda: BigGAN-deep-128 + ResNet-50 with random weights (timing only).")
     args = parser.parse_args()
+    steps = tuple(int(x) for x in args.refine_steps.split(",") if x.strip())
     if args.device != "cpu":
         models = gpu_models(args.device)
         labels = torch.arange(args.images) % 10    # the classes gpu_models has statistics for
         with torch.no_grad():  # generator images stand in for test images
             images = GeneratorAdapter(models.generator, models.classifier).pixels(
                 models.generator.sample_latent(args.images, torch.Generator().manual_seed(2)), labels.to(args.device))
-        compare_defaults(models, images, labels, seed=args.seed, free_pixels=False)
+        compare_inverters(models, images, labels, gpu_inverter(models), steps, seed=args.seed, free_pixels=False)
         return
     classifier = load_classifier(args.classifier or default_classifier())
-    if args.compare_only:
-        generator = load_generator(args.generator or default_generator(), "cpu")
-        images, labels, _ = images_per_class(classifier, -(-args.images // classifier.num_classes), None)
-        compare_defaults(Models(classifier, generator), images[: args.images], labels[: args.images], seed=args.seed)
-        return
     generator = load_generator(args.generator or default_generator(), "cpu")
+    models = Models(classifier, generator)
+    if not args.reference:
+        if args.first_index is None:
+            images, labels, _ = images_per_class(classifier, -(-args.images // classifier.num_classes), None)
+            images, labels = images[: args.images], labels[: args.images]
+        else:
+            images, labels = test_images(classifier, args.first_index, args.images)
+        compare_inverters(models, images, labels, trained_inverter(models, args.train), steps, seed=args.seed)
+        return
+    reference(classifier, generator, args)
+
+
+def reference(classifier, generator, args):
+    """The search's Step I schedule against the reference code's, then Step II against its bounds."""
     adapter = GeneratorAdapter(generator, classifier)
     per_class = -(-args.images // classifier.num_classes)
     images, labels, _ = images_per_class(classifier, per_class, None)
@@ -297,14 +363,6 @@ def main():
     print(f"  non-negativity floor, any image at all: {negative_target_floor(wanted, shift).median().item():.3f}"
           f"   ({(wanted < 0).float().mean().item():.1%} of target dimensions are negative)")
 
-    started = time.time()
-    result = invert_and_augment(Models(classifier, generator), images, labels, [""] * len(images),
-                                VisualizeOptions(strength=0.5, num_augmented=k, seed=args.seed))
-    minutes = (time.time() - started) / 60
-    print(f"\nfull default pipeline, {len(images)} images x {k} augmentations: {minutes * 60:.1f} s, "
-          f"{len(images) / minutes:.1f} images/min ({len(images) * k / minutes:.1f} augmented images/min)")
-    summary = dataclasses.asdict(summarize(result.entries))
-    print({key: (round(v, 4) if isinstance(v, float) else v) for key, v in summary.items()})
 
 
 if __name__ == "__main__":

@@ -12,11 +12,19 @@ from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipelines import VisualizeOptions, augment_images, make_grid
 from isda_viz.outputs.html import page_path
 
-from .common import (classifier_options, device_option, embed_option, generator_option, seed_option,
-                     truncation_option)
+from .common import (
+    classifier_options,
+    device_option,
+    embed_option,
+    generator_option,
+    inverter_option,
+    refine_steps_option,
+    seed_option,
+    truncation_option,
+)
 
-# The search knobs the options name as they are (`encoder` comes from the --no-encoder flag).
-_INVERSION_KNOBS = tuple(p for p in inspect.signature(InversionOptions.make).parameters if p != "encoder")
+# The search knobs the options name as they are.
+_INVERSION_KNOBS = tuple(inspect.signature(InversionOptions.make).parameters)
 _OPTION_FIELDS = {f.name for f in dataclasses.fields(VisualizeOptions)} - {"inversion"}
 
 
@@ -38,15 +46,15 @@ def visualize_options(fn):
                      help="Augmented images per input image."),
         click.option("--strength", type=click.FloatRange(0, 100), default=0.5, show_default=True,
                      help="lambda: augmented features are a + eps, eps ~ N(0, lambda Sigma_y)."),
-        click.option("--restarts", type=click.IntRange(0, 64), default=None,
-                     help="Random starts per image in Step I, the best is kept (default 4; the learned start "
-                          "E(a) is one more unless --no-encoder; 0: E(a) alone)."),
+        inverter_option,
+        refine_steps_option,
+        click.option("--restarts", type=click.IntRange(1, 64), default=None,
+                     help="The search's random starts per image in Step I, the best is kept (default 4)."),
         click.option("--iterations", type=click.IntRange(1, 100_000), default=None,
-                     help="Step I iterations (default 200); Step II takes 3/2 as many (default 300; with the "
-                          "learned start its converged rows stop early)."),
-        click.option("--no-encoder", is_flag=True,
-                     help="Search from random codes only, as before the learned start (no encoder is trained "
-                          "or read; 4 starts, 200 + 300 steps, no early stopping)."),
+                     help="The search's Step I iterations (default 200); Step II takes 3/2 as many (default 300)."),
+        click.option("--micro-batch", type=click.IntRange(1, 1_000_000), default=None,
+                     help="Codes pushed through the networks at once (default: as many as a fixed budget of "
+                          "pixels allows); bounds memory, not the results."),
         click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
                      help="adam, or sgd: heavy-ball gradient descent as the reference code (needs --lr)."),
         click.option("--lr", type=click.FloatRange(0, 10, min_open=True), default=None,
@@ -76,7 +84,6 @@ def visualize_options(fn):
         # Parsed options go to their fields by name: the search knobs to `InversionOptions.make`, the rest
         # to `VisualizeOptions`; what neither takes is the command's own.
         knobs = {name: kwargs.pop(name) for name in _INVERSION_KNOBS}
-        knobs["encoder"] = not kwargs.pop("no_encoder", False)
         chosen = {name: kwargs.pop(name) for name in _OPTION_FIELDS & set(kwargs)}
         return fn(options=VisualizeOptions(**chosen, inversion=InversionOptions.make(**knobs)), **kwargs)
 

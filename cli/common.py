@@ -6,6 +6,7 @@ import click
 
 from isda_viz.classifiers.registry import arch_help
 from isda_viz.generators.registry import generator_help
+from isda_viz.inversion.starts import REFINE_STEPS
 
 device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu).")
 seed_option = click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
@@ -37,3 +38,14 @@ def classifier_options(classifier_help: str):
         return fn
 
     return decorate
+
+inverter_option = click.option(
+    "--inverter", type=click.Choice(["search", "amortized"]), default=None,
+    help="How latent codes are found: amortized (the pair's trained inverter, a few feed-forward passes, then "
+         "--refine-steps optimiser steps; `isda-viz train-inverter` trains one) or search (random starts, hundreds "
+         "of optimiser steps). Default: amortized where the pair has a trained inverter, else search.")
+
+refine_steps_option = click.option(
+    "--refine-steps", type=click.IntRange(0, 100_000), default=None,
+    help=f"Optimiser steps after the amortized inverter's passes, in Step I and in Step II (default {REFINE_STEPS}; "
+         "0: the inverter alone).")

@@ -7,7 +7,7 @@ import click
 from isda_viz.demo import run_demo
 from isda_viz.outputs.html import page_path
 
-from .common import device_option, embed_option
+from .common import device_option, embed_option, inverter_option, refine_steps_option
 
 
 @click.command("demo")
@@ -17,13 +17,13 @@ from .common import device_option, embed_option
 @click.option("--from-scratch", is_flag=True,
               help="Train the ISDA classifier, the CE judge and the WGAN-GP first instead of using the shipped weights.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--no-encoder", is_flag=True,
-              help="Invert from random codes only (no learned start): the figure as before the encoder.")
+@inverter_option
+@refine_steps_option
 @embed_option
-def demo_command(out, device, quick, from_scratch, seed, no_encoder, embed):
+def demo_command(out, device, quick, from_scratch, seed, inverter, refine_steps, embed):
     """Figure grid + FAISS audit on Fashion-MNIST; a stage whose output exists in --out is reused."""
     summary = run_demo(out, device=device, quick=quick, from_scratch=from_scratch, seed=seed, log=click.echo,
-                       embed=embed, encoder=not no_encoder)
+                       embed=embed, inverter=inverter, refine_steps=refine_steps)
     click.echo(f"\nfigure: {out}/figure.png (report {out}/figure.json)\naudit: {out}/audit/audit.png "
                f"(report {out}/audit/audit.json)\nsummary: {out}/summary.json\npage: {page_path(out)}\n"
                f"{summary.table()}")

@@ -16,6 +16,7 @@ from .augment import augment_command, grid_command
 from .demo import demo_command
 from .directions import directions_command
 from .gan import train_gan_command
+from .inverter import train_inverter_command
 from .plot import plot_command
 from .reach import generator_report_command
 from .train import train_command
@@ -81,4 +82,5 @@ main.add_command(grid_command)
 main.add_command(demo_command)
 main.add_command(plot_command)
 main.add_command(directions_command)
+main.add_command(train_inverter_command)
 main.add_command(generator_report_command)

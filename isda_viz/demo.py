@@ -26,6 +26,7 @@ from isda_viz.generators.wgan_train import GanConfig, train_gan
 from isda_viz.inversion.directions import DirectionsOptions, make_directions
 from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipelines import VisualizeOptions, make_grid
+from isda_viz.inversion.starts import DIRECTIONS_REFINE_STEPS
 from isda_viz.outputs.audit_report import AuditReport, read_audit
 from isda_viz.outputs.directions import DirectionsReport, read_directions_report
 from isda_viz.outputs.folders import FIGURE_LINKS, check_name_lengths, claim_resumable, figure_files_dir, published
@@ -51,7 +52,10 @@ audit, the directions figure, summary.json and the page."""
 
 @dataclass
 class DemoPlan:
-    """Sizes of each stage: the full demo, or the CI-sized `quick` one."""
+    """Sizes of each stage: the full demo, or the CI-sized `quick` one. `inversion`: the search's options
+    (`--inverter search`, and pairs without a trained inverter); `refine_steps`: the amortized inverter's
+    (None: `starts.REFINE_STEPS`), `directions_refine_steps` the directions figure's (its batch is about 11x
+    the grid's); `inverter` as `VisualizeOptions.inverter`."""
     classifier_epochs: int = 4
     judge_epochs: int = 2
     classifier_arch: str = "resnet32"
@@ -59,6 +63,8 @@ class DemoPlan:
     limit_test: int | None = None
     gan_iterations: int | None = None     # None: train-gan's default
     inversion: InversionOptions = None
+    inverter: str | None = None
+    refine_steps: int | None = None
     num_augmented: int = 4
     audit_limit_train: int | None = None
     audit_limit_test: int | None = None
@@ -67,21 +73,23 @@ class DemoPlan:
     test_draws: int = 1000
     pixel_draws: int = 4
     directions_inversion: InversionOptions = None   # None: `inversion`; the full demo searches less (below)
+    directions_refine_steps: int | None = DIRECTIONS_REFINE_STEPS
 
     @classmethod
-    def make(cls, quick: bool, encoder: bool = True) -> "DemoPlan":
-        """`encoder`: the learned start and its shorter search (`InversionOptions.make(encoder=True)`); the
-        CI-sized quick plan keeps its few steps from random codes (training an encoder would cost more)."""
+    def make(cls, quick: bool, inverter: str | None = None, refine_steps: int | None = None) -> "DemoPlan":
+        """The plan for `quick` (CI-sized: a few search steps; pairs trained from scratch have no inverter)
+        or the full demo, with `inverter` and `refine_steps` as the command line gives them."""
         if not quick:
-            # directions: 10 x 31 frames and 120 test targets in one Step II batch, 11x the grid's, so 60 + 90
-            # iterations instead of 200 + 300 keep the stage within minutes on a CPU (the README's figure too)
-            return cls(inversion=InversionOptions.make(encoder=encoder),
-                       directions_inversion=InversionOptions.make(iterations=60, encoder=encoder))
+            # directions: 10 x 31 frames and 120 test targets in one Step II batch, 11x the grid's, so the
+            # search there takes 60 + 90 iterations instead of 200 + 300 (the README's figure too)
+            return cls(inversion=InversionOptions.make(), directions_inversion=InversionOptions.make(iterations=60),
+                       inverter=inverter, refine_steps=refine_steps,
+                       directions_refine_steps=DIRECTIONS_REFINE_STEPS if refine_steps is None else refine_steps)
         quick_search = InversionOptions(reconstruct_iterations=30, augment_iterations=20, restarts=2)
         return cls(classifier_epochs=1, judge_epochs=1, classifier_arch="resnet8", limit_train=1024, limit_test=500,
-                   gan_iterations=30, inversion=quick_search,
+                   gan_iterations=30, inversion=quick_search, inverter=inverter, refine_steps=refine_steps,
                    num_augmented=2, audit_limit_train=5000, audit_limit_test=500, directions=2, directions_steps=3,
-                   test_draws=100, pixel_draws=1)
+                   test_draws=100, pixel_draws=1, directions_refine_steps=refine_steps)
 
 
 def _train_finished(run_dir: Path, epochs: int) -> bool:
@@ -94,11 +102,12 @@ def _gan_finished(gan_dir: Path, iterations: int) -> bool:
 
 
 def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: bool = False,
-             seed: int = 0, log=print, progress: bool = True, embed: bool = False, encoder: bool = True) -> DemoSummary:
+             seed: int = 0, log=print, progress: bool = True, embed: bool = False, inverter: str | None = None,
+             refine_steps: int | None = None) -> DemoSummary:
     """Run every stage into `out`; returns the summary (also written as `out/summary.json`), and
     writes the page `out/index.html` (`embed`: its images inline, as the grid's and audit's pages).
-    `encoder`: the figure's search starts from the learned start (False: from random codes only, the
-    figure as before the encoder; `--no-encoder`)."""
+    `inverter`, `refine_steps`: how codes are found (`VisualizeOptions`; default: the pair's amortized
+    inverter where it has one, with `starts.REFINE_STEPS` steps, else the search)."""
 
     pick_device(device)  # a device that is not there fails before anything is written
     check_seed(seed)
@@ -106,13 +115,13 @@ def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: 
     check_name_lengths([out])
     with locks.exclusive(out):  # one demo per folder (each stage also locks its own output)
         claim_resumable(out, "demo", DEMO_ENTRIES)  # a resumable folder: what it holds are the demo's own stages
-        return _run_demo(out, device, quick, from_scratch, seed, log, progress, embed, encoder)
+        return _run_demo(out, device, quick, from_scratch, seed, log, progress, embed,
+                         DemoPlan.make(quick, inverter, refine_steps))
 
 
 def _run_demo(out: Path, device, quick: bool, from_scratch: bool, seed: int, log, progress: bool,
-              embed: bool, encoder: bool) -> DemoSummary:
+              embed: bool, plan: DemoPlan) -> DemoSummary:
     out.mkdir(parents=True, exist_ok=True)
-    plan = DemoPlan.make(quick, encoder)
     previous = out / SUMMARY  # stages reused now keep the time they took when they ran
     seconds: dict[str, float] = dict(read_summary(previous).seconds) if previous.exists() else {}
     models = _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
@@ -181,7 +190,7 @@ def _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed) 
     options = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),
                                judge=str(models["judge"]) if models.get("judge") else None, device=device,
                                strength=0.5, num_augmented=plan.num_augmented, inversion=plan.inversion, seed=seed,
-                               progress=progress, embed=embed)
+                               progress=progress, embed=embed, inverter=plan.inverter, refine_steps=plan.refine_steps)
     _status(log, "grid", f"inverting one test image per class, {plan.num_augmented} augmentations each")
     return _timed(seconds, "grid", lambda: make_grid(out=figure, per_class=1, options=options))
 
@@ -208,7 +217,8 @@ def _directions_stage(out, plan, models, device, seed, log, progress, seconds, e
     visualize = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),
                                  judge=str(models["judge"]) if models.get("judge") else None, device=device,
                                  strength=0.5, inversion=plan.directions_inversion or plan.inversion, seed=seed,
-                                 progress=progress, embed=embed)
+                                 progress=progress, embed=embed, inverter=plan.inverter,
+                                 refine_steps=plan.directions_refine_steps)
     options = DirectionsOptions(visualize=visualize, directions=plan.directions, steps=plan.directions_steps,
                                 test=True, feature_draws=plan.test_draws, pixel_draws=plan.pixel_draws)
     _status(log, "directions", f"the top {plan.directions} directions of each class covariance, one test image "
@@ -225,6 +235,14 @@ def _directions_summary(report: DirectionsReport) -> dict:
         rates |= {f"semantic_pixels_{noise}": getattr(test.overall_pixels, noise).rate
                   for noise in ("isda", "isotropic", "other_class")}
     return rates
+
+
+def _inverter_label(report: Report) -> str:
+    """How the figure's codes were found: "search" or "amortized + N steps"."""
+    settings = report.settings
+    if settings is None or settings.inverter != "amortized":
+        return "search"
+    return f"amortized + {settings.refine_steps} steps"
 
 
 def _metrics_of(run_dir) -> dict:
@@ -251,7 +269,7 @@ def _summary(models, report: Report, audit: AuditReport, seconds, quick, from_sc
         step2_median_negative_target_floor=s.step2_median_negative_target_floor,
         augmented_judge_label_kept_rate=s.augmented_judge_label_kept_rate,
         median_pixel_distance_to_reconstruction=s.median_pixel_distance_to_reconstruction,
-        inversion_start=report.settings.options.get("start", "random") if report.settings else "random",
+        inverter=_inverter_label(report),
         audit_queries=len(audit.queries),
         audit_flagged_copies=sum(q.flagged for q in audit.queries),
         seconds=seconds,

@@ -504,7 +504,7 @@ def contents(folder: Path) -> dict:
             (p.read_bytes() if p.is_file() else "folder") for p in sorted(folder.rglob("*"))}
 
 
-FAST_RANDOM = (*FAST, "--no-encoder")  # no learned start to train or read: the cases here stop before any search
+FAST_RANDOM = (*FAST, "--inverter", "search")  # no inverter read: the cases here stop before any search
 
 
 # ------------------------------------------------------------------------------------ 29.1: planted lock symlinks

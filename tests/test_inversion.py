@@ -178,16 +178,12 @@ def test_augment_starts_from_z_star_and_measures_the_reached_shift():
 
 
 def test_inversion_options_from_the_command_line_knobs():
-    opts = InversionOptions.make(iterations=10, restarts=3, encoder=False)
+    opts = InversionOptions.make(iterations=10, restarts=3)
     assert (opts.reconstruct_iterations, opts.augment_iterations, opts.restarts) == (10, 15, 3)
     assert (opts.reconstruct_lr, opts.augment_lr) == (InversionOptions().reconstruct_lr, InversionOptions().augment_lr)
-    assert InversionOptions.make(encoder=False) == InversionOptions()     # --no-encoder: the search as before
-    sgd = InversionOptions.make(optimizer="sgd", lr=2.0, encoder=False)
+    assert InversionOptions.make() == InversionOptions()                  # the search's defaults
+    sgd = InversionOptions.make(optimizer="sgd", lr=2.0)
     assert (sgd.reconstruct_lr, sgd.augment_lr, sgd.reconstruct_iterations) == (2.0, 2.0, 200)
-    learned = InversionOptions.make()                                      # the default: the learned start
-    assert (learned.start, learned.augment_start, learned.augment_patience) == ("encoder", "z_star", 0)
-    assert learned.reconstruct_patience == 0          # Step I runs to the end (see ENCODER_DEFAULTS)
-    assert InversionOptions.make(iterations=10, restarts=3).restarts == 3
     with pytest.raises(IsdaVizError, match="needs --lr"):
         InversionOptions.make(optimizer="sgd")
 

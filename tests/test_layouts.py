@@ -66,7 +66,7 @@ def test_train_gan_augment_audit_chain(tmp_path, dataset, writer):
             "--n-critic", 1, "--sample-every", 20, "--out", gan)
     image = _query_image(dataset, root, tmp_path / "query.png")
     _invoke("augment", "--image", image, "--classifier", run, "--generator", gan, "--iterations", 4,
-            "--restarts", 1, "-k", 2, "--no-encoder", "--out", aug)  # the chain, not the learned start
+            "--restarts", 1, "-k", 2, "--inverter", "search", "--out", aug)  # the chain
     _invoke("audit", "--from", aug, "--dataset", dataset, "--data-root", root, "--k", 3,
             "--index-dir", tmp_path / "index", "--out", audit)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)

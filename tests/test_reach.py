@@ -232,7 +232,7 @@ def test_an_inversion_report_records_the_cached_generator_report(tiny_run, tmp_p
     gan = _tiny_gan(tmp_path / "gan", seed=2)
     Image.fromarray(load_split("fashion-mnist", False, limit=1).images[0, 0].numpy()).save(tmp_path / "x.png")
     args = ("augment", "--image", tmp_path / "x.png", "--classifier", tiny_run, "--generator", gan, "--iterations",
-            2, "--restarts", 1, "-k", 1, "--no-encoder")
+            2, "--restarts", 1, "-k", 1, "--inverter", "search")
     assert _invoke(*args, "--out", tmp_path / "before").exit_code == 0
     before = json.loads((tmp_path / "before" / "report.json").read_text())["settings"]
     assert before["generator_reach"] is None  # nothing cached: nothing measured implicitly

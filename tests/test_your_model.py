@@ -133,7 +133,7 @@ def test_augment_with_a_public_checkpoint(public_file, tmp_path, monkeypatch):
     monkeypatch.setattr(visualize_module, "sample_augmented_features", spy)
     out = tmp_path / "out"
     result = _invoke("augment", "--image", image, "--classifier", path, "--classifier-arch", "resnet32",
-                     "--generator", tmp_path / "gan", "--iterations", 5, "--restarts", 1, "-k", 2, "--no-encoder",
+                     "--generator", tmp_path / "gan", "--iterations", 5, "--restarts", 1, "-k", 2, "--inverter", "search",
                      "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -314,7 +314,7 @@ def _conditioning(monkeypatch):
 def test_imagenet_classifier_with_biggan_end_to_end(imagenet_setup, tmp_path, monkeypatch):
     root, weights, names, image = imagenet_setup
     seen = _conditioning(monkeypatch)
-    common = ["--no-encoder", "--image", image, "--label", "class0005", "--classifier", weights, "--classifier-arch",
+    common = ["--inverter", "search", "--image", image, "--label", "class0005", "--classifier", weights, "--classifier-arch",
               "torchvision:resnet18", "--class-names", names, "--data-root", root / "data", "--truncation", 0.4,
               "--iterations", 2, "--restarts", 1, "-k", 1]
     out = tmp_path / "out"

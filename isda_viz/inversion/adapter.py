@@ -7,7 +7,9 @@ converts, and gradients flow from the classifier's features back to the latent c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -15,6 +17,10 @@ import torch.nn as nn
 from isda_viz.data.datasets import read_json_or_lines
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators.base import to_classifier_input, to_classifier_pixels
+
+if TYPE_CHECKING:
+    from isda_viz.classifiers.classifier import Classifier
+    from isda_viz.generators.base import Generator
 
 CLASS_MAP_HELP = ("--class-map FILE (JSON {classifier_class: generator_class}, or two columns per line) "
                   "to say which generator class draws each classifier class")
@@ -129,3 +135,17 @@ class GeneratorAdapter(nn.Module):
     def logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The classifier's logits `(N, num_classes)` for generated images."""
         return self.classifier.model(self(z, y))
+
+
+@dataclass
+class Models:
+    """The frozen networks a pipeline drives: the classifier, the generator, an optional judge (a second
+    classifier whose predictions are reported too) and the class map (`read_class_map`)."""
+    classifier: Classifier
+    generator: Generator
+    judge: Classifier | None = None
+    class_map: torch.Tensor | None = None   # (classifier classes,) generator class of each, -1: none
+
+    def adapter(self) -> GeneratorAdapter:
+        """The generator as the classifier sees it, conditioned through `class_map`."""
+        return GeneratorAdapter(self.generator, self.classifier, self.class_map)

@@ -22,16 +22,17 @@ from isda_viz.bounds import check_count, check_memory, check_number, derived_see
 from isda_viz.classifiers.statistics import ClassStatistics, class_statistics
 from isda_viz.data.images import load_image_file
 from isda_viz.errors import IsdaVizError
-from isda_viz.inversion.optimizer import augment, normalize_latent, reconstruct
+from isda_viz.inversion.pipeline import draw_prior, invert_batch
 from isda_viz.inversion.pipelines import (
     Models,
     VisualizeOptions,
     check_distinct_classes,
     check_models,
     chosen_classes,
+    code_source,
     images_per_class,
-    reconstruction_starts,
 )
+from isda_viz.inversion.starts import CodeSource
 from isda_viz.isda.directions import (
     NOISES,
     ClassDirections,
@@ -127,6 +128,7 @@ class Traversal:
     test_pixels: torch.Tensor | None
     change_scale: float
     seconds: dict
+    source: CodeSource
 
 
 def make_directions(*, out, options: DirectionsOptions | None = None,
@@ -164,7 +166,7 @@ def _make_directions(out_png: Path, options: DirectionsOptions, models: Models |
         if options.test else None
     report = DirectionsReport(t=traversal_steps(options.steps, options.extent).tolist(),
                               classes=_class_summaries(statistics, tops, classifier.class_names),
-                              images=traversal.images, test=test, settings=_settings(options, models),
+                              images=traversal.images, test=test, settings=_settings(options, models, traversal.source),
                               seconds=traversal.seconds, class_names=list(classifier.class_names),
                               change_scale=traversal.change_scale)
     return _write(report, traversal, out_png, files_dir, vis.embed)
@@ -212,26 +214,17 @@ def _test_noises(statistics: ClassStatistics, labels, others, options: Direction
 
 
 def traverse_directions(models: Models, images, labels, sources, tops: dict[int, ClassDirections], noises: dict | None,
-              options: DirectionsOptions) -> Traversal:
-    """Step I once per image, then every frame (and test target) of every image in one Step II batch."""
-    classifier, generator, vis = models.classifier, models.generator, options.visualize
-    opts, adapter, device = vis.inversion, models.adapter(), classifier.device
+                        options: DirectionsOptions, source: CodeSource | None = None) -> Traversal:
+    """Step I once per image, then every frame (and test target) of every image as Step II targets of one
+    `invert_batch` call (micro-batched), from the codes `source` gives (default: `code_source`)."""
+    classifier, vis = models.classifier, options.visualize
+    source = source or code_source(models, vis)
+    device = classifier.device
     n, k, s = len(images), options.directions, options.steps
     rng = torch.Generator().manual_seed(vis.seed)
     images, labels = images.to(device), labels.to(device)
-    x, features = classifier.preprocess(images), classifier.features(images)
-    y = labels if generator.conditional else None
-    timings = {}
-
-    def render(z_hat, owner):
-        return adapter(z_hat, None if y is None else y[owner])
-
-    starts, _ = reconstruction_starts(models, opts, features, labels, rng, vis.progress, timings)  # as augment's
-    started = time.time()
-    step1 = reconstruct(render, classifier.model.features, features, starts, opts, pixel_target=x,
-                        progress=vis.progress)
-    timings["reconstruct"] = time.time() - started
-    started = time.time()
+    features = classifier.features(images)
+    prior = draw_prior(models, n, vis.inversion.restarts, rng)                               # as augment's
     t = traversal_steps(s, options.extent)
     vectors = torch.stack([tops[int(c)].vectors for c in labels.tolist()]).to(device)
     values = torch.stack([tops[int(c)].values for c in labels.tolist()]).to(device)
@@ -241,24 +234,22 @@ def traverse_directions(models: Models, images, labels, sources, tops: dict[int,
     p = options.pixel_draws if noises is not None else 0
     if p:
         wanted += [features[:, None] + noises[noise][:, :p].to(features) for noise in NOISES]
-    step2 = augment(render, classifier.model.features, features, torch.cat(wanted, 1), step1.z, opts,
-                    progress=vis.progress)
-    timings["directions"] = time.time() - started
-    rows = step2.z.shape[1]
-    y_rows = None if y is None else y.repeat_interleave(rows)
-    with torch.no_grad():
-        unit = adapter.pixels(normalize_latent(step2.z.flatten(0, 1)), y_rows).view(n, rows, *images.shape[1:])
-        reconstructions = adapter.pixels(normalize_latent(step1.z), y)
-    frames = _frame_order(unit[:, : 1 + k * (s - 1)], k, s)                              # (N, K, S, C, H, W)
-    errors = [_frame_order(v[:, : 1 + k * (s - 1)], k, s) for v in
-              (step2.reached_shift_error, step2.negative_target_floor, step2.shift_norm)]
-    test_pixels = unit[:, 1 + k * (s - 1):].reshape(n, len(NOISES), p, *images.shape[1:]).cpu() if p else None
+    done = invert_batch(models, images, labels, torch.cat(wanted, 1), source, prior, micro_batch=vis.micro_batch,
+                        progress=vis.progress)
+    frames_count = 1 + k * (s - 1)
+    frames = _frame_order(done.pictures[:, :frames_count], k, s)                          # (N, K, S, C, H, W)
+    errors = [_frame_order(v[:, :frames_count], k, s) for v in
+              (done.reached_shift_error, done.negative_target_floor, done.shift_norm)]
+    predicted = [_frame_order(torch.tensor(rows)[:, :frames_count], k, s) if rows[0][0] is not None else None
+                 for rows in (done.pictures_predicted, done.pictures_judged)]
+    test_pixels = done.pictures[:, frames_count:].reshape(n, len(NOISES), p, *images.shape[1:]) if p else None
     change = (frames[:, :, -1] - frames[:, :, 0]).abs().mean(2)
     scale = max(float(change.max()), 1e-6)
     changes = torch.stack([torch.stack([change_heatmap(frames[i, d, -1], frames[i, d, 0], scale)
                                         for d in range(k)]) for i in range(n)]).cpu()
-    entries = _entries(models, images, labels, sources, tops, frames, errors, reconstructions, step1, t)
-    return Traversal(images.cpu(), reconstructions.cpu(), frames.cpu(), changes, entries, test_pixels, scale, timings)
+    entries = _entries(models, labels, sources, tops, frames, errors, predicted, done, t)
+    return Traversal(images.cpu(), done.reconstructions, frames, changes, entries, test_pixels, scale,
+                     dict(done.seconds), source)
 
 
 def _frame_order(rows: torch.Tensor, k: int, s: int) -> torch.Tensor:
@@ -268,22 +259,14 @@ def _frame_order(rows: torch.Tensor, k: int, s: int) -> torch.Tensor:
     return torch.cat([moving[:, :, : s // 2], zero, moving[:, :, s // 2:]], 2)
 
 
-def _predictions(model, unit: torch.Tensor) -> list:
-    """Predicted classes of images `(M, C, H, W)`, or Nones without a model."""
-    return model.predict(unit).tolist() if model is not None else [None] * len(unit)
-
-
-def _entries(models: Models, images, labels, sources, tops, frames, errors, reconstructions, step1, t):
-    """The report entries of every image, direction and frame (file names relative to FIG_files/)."""
-    classifier, judge = models.classifier, models.judge
+def _entries(models: Models, labels, sources, tops, frames, errors, predicted, done, t):
+    """The report entries of every image, direction and frame (file names relative to FIG_files/);
+    `predicted`: the classifier's and the judge's classes of the frames `(N, K, S)` (None: no judge)."""
+    classifier = models.classifier
     n, k, s = frames.shape[:3]
-    flat = frames.flatten(0, 2)
-    predicted, judged = _predictions(classifier, flat), _predictions(judge, flat)
-    recon_predicted, recon_judged = _predictions(classifier, reconstructions), _predictions(judge, reconstructions)
-    given = classifier.predict(images).tolist()
     distance = (frames - frames[:, :, s // 2: s // 2 + 1]).pow(2).flatten(3).mean(3).sqrt()    # RMS (N, K, S)
-    mse = (reconstructions - images).pow(2).flatten(1).mean(1)
     shift_error, floor, shift_norm = errors
+    by_classifier, by_judge = predicted
     entries = []
     for i in range(n):
         label = int(labels[i])
@@ -292,23 +275,23 @@ def _entries(models: Models, images, labels, sources, tops, frames, errors, reco
         for d in range(k):
             frame_list = []
             for j in range(s):
-                at = (i * k + d) * s + j
                 zero = j == s // 2
                 frame_list.append(Frame(
                     t=float(t[j]), file=f"{i:03d}_u{d + 1}_{j}.png",
                     reached_shift_error=None if zero else float(shift_error[i, d, j]),
                     negative_target_floor=None if zero else float(floor[i, d, j]),
-                    shift_norm=0.0 if zero else float(shift_norm[i, d, j]), predicted=predicted[at],
-                    judge_predicted=judged[at], pixel_distance=float(distance[i, d, j])))
+                    shift_norm=0.0 if zero else float(shift_norm[i, d, j]), predicted=int(by_classifier[i, d, j]),
+                    judge_predicted=None if by_judge is None else int(by_judge[i, d, j]),
+                    pixel_distance=float(distance[i, d, j])))
             directions.append(Direction(k=d + 1, eigenvalue=float(top.values[d]), share=float(top.shares[d]),
                                         change_file=f"{i:03d}_u{d + 1}_change.png", frames=frame_list))
         entries.append(DirectionsImage(
-            source=sources[i], label=label, label_name=classifier.class_names[label], predicted=given[i],
+            source=sources[i], label=label, label_name=classifier.class_names[label], predicted=done.predicted[i],
             original=ImageFile(file=f"{i:03d}_original.png"),
             reconstruction=ReconstructionEntry(
-                file=f"{i:03d}_reconstruction.png", feature_error=float(step1.feature_error[i]),
-                psnr=float(10 * torch.log10(1 / mse[i].clamp_min(1e-12))), predicted=recon_predicted[i],
-                judge_predicted=recon_judged[i]),
+                file=f"{i:03d}_reconstruction.png", feature_error=float(done.feature_error[i]),
+                psnr=float(done.psnr[i]), predicted=done.reconstruction_predicted[i],
+                judge_predicted=done.reconstruction_judged[i]),
             directions=directions))
     return entries
 
@@ -373,14 +356,13 @@ def _class_summaries(statistics: ClassStatistics, tops: dict[int, ClassDirection
     return summaries
 
 
-def _settings(options: DirectionsOptions, models: Models) -> DirectionsSettings:
+def _settings(options: DirectionsOptions, models: Models, source: CodeSource) -> DirectionsSettings:
     vis = options.visualize
     return DirectionsSettings(strength=vis.strength, directions=options.directions, steps=options.steps,
                               extent=options.extent, seed=vis.seed, covariance=vis.covariance,
-                              options={key: list(v) if isinstance(v, tuple) else v
-                                       for key, v in vars(vis.inversion).items()},
-                              classifier=str(models.classifier.source),
-                              judge=str(models.judge.source) if models.judge else None)
+                              options=source.settings(), classifier=str(models.classifier.source),
+                              judge=str(models.judge.source) if models.judge else None, inverter=source.name,
+                              refine_steps=getattr(source, "refine_steps", None))
 
 
 def _check_files_dir(out_png: Path) -> None:
@@ -396,6 +378,7 @@ def _write(report: DirectionsReport, traversal: Traversal, out_png: Path, files_
     with assembled_beside(out_png, maps_to=out_png.parent) as tmp:
         files = tmp / files_dir.name
         files.mkdir()
+        started = time.time()
         for i, image in enumerate(report.images):
             to_pil(traversal.originals[i]).save(files / image.original.file)
             to_pil(traversal.reconstructions[i]).save(files / image.reconstruction.file)
@@ -403,6 +386,7 @@ def _write(report: DirectionsReport, traversal: Traversal, out_png: Path, files_
                 to_pil(traversal.changes[i, d]).save(files / direction.change_file)
                 for j, frame in enumerate(direction.frames):
                     to_pil(traversal.frames[i, d, j]).save(files / frame.file)
+        report.seconds["writing"] = round(time.time() - started, 3)   # the PNGs; reports and page are small
         write_directions_report(report, files / FILES_REPORT)
         draw_directions_figure(report, list(traversal.frames), list(traversal.changes)).save(tmp / out_png.name)
         placed = report.with_files_under(files_dir.name)

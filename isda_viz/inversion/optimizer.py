@@ -57,36 +57,20 @@ class InversionOptions:
     schedule: str = "cosine"            # "cosine" | "constant" | "step" (÷10 every `step_every`)
     step_every: int = 2500
     reduction: str = "sum"              # "sum" of squares (ours) | "mean" (the reference's MSE losses)
-    start: str = "random"               # Step I's starts: "random" (R prior draws) | "encoder" (E(a) + R draws)
-    augment_start: str = "z_star"       # Step II's start: "z_star" (its image's Step I code) | "encoder" (E(a~))
     reconstruct_patience: int = 0       # > 0: a row leaves Step I's batch after this many steps without improving
     augment_patience: int = 0           # the same in Step II (best-so-far is kept per row)
     min_improvement: float = 1e-3       # improving: by more than this fraction of its best objective
 
     @classmethod
     def make(cls, iterations: int | None = None, lr: float | None = None, optimizer: str = "adam",
-             restarts: int | None = None, tolerance: float = 0.0, encoder: bool = True) -> "InversionOptions":
-        """The options from the knobs `augment` and `grid` offer: `iterations` of Step I (Step II takes
-        3/2 as many) and one `lr` for both steps (default 0.2 and 0.05 for adam).
-
-        `encoder` False (`--no-encoder`): the search from random codes, 4 starts, 200 + 300 steps, as
-        `InversionOptions()`. True (the default): the learned start
-        (`inversion.encoder`; Step I from E(a) and `restarts` random codes, 5 in all), 200 + 300 steps
-        (`iterations` N: N + 3N/2), Step II run to the end from z* as without it. Step II's early stopping
-        (`augment_patience`, rows leave the batch once converged) is off by default: on the demo's workload it
-        gave 1.25x the augmented images per minute but a median reached-shift error of 0.6535 instead of
-        0.6445 (`bench/inversion.py --compare-only`, quiet machine), and the issue's bar is "no worse".
-        """
+             restarts: int | None = None, tolerance: float = 0.0) -> "InversionOptions":
+        """The search's options from the knobs `augment`, `grid` and `directions` offer: `iterations` of
+        Step I (Step II takes 3/2 as many; default 200 + 300), `restarts` random starts (default 4) and one
+        `lr` for both steps (default 0.2 and 0.05 for adam)."""
         if optimizer == "sgd" and lr is None:
             # Adam's steps are scale-free; gradient descent's depend on the loss scale, so no default fits.
             raise IsdaVizError("--optimizer sgd needs --lr (gradient descent has no default step size here)")
         opts = cls(optimizer=optimizer, tolerance=tolerance)
-        if encoder:
-            opts.start, opts.restarts = "encoder", ENCODER_DEFAULTS["restarts"]
-            opts.reconstruct_iterations = ENCODER_DEFAULTS["reconstruct_iterations"]
-            opts.augment_iterations = ENCODER_DEFAULTS["augment_iterations"]
-            opts.augment_patience = ENCODER_DEFAULTS["augment_patience"]
-            opts.reconstruct_lr = ENCODER_DEFAULTS["reconstruct_lr"]
         if restarts is not None:
             opts.restarts = restarts
         if iterations:
@@ -94,13 +78,6 @@ class InversionOptions:
         if lr is not None:
             opts.reconstruct_lr = opts.augment_lr = lr
         return opts
-
-
-ENCODER_DEFAULTS = {"restarts": 4, "reconstruct_iterations": 200, "augment_iterations": 300, "augment_patience": 0,
-                    "reconstruct_lr": 0.2}
-# Step I keeps running to the end, from E(a) and today's 4 random codes: replacing random starts by E(a), or
-# fewer starts and steps, raised its median feature error from 0.033 to 0.042-0.053 (`bench/inversion.py`).
-"""The search after a learned start (`InversionOptions.make(encoder=True)`): fewer starts and steps."""
 
 
 def normalize_latent(z: torch.Tensor) -> torch.Tensor:
@@ -261,7 +238,8 @@ Render = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (z_hat (M, D),
 @dataclass
 class Reconstruction:
     """Step I's result per image: `z (N, D)` = z* (raw codes; the generator sees `normalize_latent(z)`),
-    `images` the classifier input it renders to, `feature_error (N,)` = ||f(G(z_hat*)) - a|| / ||a||,
+    `images` the classifier input it renders to, `features (N, A)` its features,
+    `feature_error (N,)` = ||f(G(z_hat*)) - a|| / ||a||,
     `objective (N,)`, and the search's `history` (over all starts)."""
 
     z: torch.Tensor
@@ -269,6 +247,7 @@ class Reconstruction:
     feature_error: torch.Tensor
     objective: torch.Tensor
     history: list[dict]
+    features: torch.Tensor | None = None
 
 
 def reconstruct(render: Render, featurize: Callable[[torch.Tensor], torch.Tensor], target: torch.Tensor,
@@ -286,7 +265,7 @@ def reconstruct(render: Render, featurize: Callable[[torch.Tensor], torch.Tensor
                             patience=opts.reconstruct_patience)
     best = trace.objective.view(n, r).argmin(1) + torch.arange(n, device=trace.objective.device) * r
     return Reconstruction(trace.z[best], trace.images[best], trace.feature_error[best], trace.objective[best],
-                          trace.history)
+                          trace.history, trace.features[best])
 
 
 @dataclass
@@ -308,7 +287,7 @@ def augment(render: Render, featurize: Callable[[torch.Tensor], torch.Tensor], f
             progress: bool = True, starts: torch.Tensor | None = None) -> Augmentation:
     """Step II (Eq. 21): z' for augmented features `wanted (N, K, A)` of images with `features (N, A)`,
     each of the N·K problems starting from its image's `z_star (N, D)` (or from `starts (N, K, D)`,
-    e.g. the encoder's E(a~)), all in one batch."""
+    e.g. the amortized inverter's), all in one batch."""
     n, k = wanted.shape[:2]
     owner = torch.arange(n, device=features.device).repeat_interleave(k)
     flat = wanted.reshape(n * k, -1)

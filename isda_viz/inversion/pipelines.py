@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from isda_viz import locks
-from isda_viz.cache import cache_dir
-from isda_viz.classifiers.classifier import CLASSIFIER_CACHE, Classifier, load_classifier
+from isda_viz.classifiers.classifier import Classifier, load_classifier
 from isda_viz.classifiers.covariance_file import read_covariance_file
 from isda_viz.classifiers.statistics import class_statistics
 from isda_viz.data.datasets import load_split
@@ -31,16 +30,12 @@ from isda_viz.devices import check_device, pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
 from isda_viz.generators.reach import cached_reach_summary
-from isda_viz.inversion.adapter import GeneratorAdapter, read_class_map
-from isda_viz.inversion.encoder import (
-    EncoderOptions,
-    LatentEncoder,
-    cached_encoder,
-    encoder_key,
-    module_fingerprint,
-    train_encoder,
-)
-from isda_viz.inversion.optimizer import InversionOptions, augment, normalize_latent, reconstruct
+from isda_viz.inversion.adapter import Models, read_class_map
+from isda_viz.inversion.amortized import AmortizedInverter, InverterOptions
+from isda_viz.inversion.inverter_cache import find_inverter, train_pair_inverter
+from isda_viz.inversion.optimizer import InversionOptions
+from isda_viz.inversion.pipeline import draw_prior, invert_batch
+from isda_viz.inversion.starts import REFINE_STEPS, AmortizedStart, CodeSource, PriorSearch
 from isda_viz.isda.directions import augmentation_shares
 from isda_viz.isda.estimator import check_covariance
 from isda_viz.isda.sampling import sample_augmented_features
@@ -71,21 +66,10 @@ from isda_viz.outputs.report import (
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
 from isda_viz.runs import assembled_beside
 
-if TYPE_CHECKING:
-    from isda_viz.generators.base import Generator
 
 
-@dataclass
-class Models:
-    """The frozen networks a pipeline drives."""
-    classifier: Classifier
-    generator: Generator
-    judge: Classifier | None = None
-    class_map: torch.Tensor | None = None   # (classifier classes,) generator class of each, -1: none
-
-    def adapter(self) -> GeneratorAdapter:
-        """The generator as the classifier sees it, conditioned through `class_map`."""
-        return GeneratorAdapter(self.generator, self.classifier, self.class_map)
+INVERTERS = ("search", "amortized")
+"""The ways `--inverter` names of producing latent codes (`inversion.starts`)."""
 
 
 MAX_STRENGTH, MAX_LR, MAX_ITERATIONS = 100.0, 10.0, 100_000     # --strength, --lr, --iterations
@@ -120,7 +104,10 @@ class VisualizeOptions:
     device: str | None = None
     strength: float = 0.5
     num_augmented: int = 4
-    inversion: InversionOptions = field(default_factory=InversionOptions.make)   # the command line's: learned start
+    inversion: InversionOptions = field(default_factory=InversionOptions.make)   # the search's options
+    inverter: str | None = None       # "search" | "amortized"; None: amortized where the pair has one, else search
+    refine_steps: int | None = None   # optimiser steps after the amortized passes (None: `starts.REFINE_STEPS`)
+    micro_batch: int | None = None    # rows per forward pass (None: `pipeline.auto_micro_batch`)
     seed: int = 0
     data_root: str | None = None      # the classifier's dataset folder (default: the one it was trained from)
     progress: bool = True
@@ -141,9 +128,13 @@ class VisualizeOptions:
             check_count(getattr(self.inversion, name), "--iterations", 0, MAX_ITERATIONS)  # 0: the start alone
         check_covariance(self.covariance)
         check_count(self.num_augmented, "--num-augmented", 1, MAX_AUGMENTED)
-        if self.inversion.restarts < (0 if self.inversion.start == "encoder" else 1):   # 0: the learned start alone
-            raise IsdaVizError("--restarts must be >= 1 (>= 0 with the learned start)")
-        check_count(self.inversion.restarts, "--restarts", 0, MAX_RESTARTS)
+        check_count(self.inversion.restarts, "--restarts", 1, MAX_RESTARTS)
+        if self.inverter not in (None, *INVERTERS):
+            raise IsdaVizError(f"--inverter must be one of {', '.join(INVERTERS)}, not {self.inverter!r}")
+        if self.refine_steps is not None:
+            check_count(self.refine_steps, "--refine-steps", 0, MAX_ITERATIONS)
+        if self.micro_batch is not None:
+            check_count(self.micro_batch, "--micro-batch", 1, 1_000_000)
         check_seed(self.seed)
         check_device(self.device)
 
@@ -191,138 +182,92 @@ class AugmentationResult:
     seconds: dict
 
 
-def reconstruction_starts(models: Models, opts: InversionOptions, features: torch.Tensor, labels: torch.Tensor,
-                          rng: torch.Generator, progress: bool, timings: dict) -> tuple[torch.Tensor, object]:
-    """Step I's starts for `features (N, A)` of images of `labels (N,)`: `(N, R, D)` random codes from the
-    generator's prior (R = `opts.restarts`), drawn from `rng` as without the encoder so that later draws
-    are the same too, with the learned start E(a) in front, `(N, R + 1, D)`, when `opts.start` is
-    "encoder" (the best start kept is then never worse, by objective, than the random ones'). Returns the
-    starts and the encoder (None unless `opts` use it); its training time goes to `timings`."""
-    encoder = None
-    if "encoder" in (opts.start, opts.augment_start):
-        encoder, trained = learned_start(models, progress=progress)
-        timings["encoder_training"] = trained["seconds"]
-    n, generator = len(features), models.generator
-    starts = generator.sample_latent(n * opts.restarts, rng, features.device).view(n, opts.restarts,
-                                                                                 generator.latent_dim)
-    if opts.start == "encoder":
-        starts = torch.cat([encoder(features, labels)[:, None], starts], 1)
-    return starts, encoder
+def code_source(models: Models, options: VisualizeOptions, log=None) -> CodeSource:
+    """The way of producing codes `options.inverter` names: "search", "amortized" (the pair's trained inverter:
+    an `IsdaVizError` saying how to train one where there is none), or None: amortized where the pair has an
+    inverter, else the search with one note saying how to train one (nothing is trained here)."""
+    if options.inverter == "search":
+        return PriorSearch(options.inversion)
+    inverter = find_inverter(models) if models.classifier.fingerprint is not None else None
+    if inverter is not None:
+        steps = REFINE_STEPS if options.refine_steps is None else options.refine_steps
+        return AmortizedStart(inverter, steps, options.inversion)
+    how = train_inverter_command(models, options)
+    if options.inverter == "amortized":
+        raise IsdaVizError(f"this classifier and generator have no trained amortized inverter; train one with "
+                           f"`{how}` (minutes), or use --inverter search")
+    (log or _note)(f"no amortized inverter for this classifier and generator: searching (seconds per picture); "
+                   f"`{how}` trains one (minutes) and makes pictures about 10x faster")
+    return PriorSearch(options.inversion)
+
+
+def train_inverter_command(models: Models, options: VisualizeOptions) -> str:
+    """The `isda-viz train-inverter` command line for the pair these options name."""
+    parts = ["isda-viz train-inverter"]
+    for flag, value in (("--classifier", options.classifier), ("--classifier-arch", options.classifier_arch),
+                        ("--class-names", options.class_names), ("--generator", options.generator),
+                        ("--class-map", options.class_map), ("--truncation", options.truncation),
+                        ("--data-root", options.data_root), ("--device", options.device)):
+        if value is not None:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
 
 
 def invert_and_augment(models: Models, images: torch.Tensor, labels: torch.Tensor, sources: list[str],
-                       options: VisualizeOptions, *, wanted: torch.Tensor | None = None) -> AugmentationResult:
-    """Step I, sampling and Step II for `images (N, C, H, W)` in [0, 1] (classifier size) with `labels (N,)`.
+                       options: VisualizeOptions, *, wanted: torch.Tensor | None = None,
+                       source: CodeSource | None = None) -> AugmentationResult:
+    """Step I, sampling and Step II for `images (N, C, H, W)` in [0, 1] (classifier size) with `labels (N,)`,
+    through `invert_batch`.
 
     `wanted (N, K, A)`: augmented features to invert instead of drawing them (e.g. to compare settings on
-    the same draws)."""
-    classifier, generator, judge = models.classifier, models.generator, models.judge
-    opts, k = options.inversion, options.num_augmented
-    adapter = models.adapter()
-    device = classifier.device
-    n = len(images)
+    the same draws); `source`: the way of producing codes (default: `code_source`)."""
+    classifier, k = models.classifier, options.num_augmented
+    source = source or code_source(models, options)
     rng = torch.Generator().manual_seed(options.seed)
-    images, labels = images.to(device), labels.to(device)
-    x = classifier.preprocess(images)
-    target = classifier.features(images)
-    with torch.no_grad():
-        predicted = classifier.model.fc(target).argmax(1).tolist()
-    y = labels if generator.conditional else None
-
-    def render(z_hat, owner):
-        return adapter(z_hat, None if y is None else y[owner])
-
-    def pixels(z, labels_of_rows):
-        with torch.no_grad():
-            return adapter.pixels(normalize_latent(z), labels_of_rows)
-
-    timings = {}
-    starts, encoder = reconstruction_starts(models, opts, target, labels, rng, options.progress, timings)
-    started = time.time()
-    step1 = reconstruct(render, classifier.model.features, target, starts, opts, pixel_target=x,
-                        progress=options.progress)
-    recon_unit = pixels(step1.z, y)
-    timings["reconstruct"] = time.time() - started
-
-    started = time.time()
+    labels = labels.to(classifier.device)
+    target = classifier.features(images.to(classifier.device))
+    prior = draw_prior(models, len(images), options.inversion.restarts, rng)
     statistics = class_statistics(classifier, options.data_root, classes=labels.tolist(),
                                   covariance=options.covariance, progress=options.progress)
     if wanted is None:
         wanted = sample_augmented_features(target, statistics.slots(labels), statistics.estimator,
                                            options.strength, k, rng)                               # (N, K, A)
-    wanted = wanted.to(device)
+    wanted = wanted.to(target)
     shares = augmentation_shares(wanted - target[:, None], labels, statistics.covariance)             # (N, K, 6)
-    step2_starts = None
-    if opts.augment_start == "encoder":
-        step2_starts = encoder(wanted.flatten(0, 1).to(target.dtype), labels.repeat_interleave(k)).view(n, k, -1)
-    step2 = augment(render, classifier.model.features, target, wanted, step1.z, opts, progress=options.progress,
-                    starts=step2_starts)
-    y_aug = None if y is None else y.repeat_interleave(k)
-    aug_unit = pixels(step2.z.flatten(0, 1), y_aug).view(n, k, *recon_unit.shape[1:])
-    timings["augment"] = time.time() - started
-
-    def predictions(model, unit):
-        return model.predict(unit).tolist() if model is not None else [None] * len(unit)
-
-    recon_pred, recon_judge = predictions(classifier, recon_unit), predictions(judge, recon_unit)
-    flat_aug = aug_unit.flatten(0, 1)
-    aug_pred, aug_judge = predictions(classifier, flat_aug), predictions(judge, flat_aug)
-    mse = (recon_unit - images).pow(2).flatten(1).mean(1)
-    distance = (aug_unit - recon_unit[:, None]).pow(2).flatten(2).mean(2).sqrt()          # RMS, [0, 1] units
-    entries = []
-    for i in range(n):
-        label = int(labels[i])
-        entries.append(ImageEntry(
-            source=sources[i], label=label, label_name=classifier.class_names[label], predicted=predicted[i],
-            original=ImageFile(file=f"{i:03d}_original.png"),
-            reconstruction=ReconstructionEntry(
-                file=f"{i:03d}_reconstruction.png", feature_error=float(step1.feature_error[i]),
-                psnr=float(10 * torch.log10(1 / mse[i].clamp_min(1e-12))),
-                predicted=recon_pred[i], judge_predicted=recon_judge[i]),
-            augmented=[AugmentedEntry(
-                file=f"{i:03d}_augmented_{j}.png", reached_shift_error=float(step2.reached_shift_error[i, j]),
-                shift_norm=float(step2.shift_norm[i, j]),
-                negative_target_floor=float(step2.negative_target_floor[i, j]),
-                predicted=aug_pred[i * k + j], judge_predicted=aug_judge[i * k + j],
-                pixel_distance=float(distance[i, j]), direction_shares=shares[i, j].tolist()) for j in range(k)]))
-    return AugmentationResult(images.cpu(), labels.cpu(), recon_unit.cpu(), aug_unit.cpu(), entries, timings)
+    done = invert_batch(models, images, labels, wanted, source, prior, micro_batch=options.micro_batch,
+                        progress=options.progress)
+    distance = (done.pictures - done.reconstructions[:, None]).pow(2).flatten(2).mean(2).sqrt()  # RMS, [0, 1]
+    entries = [_image_entry(i, sources[i], int(labels[i]), classifier.class_names, done, distance, shares)
+               for i in range(len(images))]
+    return AugmentationResult(images.cpu(), labels.cpu(), done.reconstructions, done.pictures, entries,
+                              done.seconds)
 
 
-def learned_start(models: Models, encoder_options: EncoderOptions | None = None,
-                  progress: bool = True) -> tuple[LatentEncoder, dict]:
-    """The encoder E: features → latent for this (classifier, generator, class map), from the classifier's
-    cache folder or trained now and kept there (`inversion.encoder`); and `{"cached", "seconds", "path"}`."""
-    classifier, generator = models.classifier, models.generator
-    adapter = models.adapter()
-    classes = None
-    if generator.conditional:  # the classes the generator can draw for this classifier
-        covered = range(classifier.num_classes) if models.class_map is None else \
-            torch.nonzero(models.class_map >= 0).flatten().tolist()
-        classes = list(covered)
-    encoder_options = encoder_options or EncoderOptions()
-    # The generator's kind, not its name: a name holds the folder it was loaded from, and the same weights
-    # in another checkout (or installed) must find the same encoder; its weights are in the fingerprint.
-    identity = {"kind": type(generator).__name__, "truncation": getattr(generator, "truncation", None),
-                "class_map": None if models.class_map is None else models.class_map.tolist()}
-    key = encoder_key(str(classifier.fingerprint), module_fingerprint(generator, identity), classes,
-                      classifier.num_classes if classes is not None else None, encoder_options)
-
-    def train() -> LatentEncoder:
-        return train_encoder(adapter, classifier.model.features, generator.sample_latent, classes,
-                             classifier.num_classes, encoder_options, device=classifier.device, progress=progress)
-
-    caches = []
-    if classifier.fingerprint is not None:  # beside the class statistics; else (read-only) the user's cache
-        user_cache = cache_dir(CLASSIFIER_CACHE, create=False) / classifier.fingerprint
-        caches = [p for p in (classifier.cache_dir, user_cache) if p is not None]
-    return cached_encoder(caches, key, train, device=classifier.device)
+def _image_entry(i: int, source: str, label: int, class_names, done, distance, shares) -> ImageEntry:
+    """Image `i`'s report entry from `invert_batch`'s result (files named, not yet written)."""
+    return ImageEntry(
+        source=source, label=label, label_name=class_names[label], predicted=done.predicted[i],
+        original=ImageFile(file=f"{i:03d}_original.png"),
+        reconstruction=ReconstructionEntry(
+            file=f"{i:03d}_reconstruction.png", feature_error=float(done.feature_error[i]), psnr=float(done.psnr[i]),
+            predicted=done.reconstruction_predicted[i], judge_predicted=done.reconstruction_judged[i]),
+        augmented=[AugmentedEntry(
+            file=f"{i:03d}_augmented_{j}.png", reached_shift_error=float(done.reached_shift_error[i, j]),
+            shift_norm=float(done.shift_norm[i, j]), negative_target_floor=float(done.negative_target_floor[i, j]),
+            predicted=done.pictures_predicted[i][j], judge_predicted=done.pictures_judged[i][j],
+            pixel_distance=float(distance[i, j]), direction_shares=shares[i, j].tolist())
+            for j in range(len(done.pictures_predicted[i]))])
 
 
-def _settings(options: VisualizeOptions, models: Models) -> Settings:
+def _settings(options: VisualizeOptions, models: Models, source: CodeSource) -> Settings:
     return Settings(strength=options.strength, num_augmented=options.num_augmented, seed=options.seed,
-                    options={key: list(v) if isinstance(v, tuple) else v for key, v in vars(options.inversion).items()},
-                    classifier=str(models.classifier.source),
-                    judge=str(models.judge.source) if models.judge else None,
+                    options=source.settings(), classifier=str(models.classifier.source),
+                    judge=str(models.judge.source) if models.judge else None, inverter=source.name,
+                    refine_steps=getattr(source, "refine_steps", None),
                     generator_reach=cached_reach_summary(models.classifier, models.generator, models.class_map))
 
 
@@ -383,7 +328,9 @@ def write_augment_dir(result: AugmentationResult, class_names: list[str], out, s
     out = Path(out)
     report = _new_report(result, class_names, settings)
     with assembled_beside(out) as tmp:
+        started = time.time()
         write_images(result, class_names, tmp, samples)
+        report.seconds["writing"] = round(time.time() - started, 3)   # the PNGs; the report and page are small
         write_report(report, tmp / REPORT)
         if embed is not None:
             write_html(tmp, embed=embed)
@@ -402,7 +349,9 @@ def write_grid_files(result: AugmentationResult, class_names: list[str], out_png
     with assembled_beside(out_png, maps_to=out_png.parent) as tmp:
         files = tmp / files_dir.name
         files.mkdir()
+        started = time.time()
         write_images(result, class_names, files, samples)
+        report.seconds["writing"] = round(time.time() - started, 3)   # the PNGs; the reports and page are small
         os.replace(files / "grid.png", tmp / out_png.name)
         write_report(report, files / REPORT)
         figure = report.with_files_under(files_dir.name)
@@ -444,8 +393,10 @@ def _augment_images(images: list, out: Path, label: str | None, options: Visuali
         labels = classifier.predict(pixels)
     else:
         labels = torch.full((len(pixels),), classifier.class_index(label, "--label"))
-    result = invert_and_augment(models, pixels, labels, [str(p) for p in images], options)
-    return write_augment_dir(result, classifier.class_names, out, _settings(options, models), embed=options.embed)
+    source = code_source(models, options)
+    result = invert_and_augment(models, pixels, labels, [str(p) for p in images], options, source=source)
+    return write_augment_dir(result, classifier.class_names, out, _settings(options, models, source),
+                             embed=options.embed)
 
 
 def check_distinct_classes(classes: list[str] | None) -> None:
@@ -511,7 +462,8 @@ def _make_grid(out_png: Path, per_class: int, classes: list[str] | None, num_sam
     classifier, generator = models.classifier, models.generator
     class_index = chosen_classes(classifier, classes)
     images, labels, sources = images_per_class(classifier, per_class, class_index, options.data_root)
-    result = invert_and_augment(models, images, labels, sources, options)
+    source = code_source(models, options)
+    result = invert_and_augment(models, images, labels, sources, options, source=source)
     samples = None
     if generator.conditional and num_samples > 0:
         z = generator.sample_latent(len(labels) * num_samples,
@@ -521,5 +473,19 @@ def _make_grid(out_png: Path, per_class: int, classes: list[str] | None, num_sam
             samples = models.adapter().pixels(z, y).cpu().view(len(labels), num_samples, *images.shape[1:])
         for i, entry in enumerate(result.entries):
             entry.samples = [ImageFile(file=f"{i:03d}_sample_{j}.png") for j in range(num_samples)]
-    return write_grid_files(result, classifier.class_names, out_png, _settings(options, models), samples,
+    return write_grid_files(result, classifier.class_names, out_png, _settings(options, models, source), samples,
                             options.embed)
+
+
+def make_inverter(options: VisualizeOptions | None = None, training: InverterOptions | None = None,
+                  models: Models | None = None) -> tuple[AmortizedInverter, Path]:
+    """`isda-viz train-inverter`: train the amortized inverter of the pair `options` names (`training`: its
+    budget, default `InverterOptions()`) on the classifier's training images and cache it for that pair
+    (`inversion.inverter_cache`); returns it and the file written. Its `info` holds the seconds it took."""
+    options = options or VisualizeOptions()
+    models = models or options.load_models()
+    check_models(models)
+    if models.classifier.fingerprint is None:
+        raise IsdaVizError(f"the classifier in {models.classifier.source} has no weights file to key an inverter by")
+    return train_pair_inverter(models, training or InverterOptions(), options.data_root, options.covariance,
+                               options.progress)

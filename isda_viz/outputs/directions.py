@@ -141,7 +141,7 @@ class DirectionsImage:
 
 @dataclass(kw_only=True)
 class DirectionsSettings:
-    """How the figure was made."""
+    """How the figure was made (`inverter`, `refine_steps`: as in `outputs.report.Settings`)."""
     strength: float
     directions: int
     steps: int
@@ -151,6 +151,8 @@ class DirectionsSettings:
     options: dict
     classifier: str
     judge: str | None = None
+    inverter: str = "search"
+    refine_steps: int | None = None
 
 
 @dataclass(kw_only=True)

@@ -10,7 +10,7 @@ then `summary` (medians and rates, `summarize`), `seconds` per stage and
                  "augmented": [{"file", "reached_shift_error", "shift_norm", "negative_target_floor",
                                 "predicted", "judge_predicted", "pixel_distance", "direction_shares"}, ...],
                  "original": {"file"}, "samples": [{"file"}, ...]}, ...],
-     "summary": {...}, "seconds": {"reconstruct", "augment"}, "settings": {...}, "class_names": [...]}
+     "summary": {...}, "seconds": {"step1", "step2", "writing"}, "settings": {...}, "class_names": [...]}
 
 Errors are relative to feature norms (no unit), `psnr` in dB, `pixel_distance` RMS in [0, 1]
 pixel units; `judge_predicted` is null without a judge; `direction_shares` the share of ||eps||^2 along
@@ -112,7 +112,9 @@ class Summary:
 @dataclass(kw_only=True)
 class Settings:
     """How a report was made: λ (`strength`), K, seed, the inversion options, the classifier and judge sources,
-    and `generator_reach`: how much the generator can reach in the classifier's features, as the pair's cached
+    and the way codes were produced: `inverter` "search" or "amortized" (`inversion.starts`), with
+    `refine_steps` optimiser steps after the amortized passes (None for the search);
+    `generator_reach`: how much the generator can reach in the classifier's features, as the pair's cached
     generator report says (`GeneratorReport.summary()`: its file, overall Fréchet distance, precision, recall,
     sample counts; None when the pair has none cached: `isda-viz generator-report` measures it)."""
     strength: float
@@ -121,6 +123,8 @@ class Settings:
     options: dict
     classifier: str
     judge: str | None = None
+    inverter: str = "search"
+    refine_steps: int | None = None
     generator_reach: dict | None = None
 
 

@@ -3,7 +3,7 @@
     {"quick", "from_scratch", "classifier_test_accuracy", "judge_test_accuracy", "gan_class_agreement",
      "step1_median_feature_error", "reconstruction_true_label_rate", "step2_median_reached_shift_error",
      "step2_median_negative_target_floor", "augmented_judge_label_kept_rate",
-     "median_pixel_distance_to_reconstruction", "inversion_start", "audit_queries", "audit_flagged_copies",
+     "median_pixel_distance_to_reconstruction", "inverter", "audit_queries", "audit_flagged_copies",
      "semantic_{feature,pixels}_{isda,isotropic,other_class}",
      "seconds": {STAGE: seconds}, "models": {"classifier", "judge", "generator"}}
 
@@ -44,7 +44,7 @@ LABELS = {
     "threshold": "copy-score threshold (flags ≤ 1% of held-out test images)",
     "median_test_distance": "median nearest-neighbour distance of held-out test images",
     "flagged": "queries flagged as likely copies",
-    "inversion_start": "inversion start (Step I)",
+    "inverter": "how codes were found (inverter, refinement steps)",
     "semantic_feature_isda": "class kept in feature space, ISDA noise N(0, λΣ_y)",
     "semantic_feature_isotropic": "… isotropic noise of the same E‖ε‖²",
     "semantic_feature_other_class": "… another class's Σ, same E‖ε‖²",
@@ -84,7 +84,7 @@ class DemoSummary:
     step2_median_negative_target_floor: float | None = None
     augmented_judge_label_kept_rate: float | None
     median_pixel_distance_to_reconstruction: float | None
-    inversion_start: str = "random"     # Step I's start: "encoder" (the learned start) or "random"
+    inverter: str = "search"            # "search", or "amortized + N steps" (`inversion.starts`)
     audit_queries: int | None
     audit_flagged_copies: int | None
     semantic_feature_isda: float | None = None
@@ -113,7 +113,7 @@ class DemoSummary:
         if self.audit_queries is not None:
             rows.append(("audit_flagged_copies", f"{self.audit_flagged_copies} of {self.audit_queries}"))
         rows += [(key, getattr(self, key)) for key in SEMANTIC_FIGURES if getattr(self, key) is not None]
-        rows.append(("inversion_start", self.inversion_start))
+        rows.append(("inverter", self.inverter))
         return rows
 
     def table(self) -> str:

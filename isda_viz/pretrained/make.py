@@ -2,6 +2,7 @@
 
     python -m isda_viz.pretrained.make --classifier runs/fmnist-isda --judge runs/fmnist-ce \
         --generator runs/fmnist-gan [--commit HASH]
+    python -m isda_viz.pretrained.make --inverter      # the shipped pair's amortized inverter (train-inverter)
 
 Each run is copied as its own command wrote it, minus what only resuming needs
 (optimiser, critic), with floating-point weights in float16; the estimator's
@@ -88,11 +89,29 @@ def ship_generator(gan_dir: Path, name: str, commit: str, note: str | None = Non
     return folder
 
 
+def ship_inverter(commit: str, note: str | None = None) -> Path:
+    """Train (or read) the shipped pair's amortized inverter as `isda-viz train-inverter` does, then store its
+    weights in float16 (read back as float32) with provenance beside it in the classifier's `inverters/`."""
+    from isda_viz.inversion.amortized import options_dict
+    from isda_viz.inversion.pipelines import make_inverter
+    inverter, path = make_inverter()
+    state = load_checkpoint(path, "inverter")
+    save_atomic({**state, "state_dict": _half(state["state_dict"])}, path)
+    write_json_atomic({
+        "made_by": "isda-viz train-inverter", "commit": commit, "file": path.name,
+        "wall_seconds": inverter.info.get("seconds"), "final_loss": inverter.info.get("final_loss"),
+        "options": options_dict(inverter.options), "float16": True, "note": note,
+        "sha256": {path.name: _sha256(path)},
+    }, path.parent / "provenance.json")
+    return path.parent
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", type=Path)
     parser.add_argument("--judge", type=Path)
     parser.add_argument("--generator", type=Path)
+    parser.add_argument("--inverter", action="store_true", help="Ship the shipped pair's amortized inverter.")
     parser.add_argument("--commit", default=None, help="Commit the runs were trained from (default: HEAD).")
     parser.add_argument("--note", action="append", default=[], metavar="KIND=TEXT",
                         help="A remark for one weight's provenance (KIND: classifier, judge or generator).")
@@ -106,6 +125,9 @@ def main():
             folder = ship(path, name, commit, notes.get(kind))
             size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
             print(f"shipped {path} → {folder} ({size:.2f} MiB)")
+    if args.inverter:
+        folder = ship_inverter(commit, notes.get("inverter"))
+        print(f"shipped the amortized inverter → {folder}")
 
 
 if __name__ == "__main__":
