@@ -14,7 +14,8 @@ deterministic_option = click.option(
     help="CUDA: deterministic kernels, no TF32, cuBLAS workspace setting, so the same seed gives bit-identical "
          "results on this machine (slower; an operation without a deterministic kernel is named and refused). "
          "The CPU is deterministic without it.")
-seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same outputs.")
+seed_option = click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+                           help="Random seed, 0 to 2**63 - 1; same seed, same outputs.")
 truncation_option = click.option("--truncation", type=click.FloatRange(0, 1, min_open=True), default=None,
                                  help="Truncation of a BigGAN's latent prior (default: 0.5 for biggan-deep, "
                                       "1, none, for the other BigGANs; ignored by WGAN generators).")

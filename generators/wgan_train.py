@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from isda_viz._version import __version__
+from isda_viz.bounds import derived_seed
 from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.data.datasets import dataset_spec, load_split
 from isda_viz.devices import pick_device, use_deterministic, use_fast_kernels
@@ -306,7 +307,7 @@ def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]
     write_json_atomic({**dataclasses.asdict(cfg), "isda_viz_version": __version__, "torch": torch.__version__},
                       out / "config.json")
     run.sample_batch = _BatchSampler(train_set, cfg.image_size, run.rng, device)
-    run.grid_z = torch.randn(10, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+    run.grid_z = torch.randn(10, cfg.latent_dim, generator=torch.Generator().manual_seed(derived_seed(cfg.seed + 1))).to(device)
     return run, start, elapsed
 
 
@@ -380,12 +381,12 @@ def _snapshot(run: _GanTraining, iteration: int) -> float | None:
     samples.png, agreement; returns the agreement."""
     cfg, generator = run.cfg, run.saved
     recompute_batchnorm_statistics(generator, 8, 2 * cfg.batch_size,  # 1024 samples at the default batch
-                                   torch.Generator().manual_seed(cfg.seed * 7919 + iteration))
+                                   torch.Generator().manual_seed(derived_seed(cfg.seed * 7919 + iteration)))
     generator.eval()
     agreement = None
     if run.classifier is not None:
         agreement = class_agreement(generator, run.classifier, cfg.agreement_per_class,
-                                    torch.Generator().manual_seed(cfg.seed + 2))
+                                    torch.Generator().manual_seed(derived_seed(cfg.seed + 2)))
     save_generator(generator, run.out / GENERATOR_FILE, iteration, cfg.dataset)
     save_image_atomic(samples_picture(generator, run.grid_z, run.class_names if cfg.conditional else None),
                       run.out / "samples.png")

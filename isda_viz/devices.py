@@ -88,6 +88,12 @@ def _check_cuda_device(dev: torch.device, asked: str, option: str = "--device") 
     return dev
 
 
+def check_device(device: str | None) -> None:
+    """`IsdaVizError` unless `device` is None/`auto`, `cpu`, or `cuda`/`cuda:N` with CUDA present and N one of its
+    devices (a device kind this torch cannot compute on, such as `meta`, is refused)."""
+    pick_device(device)
+
+
 def pick_device(device: str | None) -> torch.device:
     """`cpu`, `cuda`, `cuda:N`, or None (or `auto`): `$ISDA_VIZ_DEVICE` when set, else CUDA when present and
     usable, else the CPU (with a note naming the reason when CUDA is there but unusable: an old driver, a GPU
@@ -107,8 +113,12 @@ def pick_device(device: str | None) -> torch.device:
             return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         raise IsdaVizError(f"{option}: unknown device '{device}'; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise IsdaVizError(f"{option} {device}: isda-viz runs on cpu or cuda, not {dev.type}")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise IsdaVizError(f"{option} {device}: the CPU has no index {dev.index}; use cpu")
     if dev.type == "cuda":
         return _check_cuda_device(dev, device, option)
     return dev

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import time
@@ -46,6 +45,7 @@ from isda_viz.cache import cache_dir
 from isda_viz.data.batches import iterate_batches
 from isda_viz.data.datasets import FOLDER_DATASETS, FolderImages, dataset_spec, load_split
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import read_json
 from isda_viz.runs import write_json_atomic
 
 SPACES = ("pixel", "feature")
@@ -416,9 +416,10 @@ def _build_params(params: IndexParams) -> dict:
 
 def _read_manifest(directory: Path) -> dict | None:
     try:
-        return json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = read_json(directory / MANIFEST, "the audit index manifest", limit=1 << 20)
+    except IsdaVizError:  # absent, a FIFO, broken: the index is built again
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def open_index(directory, mmap: bool = True) -> AuditIndex:

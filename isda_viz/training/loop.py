@@ -55,7 +55,9 @@ from tqdm import tqdm
 
 from isda_viz import distributed
 from isda_viz._version import __version__
+from isda_viz.bounds import check_seed, derived_seed
 from isda_viz.classifiers.networks import build_model
+from isda_viz.classifiers.run_checkpoint import read_run_checkpoint
 from isda_viz.data.batches import augment_batch, item_seed, iterate_batches, labeled_subset
 from isda_viz.data.datasets import FOLDER_DATASETS, DatasetSpec, TensorImages, dataset_spec, load_split
 from isda_viz.data.images import normalize
@@ -129,6 +131,7 @@ class TrainConfig:
         require_finite({"--lambda0": self.lambda0, "--lr": self.lr, "--weight-decay": self.weight_decay,
                         "--lr-decay": self.lr_decay, "--eta1": self.eta1, "--eta2": self.eta2,
                         "--rampup": self.rampup, "--ema-decay": self.ema_decay})
+        check_seed(self.seed)
         if self.loss not in LOSSES:
             raise IsdaVizError(f"unknown loss '{self.loss}'; choose {', '.join(LOSSES)}")
         if self.covariance is not None:
@@ -217,7 +220,7 @@ def _open_run_dir(cfg: TrainConfig, resume: bool, num_classes: int, log) -> tupl
     match = {"arch": cfg.arch, "dataset": cfg.dataset, "loss": cfg.loss}
     if cfg.labeled is not None:
         match.update(labeled=cfg.labeled, ssl=cfg.ssl)
-    ckpt = open_run_dir(out, CHECKPOINT, resume, match)
+    ckpt = open_run_dir(out, CHECKPOINT, resume, match, read=lambda path: read_run_checkpoint(path).state)
     if ckpt is not None:
         if len(ckpt.get("class_names", [])) != num_classes:
             raise IsdaVizError(f"{out / CHECKPOINT} holds a run with {len(ckpt.get('class_names', []))} classes, "
@@ -590,10 +593,10 @@ def _train_epoch(run: _Training, epoch: int, progress: bool) -> tuple[dict[str, 
     model.train()
     if run.teacher is not None:
         run.teacher.train()
-    epoch_seed = cfg.seed * 100_003 + epoch
+    epoch_seed = derived_seed(cfg.seed * 100_003 + epoch)
     generator = torch.Generator().manual_seed(epoch_seed)
     # explicit SDA's draws: per rank (shards differ in size), apart from the shared augmentation generator
-    sampler = torch.Generator().manual_seed(epoch_seed * 1_009 + 1 + distributed.rank())
+    sampler = torch.Generator().manual_seed(derived_seed(epoch_seed * 1_009 + 1 + distributed.rank()))
     pad = max(2, run.spec.image_size // 8)
     sums: dict[str, float] = {}
     correct, seen = 0, 0
@@ -669,7 +672,7 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
             continue
         if cfg.track_bound:  # rank 0 alone: no collective in eval mode, the same model and statistics as all ranks
             record.update(bound_tightness(run.model, bound_x, bound_y, run.estimator, _epoch_strength(run, epoch),
-                                          cfg.bound_samples, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)))
+                                          cfg.bound_samples, torch.Generator().manual_seed(derived_seed(cfg.seed * 100_003 + epoch))))
         save_atomic(_checkpoint(run, epoch + 1), out / CHECKPOINT)
         append_jsonl(record, out / "metrics.jsonl")
         bound = f"  bound {record['bound']:.4f} >= MC {record['expected_ce_mc']:.4f}" if cfg.track_bound else ""
