@@ -14,6 +14,7 @@ from isda_viz.outputs.html import page_path
 
 from .common import (
     classifier_options,
+    deterministic_option,
     device_option,
     embed_option,
     generator_option,
@@ -57,9 +58,10 @@ def visualize_options(fn):
                           "pixels allows); bounds memory, not the results."),
         click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
                      help="adam, or sgd: heavy-ball gradient descent as the reference code (needs --lr)."),
-        click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+        click.option("--lr", type=click.FloatRange(0, 10, min_open=True), default=None,
                      help="Step size on z for both steps (default for adam: 0.2 in Step I, 0.05 in Step II)."),
-        click.option("--tolerance", type=float, default=0.0, help="Stop a stage once every feature error is below this."),
+        click.option("--tolerance", type=click.FloatRange(0, 1e6), default=0.0,
+                     help="Stop a stage once every feature error is below this."),
         click.option("--data-root", type=click.Path(), default=None,
                      help="Folder of the classifier's dataset, as given to `train` (default: the one it was "
                           "trained from); read for test images and, for classifiers without class statistics of "
@@ -73,6 +75,7 @@ def visualize_options(fn):
                           "'covariance' (and optional 'mean')."),
         seed_option,
         device_option,
+        deterministic_option,
         embed_option,
     ]
     for option in reversed(options):

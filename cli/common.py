@@ -9,7 +9,13 @@ from isda_viz.generators.registry import generator_help
 from isda_viz.inversion.starts import REFINE_STEPS
 
 device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu).")
-seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same outputs.")
+deterministic_option = click.option(
+    "--deterministic", is_flag=True,
+    help="CUDA: deterministic kernels, no TF32, cuBLAS workspace setting, so the same seed gives bit-identical "
+         "results on this machine (slower; an operation without a deterministic kernel is named and refused). "
+         "The CPU is deterministic without it.")
+seed_option = click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+                           help="Random seed, 0 to 2**63 - 1; same seed, same outputs.")
 truncation_option = click.option("--truncation", type=click.FloatRange(0, 1, min_open=True), default=None,
                                  help="Truncation of a BigGAN's latent prior (default: 0.5 for biggan-deep, "
                                       "1, none, for the other BigGANs; ignored by WGAN generators).")

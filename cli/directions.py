@@ -15,18 +15,18 @@ from .augment import visualize_options
 @click.option("--label", default=None, help="Class name or index of the --image files (default: the prediction).")
 @click.option("--classes", default=None, help="Comma-separated class names or indices (default: all).")
 @click.option("--per-class", type=click.IntRange(1, 100), default=1, show_default=True, help="Test images per class.")
-@click.option("--directions", "num_directions", type=int, default=5, show_default=True,
+@click.option("--directions", "num_directions", type=click.IntRange(1, 256), default=5, show_default=True,
               help="Top eigen-directions of each class covariance to traverse.")
 @click.option("--steps", type=int, default=7, show_default=True,
-              help="Frames per direction (odd: t = 0 is one of them).")
-@click.option("--range", "extent", type=float, default=3.0, show_default=True,
+              help="Frames per direction (odd, 3 to 101: t = 0 is one of them).")
+@click.option("--range", "extent", type=click.FloatRange(0, 100, min_open=True), default=3.0, show_default=True,
               help="t runs over [-range, range]: targets a + t sqrt(lambda e_k) u_k.")
 @click.option("--test", is_flag=True, help="Also run the semantic test: how often ISDA's noise keeps the class, "
                                             "against isotropic and other-class noise of the same expected norm.")
-@click.option("--test-draws", type=int, default=1000, show_default=True,
+@click.option("--test-draws", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Semantic test: draws per image and noise in feature space.")
-@click.option("--pixel-draws", type=int, default=4, show_default=True,
-              help="Semantic test: draws per image and noise inverted to images and judged.")
+@click.option("--pixel-draws", type=click.IntRange(0, 64), default=4, show_default=True,
+              help="Semantic test: draws per image and noise inverted to images and judged (<= --test-draws).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Figure file FIG.png.")
 @visualize_options
 def directions_command(images, label, classes, per_class, num_directions, steps, extent, test, test_draws,

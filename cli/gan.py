@@ -7,7 +7,7 @@ import click
 from isda_viz.data.datasets import DATASET_NAMES
 from isda_viz.generators.wgan_train import GAN_ARCHS, GAN_RECIPES, GanConfig, apply_gan_recipe, train_gan
 
-from .common import classifier_options, device_option, seed_option
+from .common import classifier_options, deterministic_option, device_option, seed_option
 
 _DEFAULT = GanConfig(out="")
 
@@ -47,6 +47,7 @@ _DEFAULT = GanConfig(out="")
               help="Iterations between samples.png, generator.pt and agreement refreshes.")
 @seed_option
 @device_option
+@deterministic_option
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="GAN_DIR to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved iteration.")
 def train_gan_command(resume, unconditional, beta1, **options):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
+from tqdm import tqdm
 
 from isda_viz._version import __version__
+from isda_viz.devices import deterministic_refusal
 from isda_viz.errors import IsdaVizError
 from isda_viz.runs import write_failure
 
@@ -20,18 +24,55 @@ from .reach import generator_report_command
 from .train import train_command
 
 
+class _LineTracker:
+    """Stands in for stderr during a command and remembers whether the last thing written ended a line, so that
+    an error after a progress bar (which redraws its line with `\r`) starts a line of its own."""
+
+    def __init__(self, stream):
+        self.stream, self.at_line_start = stream, True
+
+    def write(self, text):
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _end_progress_line(tracker: _LineTracker) -> None:
+    """Close the progress bars still open and end their line: the `Error:` that follows stands on its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    if not tracker.at_line_start:
+        tracker.stream.write("\n")
+        tracker.stream.flush()
+
+
 class IsdaVizGroup(click.Group):
-    """A command group whose commands' `IsdaVizError`s end as `Error: <message>` on stderr, exit status 1."""
+    """A command group whose commands' `IsdaVizError`s end as `Error: <message>` on stderr (on a line of its own,
+    after any progress bar), exit status 1."""
     def invoke(self, ctx: click.Context):
+        tracker = _LineTracker(sys.stderr)
+        sys.stderr = tracker
         try:
             return super().invoke(ctx)
         except IsdaVizError as e:
+            _end_progress_line(tracker)
             raise click.ClickException(str(e)) from None
+        except RuntimeError as e:  # --deterministic met an operation without a deterministic kernel
+            refusal = deterministic_refusal(e)
+            if refusal is None:
+                raise
+            raise click.ClickException(str(refusal)) from None
         except OSError as e:  # a full disk or a read-only folder met where no `runs.writing` names the file
             error = write_failure(e, e.filename or "an output file")
             if error is None:
                 raise
+            _end_progress_line(tracker)
             raise click.ClickException(str(error)) from None
+        finally:
+            sys.stderr = tracker.stream
 
 
 @click.group(cls=IsdaVizGroup, context_settings={"help_option_names": ["-h", "--help"]})

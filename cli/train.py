@@ -10,7 +10,7 @@ from isda_viz.data.datasets import DATASET_NAMES
 from isda_viz.training.loop import LOSSES, SSL_METHODS, TrainConfig, fit
 from isda_viz.training.recipes import RECIPE_NAMES, apply_recipe
 
-from .common import device_option, seed_option
+from .common import deterministic_option, device_option, seed_option
 
 _DEFAULT = TrainConfig(out="")
 
@@ -65,6 +65,7 @@ _DEFAULT = TrainConfig(out="")
               help="--track-bound: fixed (labeled) training images, a seeded random subset.")
 @seed_option
 @device_option
+@deterministic_option
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--limit-train", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")

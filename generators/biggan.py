@@ -5,13 +5,13 @@ Where the weights come from (names, caches, download, strict loading) is `biggan
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import read_json
 
 from .base import Generator
 from .biggan_weights import BIGGAN_NAMES, CONFIG_NAME, WEIGHTS_NAME, load_biggan_model
@@ -29,8 +29,8 @@ def load_biggan(spec: str, device="cpu", truncation: float = DEFAULT_TRUNCATION)
 def _is_biggan_config(path: Path) -> bool:
     """Whether `path` is pytorch-pretrained-biggan's config.json (a train-gan GAN_DIR has a config.json too)."""
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        config = read_json(path, "BigGAN config", limit=1 << 20)  # a regular file only: a FIFO never blocks here
+    except IsdaVizError:
         return path.is_file()  # unreadable: let the loader say what is wrong with it
     return isinstance(config, dict) and "channel_width" in config and "layers" in config
 

@@ -16,7 +16,6 @@ Weights are a folder in `pytorch_pretrained_biggan`'s format, `config.json` + `p
 from __future__ import annotations
 
 import io
-import json
 import os
 import urllib.request
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from isda_viz.cache import cache_root
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import Fields, check_network_size, read_json
 from isda_viz.runs import write_bytes_atomic
 
 CONFIG_NAME = "config.json"
@@ -39,7 +39,7 @@ def _urls(name: str) -> dict[str, str]:
             WEIGHTS_NAME: BIGGAN_URL.format(name=name, file="pytorch_model.bin")}
 
 
-def cache_dir() -> Path:
+def biggan_cache_dir() -> Path:
     """Where downloaded BigGAN weights go: `$ISDA_VIZ_CACHE/biggan` (default `~/.cache/isda-viz/biggan`)."""
     return cache_root() / "biggan"
 
@@ -53,8 +53,8 @@ def _package_cache_copy(name: str) -> dict[str, Path] | None:
     found: dict[str, Path] = {}
     for meta in root.glob("*.json"):
         try:
-            url = json.loads(meta.read_text()).get("url")
-        except (OSError, ValueError, AttributeError):
+            url = read_json(meta, "a pytorch-pretrained-biggan cache entry", limit=1 << 16).get("url")
+        except (IsdaVizError, AttributeError):
             continue
         data = meta.with_suffix("")
         if url in wanted and data.is_file():
@@ -79,7 +79,7 @@ def resolve_biggan(spec: str, allow_download: bool | None = None) -> dict[str, P
     """`{"config.json": path, "pytorch_model.bin": path}` for a local folder or a model name.
 
     A folder must hold both files. A name (`biggan-deep-128|256|512`) is looked up
-    in `cache_dir()`, then in the package's cache, then downloaded into `cache_dir()`
+    in `biggan_cache_dir()`, then in the package's cache, then downloaded into `biggan_cache_dir()`
     unless `allow_download` is False (default: allowed unless `ISDA_VIZ_OFFLINE=1`).
     """
     path = Path(spec).expanduser()
@@ -92,7 +92,7 @@ def resolve_biggan(spec: str, allow_download: bool | None = None) -> dict[str, P
         return files
     if spec not in BIGGAN_NAMES:
         raise IsdaVizError(f"'{spec}' is neither a folder nor a BigGAN name ({', '.join(BIGGAN_NAMES)})")
-    ours = cache_dir() / spec
+    ours = biggan_cache_dir() / spec
     if all((ours / f).is_file() for f in (CONFIG_NAME, WEIGHTS_NAME)):
         return {f: ours / f for f in (CONFIG_NAME, WEIGHTS_NAME)}
     theirs = _package_cache_copy(spec)
@@ -118,11 +118,37 @@ def _build(config_path: Path):
         from pytorch_pretrained_biggan import BigGAN, BigGANConfig
     except ImportError as e:
         raise IsdaVizError(f"BigGAN needs pytorch-pretrained-biggan (and scipy): {e}") from None
+    config = BigGANConfig.from_dict(read_biggan_config(config_path))
+    check_network_size(lambda: BigGAN(config), f"the BigGAN config {config_path}")
     try:
-        config = BigGANConfig.from_dict(json.loads(config_path.read_text()))
         return BigGAN(config)
     except (OSError, ValueError, TypeError, KeyError, IndexError) as e:
         raise IsdaVizError(f"{config_path} is not a BigGAN config ({type(e).__name__}: {e})") from None
+
+
+def read_biggan_config(path: Path) -> dict:
+    """A BigGAN `config.json` (pytorch_pretrained_biggan's `BigGANConfig` fields), checked as it is read: at most
+    1 MB of strict JSON, each field of its type and in range (`readers.Fields`); unknown keys are dropped."""
+    fields = Fields(read_json(path, "BigGAN config", limit=1 << 20), f"the BigGAN config {path}")
+    config = {"output_dim": fields.integer("output_dim", 16, 2048, default=128),
+              "z_dim": fields.integer("z_dim", 1, 4096, default=128),
+              "class_embed_dim": fields.integer("class_embed_dim", 1, 4096, default=128),
+              "channel_width": fields.integer("channel_width", 1, 4096, default=128),
+              "num_classes": fields.integer("num_classes", 1, 100_000, default=1000),
+              "eps": fields.number("eps", 1e-12, 1.0, default=1e-4),
+              "n_stats": fields.integer("n_stats", 1, 1000, default=51)}
+    if "layers" in fields.data:
+        layers = fields.items("layers", list, max_length=64)
+        if not layers:
+            fields.fail("layers", "must name at least one layer")
+        for i, layer in enumerate(layers):
+            if not (len(layer) == 3 and isinstance(layer[0], bool) and all(
+                    isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64 for v in layer[1:])):
+                fields.fail("layers", f"item {i} must be [upsample (true/false), in, out] (widths 1-64)")
+        config["layers"] = [tuple(layer) for layer in layers]
+    config["attention_layer_position"] = fields.integer("attention_layer_position", 0,
+                                                        len(config.get("layers", [None] * 10)), default=8)
+    return config
 
 
 def load_biggan_model(spec: str):

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import Fields, check_class_names
 from isda_viz.runs import load_checkpoint, save_atomic
 
 from .base import Generator
@@ -142,6 +143,24 @@ def save_generator(generator: Generator, path, iteration: int, dataset: str) -> 
                                                         for k, v in generator.state_dict().items()}}, path)
 
 
+def _checked_config(config, path: Path) -> dict:
+    """A `generator.pt`'s `config`, checked before any layer is built (so a crafted width cannot ask for
+    terabytes): the keys `arch_config` writes (WGANGenerator's and ResNetGenerator's alike), each an integer in
+    range, distinct class names."""
+    fields = Fields(config, f"the generator file {path}: config", "a dict")
+    unknown = sorted(set(fields.data) - {"latent_dim", "num_classes", "channels", "image_size", "width",
+                                         "class_names"})
+    if unknown:
+        fields.fail(unknown[0], "is not a setting of the generator")
+    checked = {"latent_dim": fields.integer("latent_dim", 1, 4096), "channels": fields.integer("channels", 1, 4),
+               "image_size": fields.integer("image_size", 8, 256), "width": fields.integer("width", 1, 1024),
+               "num_classes": fields.integer("num_classes", 1, 100_000, default=None)}
+    names = fields.data.get("class_names")
+    if names is not None:
+        checked["class_names"] = check_class_names(names, f"the generator file {path}: config.class_names")
+    return checked
+
+
 def load_wgan(path, device="cpu") -> WGANGenerator:
     """The frozen generator in a `generator.pt` written by `train_gan` (or the GAN_DIR holding one)."""
     return load_saved_generator(path, WGANGenerator, device)
@@ -157,7 +176,7 @@ def load_saved_generator(path, network: type[Generator], device="cpu") -> Genera
     if not isinstance(ckpt, dict) or ckpt.get("format") != network.file_format:
         raise IsdaVizError(f"{path} is not a {network.kind} generator written by isda-viz train-gan")
     try:
-        generator = network(**ckpt["config"])
+        generator = network(**_checked_config(ckpt.get("config"), path))
         generator.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise IsdaVizError(f"{path} is corrupt: its weights do not fit its config "

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from isda_viz._version import __version__
+from isda_viz.bounds import derived_seed
 from isda_viz.classifiers.classifier import load_classifier
 from isda_viz.data.datasets import dataset_spec, load_split
-from isda_viz.devices import pick_device
+from isda_viz.devices import pick_device, use_deterministic, use_fast_kernels
 from isda_viz.errors import IsdaVizError, require_finite
 from isda_viz.generators.base import to_classifier_pixels
 from isda_viz.isda.schedules import learning_rate
@@ -167,6 +168,7 @@ class GanConfig:
     sample_every: int = 200            # iterations between samples.png / generator.pt / agreement
     log_every: int = 25                # iterations between metrics.jsonl lines
     device: str | None = None          # not part of the run's identity
+    deterministic: bool = False        # CUDA: deterministic kernels, no TF32 (devices.use_deterministic); a setting
 
     def __post_init__(self) -> None:
         """The arch's widths and moving average where not given; one-line `IsdaVizError`s for options no run can use."""
@@ -203,6 +205,9 @@ class _BatchSampler:
         idx = torch.randint(len(self.labels), (n,), generator=self.rng)
         if self.images is not None:
             images = self.images[idx]
+        elif getattr(self.dataset, "random_items", False):  # a training folder's random crops: seeded per draw,
+            seeds = torch.randint(0, 2**62, (n,), generator=self.rng)  # so a resumed run crops alike
+            images = torch.stack([self.dataset[(int(i), int(s))][0] for i, s in zip(idx, seeds)])
         else:
             images = torch.stack([self.dataset[int(i)][0] for i in idx])
         x = images.to(self.device).float().div_(127.5).sub_(1.0)
@@ -213,7 +218,7 @@ class _BatchSampler:
 
 # What a resumed run may change; everything else is taken from the run being resumed.
 RESUME_OVERRIDES = ("iterations", "classifier", "classifier_arch", "class_names", "agreement_per_class", "sample_every",
-                    "log_every", "device", "out")
+                    "log_every", "device", "deterministic", "out")
 
 
 def _resumed_config(saved: dict, cfg: GanConfig) -> GanConfig:
@@ -257,6 +262,9 @@ def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]
     """The run in `cfg.out`: data, classifier, networks and optimisers, restored from its training state when
     resuming; writes config.json. Returns the run, the iterations done and the seconds they took."""
     device = pick_device(cfg.device)
+    if cfg.deterministic:  # before any model or cuBLAS handle exists
+        use_deterministic(device)
+    use_fast_kernels(device)
     out = Path(cfg.out)
     state = open_run_dir(out, STATE_FILE, resume, {"dataset": cfg.dataset, "conditional": cfg.conditional},
                          what="GAN training state")
@@ -299,7 +307,7 @@ def _setup(cfg: GanConfig, resume: bool, log) -> tuple[_GanTraining, int, float]
     write_json_atomic({**dataclasses.asdict(cfg), "isda_viz_version": __version__, "torch": torch.__version__},
                       out / "config.json")
     run.sample_batch = _BatchSampler(train_set, cfg.image_size, run.rng, device)
-    run.grid_z = torch.randn(10, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+    run.grid_z = torch.randn(10, cfg.latent_dim, generator=torch.Generator().manual_seed(derived_seed(cfg.seed + 1))).to(device)
     return run, start, elapsed
 
 
@@ -373,12 +381,12 @@ def _snapshot(run: _GanTraining, iteration: int) -> float | None:
     samples.png, agreement; returns the agreement."""
     cfg, generator = run.cfg, run.saved
     recompute_batchnorm_statistics(generator, 8, 2 * cfg.batch_size,  # 1024 samples at the default batch
-                                   torch.Generator().manual_seed(cfg.seed * 7919 + iteration))
+                                   torch.Generator().manual_seed(derived_seed(cfg.seed * 7919 + iteration)))
     generator.eval()
     agreement = None
     if run.classifier is not None:
         agreement = class_agreement(generator, run.classifier, cfg.agreement_per_class,
-                                    torch.Generator().manual_seed(cfg.seed + 2))
+                                    torch.Generator().manual_seed(derived_seed(cfg.seed + 2)))
     save_generator(generator, run.out / GENERATOR_FILE, iteration, cfg.dataset)
     save_image_atomic(samples_picture(generator, run.grid_z, run.class_names if cfg.conditional else None),
                       run.out / "samples.png")

@@ -13,28 +13,41 @@ Stages (each skipped, with a status line saying so, when DIR already holds its f
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from isda_viz import locks
+from isda_viz.bounds import check_seed, derived_seed
 from isda_viz.audit.run import AuditConfig, run_audit
+from isda_viz.classifiers.run_checkpoint import finished_epochs
 from isda_viz.devices import pick_device
 from isda_viz.generators.wgan_train import GanConfig, train_gan
 from isda_viz.inversion.directions import DirectionsOptions, make_directions
 from isda_viz.inversion.optimizer import InversionOptions
 from isda_viz.inversion.pipelines import VisualizeOptions, make_grid
 from isda_viz.inversion.starts import DIRECTIONS_REFINE_STEPS
-from isda_viz.outputs.audit_report import AUDIT, AuditReport, read_audit
-from isda_viz.outputs.folders import check_out_dir
+from isda_viz.outputs.audit_report import AuditReport, read_audit
 from isda_viz.outputs.directions import DirectionsReport, read_directions_report
-from isda_viz.outputs.html import write_html
+from isda_viz.outputs.folders import FIGURE_LINKS, check_name_lengths, claim_resumable, figure_files_dir, published
+from isda_viz.outputs.html import PAGE, write_html
 from isda_viz.outputs.report import Report, read_report
 from isda_viz.outputs.summary import SUMMARY, DemoSummary, read_summary, write_summary
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
-from isda_viz.runs import CHECKPOINT, load_checkpoint, read_jsonl
+from isda_viz.readers import read_json
+from isda_viz.runs import CHECKPOINT, read_jsonl
 from isda_viz.training.loop import TrainConfig, fit
+
+
+def _figure_entries(name: str) -> tuple[str, ...]:
+    png = Path(name)
+    return (*(png.with_suffix(s).name for s in FIGURE_LINKS), figure_files_dir(png).name)
+
+
+DEMO_ENTRIES = ("classifier", "judge", "gan", *_figure_entries("figure.png"), "audit",
+                *_figure_entries("directions.png"), SUMMARY, PAGE)
+"""What a demo folder may hold (its manifest lists them): the runs trained with --from-scratch, the grid, the
+audit, the directions figure, summary.json and the page."""
 
 
 @dataclass
@@ -80,8 +93,7 @@ class DemoPlan:
 
 
 def _train_finished(run_dir: Path, epochs: int) -> bool:
-    path = run_dir / CHECKPOINT
-    return path.exists() and load_checkpoint(path).get("epoch", 0) >= epochs
+    return finished_epochs(run_dir / CHECKPOINT) >= epochs
 
 
 def _gan_finished(gan_dir: Path, iterations: int) -> bool:
@@ -97,10 +109,12 @@ def run_demo(out, device: str | None = None, quick: bool = False, from_scratch: 
     `inverter`, `refine_steps`: how codes are found (`VisualizeOptions`; default: the pair's amortized
     inverter where it has one, with `starts.REFINE_STEPS` steps, else the search)."""
 
-    check_out_dir(out)  # a resumable folder: any earlier contents are the demo's own stages
     pick_device(device)  # a device that is not there fails before anything is written
+    check_seed(seed)
     out = Path(out)
+    check_name_lengths([out])
     with locks.exclusive(out):  # one demo per folder (each stage also locks its own output)
+        claim_resumable(out, "demo", DEMO_ENTRIES)  # a resumable folder: what it holds are the demo's own stages
         return _run_demo(out, device, quick, from_scratch, seed, log, progress, embed,
                          DemoPlan.make(quick, inverter, refine_steps))
 
@@ -141,7 +155,7 @@ def _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
 
 
     runs = {"classifier": out / "classifier", "judge": out / "judge", "generator": out / "gan"}
-    jobs = [("classifier", "isda", seed, plan.classifier_epochs), ("judge", "ce", seed + 1, plan.judge_epochs)]
+    jobs = [("classifier", "isda", seed, plan.classifier_epochs), ("judge", "ce", derived_seed(seed + 1), plan.judge_epochs)]
     for name, loss, run_seed, epochs in jobs:
         run_dir = runs[name]
         if _train_finished(run_dir, epochs):
@@ -170,7 +184,7 @@ def _models_stage(out, plan, device, from_scratch, seed, log, progress, seconds)
 def _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed) -> Report:
 
     figure = out / "figure.png"
-    if figure.exists() and figure.with_suffix(".json").exists():
+    if published(figure):
         _status(log, "grid", f"reusing the finished figure {figure}")
         return read_report(figure.with_suffix(".json"))
     options = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),
@@ -184,7 +198,7 @@ def _grid_stage(out, plan, models, device, seed, log, progress, seconds, embed) 
 def _audit_stage(out, plan, device, log, progress, seconds, embed) -> AuditReport:
 
     audit_dir = out / "audit"
-    if (audit_dir / AUDIT).exists():
+    if published(audit_dir):
         _status(log, "audit", f"reusing the finished audit in {audit_dir}")
         return read_audit(audit_dir)
     _status(log, "audit", "nearest training images of each augmented image (FAISS, pixel space)")
@@ -197,7 +211,7 @@ def _audit_stage(out, plan, device, log, progress, seconds, embed) -> AuditRepor
 
 def _directions_stage(out, plan, models, device, seed, log, progress, seconds, embed) -> DirectionsReport:
     figure = out / "directions.png"
-    if figure.exists() and figure.with_suffix(".json").exists():
+    if published(figure):
         _status(log, "directions", f"reusing the finished directions figure {figure}")
         return read_directions_report(figure)
     visualize = VisualizeOptions(classifier=str(models["classifier"]), generator=str(models["generator"]),
@@ -235,7 +249,8 @@ def _metrics_of(run_dir) -> dict:
     history = read_jsonl(Path(run_dir) / "metrics.jsonl")
     if not history:  # shipped weights keep their metrics in provenance.json
         provenance = Path(run_dir) / "provenance.json"
-        return json.loads(provenance.read_text()).get("metrics", {}) if provenance.exists() else {}
+        return read_json(provenance, "the provenance file", limit=1 << 20).get("metrics", {}) \
+            if provenance.exists() else {}
     return history[-1]
 
 

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ import torch
 
 from isda_viz import locks
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import read_text
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -89,13 +91,15 @@ def private_mkdtemp(parent: Path, prefix: str) -> Path:
 
 @contextmanager
 def assembled_beside(out: Path, maps_to: Path | None = None):
-    """A temporary folder `.NAME.tmp.*` beside `out` for the body to fill (and move into place); removed
-    whatever happens. Call it holding `out`'s lock (`locks.exclusive`). Errors of writes inside it (a full disk, a read-only folder) become one
-    `IsdaVizError` naming the destination (`maps_to`, default `out`) instead of the temporary folder."""
+    """A temporary folder `.NAME.tmp.*` beside `out` for the body to fill and publish
+    (`outputs.folders.publish_folder`, which may leave the output it replaced there); removed whatever
+    happens. Call it holding `out`'s lock (`locks.exclusive`). Errors of writes inside it (a full disk, a
+    read-only folder) become one `IsdaVizError` naming the destination (`maps_to`, default `out`) instead of the temporary folder."""
     out = Path(out)
     maps_to = Path(maps_to or out)
-    # Left by a killed run of this output: safe to remove, as the caller holds the output's lock.
-    for stale in [*out.parent.glob(f".{out.name}.tmp.*"), *out.parent.glob(f".{out.name}.old.*")]:
+    # Left by a killed run of this output: safe to remove, as the caller holds the output's lock (an output
+    # moved aside to `.NAME.old.*` by a publication is `outputs.folders`' to put back or remove).
+    for stale in out.parent.glob(f".{out.name}.tmp.*") if out.parent.is_dir() else []:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = private_mkdtemp(out.parent, f".{out.name}.tmp.")
     try:
@@ -154,7 +158,14 @@ def save_atomic(obj, path) -> None:
 
 
 def write_json_atomic(obj, path) -> None:
-    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    """`obj` as strict JSON (indented) to `path`, atomically. NaN or an infinity is an `IsdaVizError` naming the
+    file, never written: strict JSON has no such numbers, and the readers refuse them."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise IsdaVizError(f"not writing {path}: it would hold a number that is not finite (NaN or inf); an option "
+                           "or a model produced it") from None
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def write_bytes_atomic(data: bytes, path) -> None:
@@ -180,7 +191,7 @@ def read_jsonl(path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path, "the metrics file", limit=1 << 30).splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut by a kill
@@ -218,17 +229,29 @@ def check_checkpoint_start(path, what: str = "checkpoint") -> None:
                            "archive nor a torch pickle")
 
 
-def non_finite_tensor(obj, prefix: str = "") -> str | None:
-    """The dotted name of the first floating-point tensor in `obj` (nested dicts, lists, tuples) holding an
-    inf or NaN, or None when every one is finite."""
+def _first_tensor(obj, test, prefix: str = "", depth: int = 0) -> str | None:
+    """The dotted name of the first tensor in `obj` (nested dicts, lists, tuples) for which `test` is true."""
     if isinstance(obj, torch.Tensor):
-        return None if not obj.is_floating_point() or bool(torch.isfinite(obj).all()) else (prefix or "tensor")
+        return (prefix or "tensor") if test(obj) else None
+    if depth > 64:
+        return prefix or "a value"  # nested deeper than any checkpoint of ours: reported as the culprit
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for key, value in items:
-        name = non_finite_tensor(value, f"{prefix}.{key}" if prefix else str(key))
+        name = _first_tensor(value, test, f"{prefix}.{key}" if prefix else str(key), depth + 1)
         if name is not None:
             return name
     return None
+
+
+def non_dense_tensor(obj) -> str | None:
+    """The dotted name of the first tensor in `obj` that is not a dense (strided) one, e.g. sparse, or None."""
+    return _first_tensor(obj, lambda t: t.layout != torch.strided)
+
+
+def non_finite_tensor(obj, prefix: str = "") -> str | None:
+    """The dotted name of the first floating-point tensor in `obj` (nested dicts, lists, tuples) holding an
+    inf or NaN, or None when every one is finite. Tensors must be dense (`non_dense_tensor` first)."""
+    return _first_tensor(obj, lambda t: t.is_floating_point() and not bool(torch.isfinite(t).all()), prefix)
 
 
 def load_checkpoint(path, what: str = "checkpoint") -> dict:
@@ -241,6 +264,9 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise IsdaVizError(f"{what} {path} is corrupt or not a checkpoint ({type(e).__name__})") from None
+    bad = non_dense_tensor(ckpt)
+    if bad is not None:
+        raise IsdaVizError(f"{what} {path} holds a sparse (not dense) tensor {bad}; isda-viz reads dense tensors")
     bad = non_finite_tensor(ckpt)
     if bad is not None:
         raise IsdaVizError(f"{what} {path} holds non-finite values (inf or NaN) in the tensor {bad}")
@@ -257,23 +283,32 @@ def resolve_run_dir(path) -> Path:
 
 
 def open_run_dir(out, checkpoint_name: str, resume: bool, match: dict | None = None,
-                 what: str = "checkpoint") -> dict | None:
+                 what: str = "checkpoint", read=None) -> dict | None:
     """The checkpoint to resume from in the run directory `out`, or None for a fresh run.
 
     The one resume protocol of `train` and `train-gan`: a folder holding `checkpoint_name`
     is continued only with `resume`; `resume` on a non-empty folder without one is refused;
     the saved run's `config` must agree with `match` (`{key: value}`, e.g. dataset, arch).
-    Refusals are `IsdaVizError`s; nothing is written here.
+    `read(path)`: the format's validating reader, returning the checkpoint's dict (default
+    `load_checkpoint`). Refusals are `IsdaVizError`s; nothing is written here.
     """
     out = Path(out)
     path = out / checkpoint_name
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise IsdaVizError(f"--out {out} is {'a symbolic link' if out.is_symlink() else 'a file'}; give a folder")
     if not path.exists():
-        if resume and out.exists() and any(out.iterdir()):
+        present = sorted(os.listdir(out)) if out.is_dir() else []
+        if resume and present:
             raise IsdaVizError(f"--resume: {out} holds no {checkpoint_name}")
+        foreign = [name for name in present if not _started_run_entry(out, name, checkpoint_name)]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise IsdaVizError(f"--out {out} holds files that are not a run of isda-viz ({shown}); choose another "
+                               "--out or empty it")
         return None
     if not resume:
         raise IsdaVizError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
-    ckpt = load_checkpoint(path, what)
+    ckpt = read(path) if read is not None else load_checkpoint(path, what)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise IsdaVizError(f"{path} is not a {what} of isda-viz; choose another --out")
     for key, value in (match or {}).items():
@@ -281,6 +316,24 @@ def open_run_dir(out, checkpoint_name: str, resume: bool, match: dict | None = N
             raise IsdaVizError(f"{path} holds a run with {key}={ckpt['config'].get(key)}, not {value}; "
                                "choose another --out or match the run")
     return ckpt
+
+
+def _started_run_entry(out: Path, name: str, checkpoint_name: str) -> bool:
+    """Whether `name` in a run directory without a checkpoint is what a run killed before its first one leaves:
+    our config.json (a JSON object naming the isda-viz version), metrics.jsonl beside it, or a temporary of an
+    atomic write of either file."""
+    if name == "config.json":
+        try:
+            if not os.path.isfile(out / name) or os.path.getsize(out / name) > 1 << 16:
+                return False
+            data = json.loads((out / name).read_bytes())
+            return isinstance(data, dict) and "isda_viz_version" in data
+        except (OSError, ValueError, RecursionError):
+            return False
+    if name == "metrics.jsonl":  # ours only beside our config.json
+        return os.path.isfile(out / name) and _started_run_entry(out, "config.json", checkpoint_name)
+    temporary = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", name)
+    return temporary is not None and temporary.group(1) in ("config.json", checkpoint_name)
 
 
 def truncate_metrics(path, key: str, last) -> None:

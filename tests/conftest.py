@@ -1,8 +1,21 @@
-"""Shared fixtures: tiny classifier runs trained once per test session on real Fashion-MNIST."""
+"""Shared fixtures: tiny classifier runs trained once per test session on real Fashion-MNIST.
+
+The suite runs on the CPU, on a GPU machine too: every `device=None` (and every command without `--device`,
+in-process or in a subprocess, which inherit the environment) means `$ISDA_VIZ_DEVICE`, set here to
+`$ISDA_VIZ_TEST_DEVICE` or `cpu`. `ISDA_VIZ_TEST_DEVICE=cuda pytest` runs the device-capable tests on CUDA;
+tests that need the CPU (gloo process groups) say `device="cpu"` themselves.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from isda_viz.devices import DEVICE_ENV
+
+TEST_DEVICE = os.environ.get("ISDA_VIZ_TEST_DEVICE", "cpu")
+os.environ[DEVICE_ENV] = TEST_DEVICE
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from isda_viz.inversion.inverter_cache import (
 from isda_viz.inversion.optimizer import InversionOptions, augment, normalize_latent, reconstruct
 from isda_viz.inversion.pipeline import draw_prior, invert_batch
 from isda_viz.inversion.pipelines import VisualizeOptions, images_per_class, invert_and_augment
-from isda_viz.inversion.starts import AmortizedStart, PriorSearch
+from isda_viz.inversion.starts import REFINE_LR, AmortizedStart, PriorSearch
 from isda_viz.isda.sampling import sample_augmented_features
 
 TINY = InverterOptions(steps=12, batch_size=16, real_images=128, hidden=32, rank=4, lr=3e-3,
@@ -217,10 +217,13 @@ def test_micro_batches_give_the_codes_of_one_batch_and_bound_peak_memory(pair):
     whole, parts = run(10_000, 0), run(3, 0)    # the passes alone: batched kernels' rounding only
     assert torch.allclose(whole.z_star, parts.z_star, atol=1e-5) and torch.allclose(whole.z, parts.z, atol=1e-5)
     # Adam divides each coordinate's gradient by its own running scale, so rounding in a near-zero gradient
-    # can move that coordinate by up to a step: the codes agree to about the step size, the errors closely.
-    whole, parts = run(10_000, 3), run(3, 3)
-    assert torch.allclose(whole.z, parts.z, atol=2e-3)
-    assert torch.allclose(whole.reached_shift_error, parts.reached_shift_error, atol=1e-4)
+    # can move that coordinate by up to a step (lr) per step, whichever way the CPU's kernels round: so the
+    # codes agree within 2·lr·steps everywhere and closely on almost all coordinates, the errors closely.
+    steps, lr = 3, REFINE_LR["augment_lr"]
+    whole, parts = run(10_000, steps), run(3, steps)
+    difference = (whole.z - parts.z).abs()
+    assert difference.max() <= 2 * lr * steps and (difference > 1e-3).float().mean() < 0.05
+    assert torch.allclose(whole.reached_shift_error, parts.reached_shift_error, rtol=1e-2, atol=1e-3)
     assert _peak_bytes(lambda: run(3, 3)) < 0.6 * _peak_bytes(lambda: run(10_000, 3))
 
 

@@ -19,7 +19,8 @@ from isda_viz.training import loop as train
 from isda_viz.training.loop import TrainConfig, fit
 
 # 60 images, global batches of 25: 25, 25, 10 images, so the ranks' shards are 13/12 (unequal) and 5/5.
-RUN = dict(dataset="cifar10", arch="resnet8", limit_test=20, batch_size=25, seed=5, lr=0.05)
+# gloo on the CPU, also on a GPU machine (gloo has no SyncBatchNorm on CUDA, and both ranks would share cuda:0).
+RUN = dict(dataset="cifar10", arch="resnet8", limit_test=20, batch_size=25, seed=5, lr=0.05, device="cpu")
 RUN_FILES = {"checkpoint.pt", "config.json", "metrics.jsonl"}
 
 
@@ -160,7 +161,7 @@ def test_torchrun_command_line(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), "-m", "isda_viz.cli", "train", "--dataset", "cifar10", "--data-root", str(data),
            "--arch", "resnet8", "--epochs", "1", "--batch-size", "30", "--limit-test", "20", "--sync-bn",
-           "--out", str(out)]
+           "--device", "cpu", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-2000:]

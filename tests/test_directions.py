@@ -269,7 +269,8 @@ def _error_line(result):
 def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, monkeypatch):
     out = tmp_path / "never.png"
     base = [*FAST, "--classes", "0", "--out", out]
-    assert "--directions must be >= 1" in _error_line(_invoke("directions", *base, "--directions", 0))
+    assert "'--directions': 0 is not in the range 1<=x<=256" in _error_line(_invoke("directions", *base,
+                                                                                    "--directions", 0))
     assert "more than the classifier's 64 feature" in _error_line(_invoke("directions", *base, "--directions", 65))
     assert "not a class" in _error_line(_invoke("directions", *FAST, "--classes", "Sock", "--out", out))
     assert "--steps must be odd" in _error_line(_invoke("directions", *base, "--steps", 4))

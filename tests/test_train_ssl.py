@@ -184,7 +184,8 @@ def test_bad_semi_supervised_options_are_one_line_errors(tmp_path):
 # ------------------------------------------------------------------------------------------ two gloo ranks
 
 RUN = dict(dataset="cifar10", arch="resnet8", limit_test=20, batch_size=20, labeled=20, labeled_batch=8,
-           ssl="mean-teacher", eta1=1.0, seed=5, lr=0.05, lambda0=2.0, sync_bn=True, epochs=2)
+           ssl="mean-teacher", eta1=1.0, seed=5, lr=0.05, lambda0=2.0, sync_bn=True, epochs=2,
+           device="cpu")  # gloo: the CPU, on a GPU machine too
 
 
 def _worker(rank, world, port, root, data):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import time
@@ -46,6 +45,7 @@ from isda_viz.cache import cache_dir
 from isda_viz.data.batches import iterate_batches
 from isda_viz.data.datasets import FOLDER_DATASETS, FolderImages, dataset_spec, load_split
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import read_json
 from isda_viz.runs import write_json_atomic
 
 SPACES = ("pixel", "feature")
@@ -390,6 +390,7 @@ _STALE_REASONS = {
     "train_fingerprint": "the training images changed",
     "test_fingerprint": "the held-out test images changed",
     "classifier_sha256": "the classifier checkpoint changed",
+    "computed_on": "the features were computed on another device or in another precision",
     "kind": "another index type was asked for",
     "index": "other index parameters were asked for",
 }
@@ -402,6 +403,7 @@ def _manifest_key(dataset, space, train_split, test_split, classifier, params: I
         "train_size": len(train_split), "train_fingerprint": split_fingerprint(train_split),
         "test_size": len(test_split), "test_fingerprint": split_fingerprint(test_split),
         "classifier_sha256": classifier.fingerprint if classifier is not None else None,
+        "computed_on": classifier.computed_on if classifier is not None else None,   # feature space only
         **_build_params(params),
     }
 
@@ -414,9 +416,10 @@ def _build_params(params: IndexParams) -> dict:
 
 def _read_manifest(directory: Path) -> dict | None:
     try:
-        return json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = read_json(directory / MANIFEST, "the audit index manifest", limit=1 << 20)
+    except IsdaVizError:  # absent, a FIFO, broken: the index is built again
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def open_index(directory, mmap: bool = True) -> AuditIndex:

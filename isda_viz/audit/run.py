@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -37,7 +36,17 @@ from isda_viz.data.images import load_image_file
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.outputs.figures import audit_page, to_pil
-from isda_viz.outputs.audit_report import AUDIT, AuditIndex, AuditPage, AuditQuery, AuditReport, Neighbour, write_audit
+from isda_viz.outputs.folders import check_inputs_outside, check_name_lengths, check_replaceable, publish_folder
+from isda_viz.outputs.audit_report import (
+    AUDIT,
+    AuditPage,
+    AuditQuery,
+    AuditReport,
+    IndexRecord,
+    Neighbour,
+    query_source,
+    write_audit,
+)
 from isda_viz.outputs.html import PAGE, html_fragment, write_html
 from isda_viz.outputs.report import read_report
 from isda_viz.runs import assembled_beside, save_image_atomic
@@ -92,8 +101,7 @@ def queries_from_report(out_dir, channels: int, size: int) -> list[Query]:
     queries = []
     for file, role, origin in listed:
         path = base / file
-        what = "reconstruction of" if role == "reconstruction" else "augmented from"
-        queries.append(Query(f"{path} ({what} {origin})", read_query_image(path, channels, size), role))
+        queries.append(Query(query_source(path, role, origin), read_query_image(path, channels, size), role))
     return queries
 
 
@@ -165,11 +173,16 @@ def run_audit(cfg: AuditConfig, progress: bool = True, log: Callable[[str], None
     Writes the figure's pages (`page_file`) and the neighbours' PNGs, then `cfg.out/audit.json`,
     which lists them (`pages`, each neighbour's `file`), then the page `cfg.out/index.html`.
     """
+    check_name_lengths([Path(cfg.out)])
     with locks.exclusive(cfg.out):
         return _run_audit(cfg, progress, log)
 
 
 def _run_audit(cfg: AuditConfig, progress: bool, log: Callable[[str], None]) -> AuditResult:
+    check_replaceable(cfg.out, "audit")
+    check_inputs_outside({"--images": cfg.images, "--from": cfg.from_dir, "--classifier": cfg.classifier,
+                          "--class-names": cfg.class_names, "--data-root": cfg.data_root,
+                          "--index-dir": cfg.index_dir}, [Path(cfg.out)])
     spec = dataset_spec(cfg.dataset, cfg.data_root)
     if cfg.from_dir:
         queries = queries_from_report(cfg.from_dir, spec.channels, spec.image_size)
@@ -218,7 +231,7 @@ def _run_audit(cfg: AuditConfig, progress: bool, log: Callable[[str], None]) -> 
         distance=embedder.distance_name, threshold=cal["threshold"],
         median_test_distance=cal["median_distance"], flag_rate=cal["flag_rate"],
         flagged=sum(r.flagged for r in records), class_names=class_names,
-        index=AuditIndex(dir=str(index.directory), kind=index.manifest["kind"], status=status,
+        index=IndexRecord(dir=str(index.directory), kind=index.manifest["kind"], status=status,
                          train_size=index.manifest["train_size"],
                          params=dataclasses.asdict(index.neighbours.params)),
         config=dataclasses.asdict(cfg), queries=records)
@@ -230,26 +243,8 @@ def _run_audit(cfg: AuditConfig, progress: bool, log: Callable[[str], None]) -> 
         write_neighbour_files(tmp, records, rows, train_split)
         write_audit(report, tmp / AUDIT)  # a finished audit.json means its figure and files are there
         write_html(tmp, embed=cfg.embed)
-        _publish(tmp, out)
+        publish_folder(tmp, out, "audit")
     return AuditResult(out, report, status, index.directory)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished audit from `tmp` into `out` (renames only): images first, then audit.json and the
-    page; pages and neighbour files of an earlier audit that this one does not name are removed."""
-    out.mkdir(parents=True, exist_ok=True)
-    for folder in (Path("."), Path(NEIGHBOUR_DIR)):
-        new = {p.name for p in (tmp / folder).glob("*.png")}
-        if new:
-            (out / folder).mkdir(exist_ok=True)
-        for name in sorted(new):
-            os.replace(tmp / folder / name, out / folder / name)
-        pattern = "audit_page*.png" if folder == Path(".") else "train_*.png"
-        for stale in (out / folder).glob(pattern):
-            if stale.name not in new:
-                stale.unlink()
-    for name in (AUDIT, PAGE):
-        os.replace(tmp / name, out / name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +261,7 @@ def write_neighbour_files(out: Path, records: list[AuditQuery], rows: np.ndarray
     as PNGs at the dataset's resolution, one per training image (`audit_files/train_INDEX.png`, INDEX
     its position in the training set), and name each under its neighbour's `file` (relative to `out`).
 
-    `rows (Q, k)`: each query's neighbours as rows of `train_split`. Files of an earlier audit in `out`
-    that no neighbour names now are removed.
+    `rows (Q, k)`: each query's neighbours as rows of `train_split`; `out` is the audit assembled aside.
     """
     folder = out / NEIGHBOUR_DIR
     written = set()
@@ -278,9 +272,6 @@ def write_neighbour_files(out: Path, records: list[AuditQuery], rows: np.ndarray
                 save_image_atomic(to_pil(train_split[int(r)][0].float() / 255), folder / name)
                 written.add(name)
             neighbour.file = f"{NEIGHBOUR_DIR}/{name}"
-    for stale in folder.glob("train_*.png") if folder.is_dir() else []:
-        if stale.name not in written:
-            stale.unlink()
 
 
 def write_pages(out: Path, queries: list[Query], records: list[AuditQuery], rows: np.ndarray, train_split,
@@ -288,8 +279,8 @@ def write_pages(out: Path, queries: list[Query], records: list[AuditQuery], rows
                 log: Callable[[str], None] = print) -> list[AuditPage]:
     """Draw the audit figure into `out` in pages of at most QUERIES_PER_PAGE queries, each within 2,000 px.
 
-    `rows (Q, k)`: each query's neighbours as rows of `train_split`. Pages of an earlier,
-    longer audit in `out` are removed. Returns audit.json's `pages`: per page its `file`
+    `rows (Q, k)`: each query's neighbours as rows of `train_split`; `out` is the audit assembled aside.
+    Returns audit.json's `pages`: per page its `file`
     (relative to `out`) and the 0-based positions in `queries` it shows.
     """
     shown = min(len(queries), QUERIES_PER_PAGE * MAX_PAGES)
@@ -308,7 +299,4 @@ def write_pages(out: Path, queries: list[Query], records: list[AuditQuery], rows
                              lines, first=first)
         save_image_atomic(picture, out / page_file(number))
         pages.append(AuditPage(file=page_file(number), queries=list(range(first, last))))
-    for stale in out.glob("audit_page*.png"):
-        if stale.name not in {p.file for p in pages}:
-            stale.unlink()
     return pages

@@ -32,11 +32,12 @@ import torch
 from isda_viz.cache import cache_dir
 from isda_viz.classifiers.networks import build_model
 from isda_viz.classifiers.registry import ClassifierFamily, ClassifierWeights, find_family, known_archs
+from isda_viz.classifiers.run_checkpoint import read_run_checkpoint
 from isda_viz.data.datasets import SPECS, detect_dataset, folder_class_names, read_json_or_lines
 from isda_viz.data.images import map_channels, normalize, resize
 from isda_viz.errors import IsdaVizError
 from isda_viz.isda.estimator import CovarianceEstimator
-from isda_viz.runs import CHECKPOINT, file_sha256, load_checkpoint, non_finite_tensor, resolve_run_dir
+from isda_viz.runs import CHECKPOINT, file_sha256, non_finite_tensor, resolve_run_dir
 
 CLASSIFIER_CACHE = "classifiers"
 """Caches of classifiers given as weights files (`cache_dir(CLASSIFIER_CACHE)`, under `cache.cache_root()`), one
@@ -76,6 +77,14 @@ class Classifier:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def computed_on(self) -> dict:
+        """`{"device": "cpu" | "cuda" | ..., "dtype": "float32" | ...}`: where and in what precision its features are
+        computed. Part of the key of every cache of derived data (class statistics, the audit's feature index): a
+        GPU's features differ from the CPU's in the last bits, so a CPU run never reuses a GPU run's cache."""
+        dtype = next(self.model.parameters()).dtype
+        return {"device": self.device.type, "dtype": str(dtype).removeprefix("torch.")}
 
     @property
     def num_classes(self) -> int:
@@ -283,21 +292,17 @@ def _weights_classifier(weights: ClassifierWeights, path: Path, arch: str, file_
 
 def _load_run(run_dir: Path, device) -> Classifier:
     """A classifier from an isda-viz run directory (weights may be stored as float16: read as float32)."""
-    ckpt = load_checkpoint(run_dir / CHECKPOINT, "classifier checkpoint")
+    run = read_run_checkpoint(run_dir / CHECKPOINT, device=device)
     try:
-        cfg = ckpt["config"]
-        model = build_model(cfg["arch"], len(ckpt["class_names"]), ckpt["input"]["channels"])
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise IsdaVizError(f"{run_dir / CHECKPOINT} is not a classifier checkpoint of isda-viz ({type(e).__name__}: "
+        model = build_model(run.arch, len(run.class_names), run.channels)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in run.model.items()})
+    except (KeyError, RuntimeError, TypeError, ValueError, IsdaVizError) as e:
+        raise IsdaVizError(f"{run.path} is not a classifier checkpoint of isda-viz ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:120]})") from None
     model.to(device).eval().requires_grad_(False)
-    est = ckpt.get("estimator")
-    return Classifier(
-        model, list(ckpt["class_names"]), list(ckpt["normalization"]["mean"]), list(ckpt["normalization"]["std"]),
-        ckpt["input"]["channels"], ckpt["input"]["size"],
-        estimator=CovarianceEstimator.from_state_dict(est, device=device) if est else None,
-        config=cfg, source=run_dir, cache_dir=run_dir, fingerprint=file_sha256(run_dir / CHECKPOINT))
+    return Classifier(model, run.class_names, run.mean, run.std, run.channels, run.image_size,
+                      estimator=run.estimator, config=run.config, source=run_dir, cache_dir=run_dir,
+                      fingerprint=file_sha256(run.path))
 
 
 # ---------------------------------------------------------------- class statistics

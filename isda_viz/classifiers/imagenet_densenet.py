@@ -26,10 +26,9 @@ from isda_viz.classifiers.registry import (
     ReadmeRow,
     register_classifier_family,
 )
+from isda_viz.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from isda_viz.errors import IsdaVizError
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 IMAGENET_INPUT_SIZE = 224
 FINAL_POOL = 7
 """The kernel of the public forward's last `avg_pool2d` (a 7 x 7 map at 224 px)."""

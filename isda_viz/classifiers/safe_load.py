@@ -111,6 +111,48 @@ class PickledImageNetEstimatorCV(PickledEstimatorCV):
     pickled_as = "ISDA_imagenet.EstimatorCV"
 
 
+def _drop_in_statistic(estimator: PickledObject, name: str):
+    """`CoVariance` (M2 / n, population), `Ave` or `Amount` of a pickled drop-in estimator's `isda_viz_state`,
+    float64; None where the state is malformed (the checkpoint reader then names what it expected)."""
+    state = vars(estimator).get("isda_viz_state")
+    parts = [state.get(k) for k in ("m2", "mean64", "count")] if isinstance(state, dict) else []
+    if len(parts) != 3 or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in parts):
+        return None
+    m2, mean, count = (t.to(torch.float64) for t in parts)
+    if count.dim() != 1 or m2.dim() not in (2, 3) or m2.shape[:1] != count.shape or mean.shape[:1] != count.shape:
+        return None
+    if name == "CoVariance":  # zero for classes never seen, as the public estimator's
+        return m2 / count.clamp(min=1).view(-1, *[1] * (m2.dim() - 1))
+    return mean if name == "Ave" else count
+
+
+class PickledDropInEstimatorCV(PickledEstimatorCV):
+    """`isda_viz.compat.cifar.EstimatorCV`, the drop-in for `ISDA.EstimatorCV`: pickled as `.class_num` and
+    `.isda_viz_state` (a `CovarianceEstimator.state_dict()`: `m2`, `mean64`, `count`, float64). `.CoVariance`,
+    `.Ave` and `.Amount` are read from it (float64), as the public estimator's (properties: a file cannot
+    replace them)."""
+    pickled_as = "isda_viz.compat.cifar.EstimatorCV"
+    CoVariance = property(lambda self: _drop_in_statistic(self, "CoVariance"))
+    Ave = property(lambda self: _drop_in_statistic(self, "Ave"))
+    Amount = property(lambda self: _drop_in_statistic(self, "Amount"))
+
+
+class PickledDropInISDALoss(PickledISDALoss):
+    """`isda_viz.compat.cifar.ISDALoss`, the drop-in for `ISDA.ISDALoss`: `.estimator`, `.class_num`,
+    `.cross_entropy`."""
+    pickled_as = "isda_viz.compat.cifar.ISDALoss"
+
+
+class PickledDropInImageNetEstimatorCV(PickledDropInEstimatorCV):
+    """`isda_viz.compat.imagenet.EstimatorCV`: as `PickledDropInEstimatorCV`, diagonal `.CoVariance (C, A)`."""
+    pickled_as = "isda_viz.compat.imagenet.EstimatorCV"
+
+
+class PickledDropInImageNetISDALoss(PickledISDALoss):
+    """`isda_viz.compat.imagenet.ISDALoss`, the drop-in for `ISDA_imagenet.ISDALoss`."""
+    pickled_as = "isda_viz.compat.imagenet.ISDALoss"
+
+
 class PickledFunctionBackend(PickledObject):
     """What torch < 1.2 stored as every pickled `nn.Module`'s `_backend` (its THNN function table): nothing."""
     pickled_as = "torch.nn.backends.thnn.THNNFunctionBackend"
@@ -150,6 +192,11 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("torch.nn.modules.loss", "CrossEntropyLoss"): PickledCrossEntropyLoss,
     ("ISDA_imagenet", "ISDALoss"): PickledImageNetISDALoss,
     ("ISDA_imagenet", "EstimatorCV"): PickledImageNetEstimatorCV,
+    # isda-viz's drop-ins for those two (`isda_viz.compat`), as a public training script pickles them.
+    ("isda_viz.compat.cifar", "ISDALoss"): PickledDropInISDALoss,
+    ("isda_viz.compat.cifar", "EstimatorCV"): PickledDropInEstimatorCV,
+    ("isda_viz.compat.imagenet", "ISDALoss"): PickledDropInImageNetISDALoss,
+    ("isda_viz.compat.imagenet", "EstimatorCV"): PickledDropInImageNetEstimatorCV,
     # torch 1.0.1 (which the public code pins) pickles every nn.Module's `_backend` as this call.
     ("torch.nn.backends.thnn", "_get_thnn_function_backend"): _ThnnBackendReducer(),
     ("collections", "OrderedDict"): OrderedDict,
@@ -162,7 +209,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
        for module in ("torch", "torch.cuda") for kind in _STORAGE_NAMES},
 }
 """Every global a checkpoint of the public ISDA code (CIFAR `train.py`, ImageNet `imagenet_DDP.py`, as written
-by torch 1.0.1 or a later torch) needs, and nothing else."""
+by torch 1.0.1 or a later torch, with the public losses or isda-viz's drop-ins) needs, and nothing else."""
 
 
 class ForbiddenGlobal(pickle.UnpicklingError):

@@ -25,6 +25,7 @@ from isda_viz.data.datasets import FOLDER_DATASETS, TensorImages, detect_dataset
 from isda_viz.data.images import FileImages, image_files
 from isda_viz.errors import IsdaVizError
 from isda_viz.isda.estimator import CovarianceEstimator
+from isda_viz.readers import Fields, read_json
 from isda_viz.runs import load_checkpoint, save_atomic, write_json_atomic
 
 STATISTICS_DIR = "class-statistics"
@@ -165,28 +166,56 @@ def _statistics_pass(classifier: Classifier, data: StatisticsData, classes: list
 
 def _statistics_key(classifier: Classifier, data: StatisticsData, classes: list[int], covariance: str) -> dict:
     return {"weights": classifier.fingerprint, "covariance": covariance, "classes": classes,
-            "data": {str(c): data.class_fingerprints[c] for c in classes}}
+            "data": {str(c): data.class_fingerprints[c] for c in classes}, "computed_on": classifier.computed_on}
+
+
+def read_statistics_key(path) -> dict:
+    """A class-statistics cache key (`<covariance>-<hash>.json`), checked: `weights` and `covariance` strings,
+    `classes` distinct class indices, `data` a fingerprint string per class. `IsdaVizError` naming the file."""
+    fields = Fields(read_json(path, "class statistics cache key", limit=4 << 20), f"the class statistics cache key "
+                    f"{path}")
+    fields.text("weights", max_length=256)
+    fields.text("covariance", max_length=64)
+    classes = fields.items("classes", int, max_length=100_000)
+    if len(set(classes)) != len(classes) or any(c < 0 for c in classes):
+        fields.fail("classes", "must be distinct class indices")
+    data = fields.mapping("data")
+    if sorted(data.data) != sorted(str(c) for c in classes):
+        fields.fail("data", "must hold one fingerprint per class of 'classes'")
+    for c in data.data:
+        data.text(c, max_length=256)
+    return fields.data
+
+
+def read_cached_statistics(key_file: Path, key: dict, classes: list[int], classifier: Classifier) -> ClassStatistics:
+    """The statistics of `classes` (all held by `key`) from the cache entry beside `key_file`, checked as an
+    estimator state of the key's classes and the classifier's features (`CovarianceEstimator.read_state`)."""
+    path = key_file.with_suffix(".pt")
+    held = CovarianceEstimator.read_state(load_checkpoint(path, "class statistics cache"),
+                                          f"the class statistics cache {path}", num_features=classifier.feature_dim,
+                                          num_classes=len(key["classes"])).state_dict()
+    rows = torch.tensor([key["classes"].index(c) for c in classes])
+    state = {**held, "num_classes": len(classes), **{k: held[k][rows] for k in ("m2", "mean64", "count")}}
+    return ClassStatistics(CovarianceEstimator.from_state_dict(state, device=classifier.device), classes)
 
 
 def _cached_statistics(classifier: Classifier, data: StatisticsData, classes: list[int],
                        covariance: str) -> ClassStatistics | None:
-    """Statistics cached for these weights and covariance type whose classes cover `classes` with the same images."""
+    """Statistics cached for these weights and covariance type, computed on this device type in this precision,
+    whose classes cover `classes` with the same images. A cache entry that is not one (a FIFO, broken JSON, a
+    wrong shape) is skipped with a note."""
     if classifier.cache_dir is None or classifier.fingerprint is None:
         return None
     for key_file in sorted((classifier.cache_dir / STATISTICS_DIR).glob(f"{covariance}-*.json")):
         try:
-            key = json.loads(key_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if key.get("weights") != classifier.fingerprint:
-            continue
-        held = {int(c): fp for c, fp in key.get("data", {}).items()}
-        if all(held.get(c) == data.class_fingerprints[c] for c in classes):
-            state = load_checkpoint(key_file.with_suffix(".pt"), "class statistics cache")
-            rows = torch.tensor([key["classes"].index(c) for c in classes])
-            state = {**state, "num_classes": len(classes),
-                     **{k: state[k][rows] for k in ("m2", "mean64", "count")}}
-            return ClassStatistics(CovarianceEstimator.from_state_dict(state, device=classifier.device), classes)
+            key = read_statistics_key(key_file)
+            if key["weights"] != classifier.fingerprint or key.get("computed_on") != classifier.computed_on:
+                continue  # other weights, or features computed on another device or in another precision
+            held = {int(c): fp for c, fp in key["data"].items()}
+            if all(held.get(c) == data.class_fingerprints[c] for c in classes):
+                return read_cached_statistics(key_file, key, classes, classifier)
+        except IsdaVizError as e:
+            _note(f"skipping a class statistics cache entry: {e}")
     return None
 
 
@@ -200,7 +229,11 @@ def _save_statistics(classifier: Classifier, data: StatisticsData, classes: list
     folder = classifier.cache_dir / STATISTICS_DIR
     try:
         for old in folder.glob("*.json"):  # statistics of weights this folder no longer holds (a retrained run)
-            if json.loads(old.read_text()).get("weights") != classifier.fingerprint:
+            try:
+                stale = read_statistics_key(old)["weights"] != classifier.fingerprint
+            except IsdaVizError:
+                continue  # not a key of ours: left alone
+            if stale:
                 old.with_suffix(".pt").unlink(missing_ok=True)
                 old.unlink()
         save_atomic(estimator.state_dict(), folder / f"{name}.pt")

@@ -15,7 +15,7 @@ whose values override the model's defaults) beside `model.safetensors` or `pytor
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import torch
@@ -27,10 +27,13 @@ from isda_viz.classifiers.registry import (
     ReadmeRow,
     register_classifier_family,
 )
+from isda_viz.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import MAX_CLASSES, Fields, check_class_names, check_network_size, read_json
 
 TIMM_EXTRA = "pip install 'isda-viz[timm]'"
 HF_CONFIG = "config.json"
+MAX_TIMM_INPUT = 4096            # pixels per side of a timm model's input
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 """The weights file of a Hugging Face-style folder, in the order looked for."""
 
@@ -50,19 +53,75 @@ def read_hf_folder(folder: Path) -> tuple[Path, dict]:
     if not config_file.is_file():
         raise IsdaVizError(f"--classifier {folder} is a folder without {HF_CONFIG}: give a weights file, or a "
                            f"Hugging Face-style folder ({HF_CONFIG} + {' or '.join(HF_WEIGHTS)})")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IsdaVizError(f"{config_file} is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(config, dict):
-        raise IsdaVizError(f"{config_file} must hold a JSON object")
+    config = read_timm_config(config_file)
     weights = next((folder / f for f in HF_WEIGHTS if (folder / f).is_file()), None)
     if weights is None:
         raise IsdaVizError(f"{folder} holds {HF_CONFIG} but no weights file ({' or '.join(HF_WEIGHTS)})")
     return weights, config
 
 
+# model_args a config.json may not set: isda-viz sets the class count, never loads or downloads through timm, and
+# builds on the CPU
+_RESERVED_MODEL_ARGS = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                        "cache_dir", "device", "dtype", "features_only", "scriptable", "exportable", "no_jit")
+_PREPROCESSING = ("input_size", "mean", "std", "crop_pct", "interpolation")   # pretrained_cfg keys isda-viz uses
+
+
+def read_timm_config(path: Path) -> dict:
+    """A Hugging Face-style timm folder's `config.json`, checked as it is read (at most 1 MB of strict JSON): an
+    optional `architecture` string, `num_classes` 1-100,000, `model_args` an object of plain values (numbers,
+    strings, true/false, lists of them) without the keys isda-viz sets itself, `pretrained_cfg` an object whose
+    preprocessing keys (`check_preprocessing`) are kept, `label_names` distinct names. `IsdaVizError` otherwise."""
+    fields = Fields(read_json(path, "timm config", limit=1 << 20), f"the timm config {path}")
+    config = {"architecture": fields.text("architecture", default=None, max_length=200),
+              "num_classes": fields.integer("num_classes", 1, MAX_CLASSES, default=None)}
+    model_args = fields.mapping("model_args", default=None)
+    if model_args is not None:
+        for key, value in model_args.data.items():
+            if key in _RESERVED_MODEL_ARGS:
+                model_args.fail(key, "is set by isda-viz, not by a config.json")
+            plain = (int, float, str, bool)
+            if not (value is None or _is_plain(value, plain) or
+                    (isinstance(value, list) and len(value) <= 64 and all(_is_plain(v, plain) for v in value))):
+                model_args.fail(key, "must be a number, a string, true/false or a short list of them")
+        config["model_args"] = dict(model_args.data)
+    pretrained = fields.mapping("pretrained_cfg", default=None)
+    if pretrained is not None:
+        kept = {k: v for k, v in pretrained.data.items() if k in _PREPROCESSING}
+        check_preprocessing(kept, f"{fields.where}: pretrained_cfg")
+        config["pretrained_cfg"] = kept
+    if fields.data.get("label_names") is not None:
+        config["label_names"] = check_class_names(fields.data["label_names"], f"{fields.where}: label_names")
+    return config
+
+
+def _is_plain(value, kinds) -> bool:
+    return isinstance(value, kinds) and not (isinstance(value, float) and not math.isfinite(value)) and \
+        not (isinstance(value, str) and len(value) > 200)
+
+
+def check_preprocessing(cfg: dict, where: str) -> dict:
+    """timm preprocessing settings (`pretrained_cfg`'s `input_size`, `mean`, `std`) checked: `input_size`
+    [channels 1-4, H, W] with H = W in 8-`MAX_TIMM_INPUT`, `mean`/`std` one finite number per channel, std > 0."""
+    fields = Fields(cfg, where, "an object")
+    channels = 3
+    if "input_size" in cfg:
+        size = fields.items("input_size", int, length=3)
+        if not 1 <= size[0] <= 4 or not all(8 <= v <= MAX_TIMM_INPUT for v in size[1:]):
+            fields.fail("input_size", f"must be [channels 1-4, height, width] with sides 8-{MAX_TIMM_INPUT}, "
+                                      f"not {size}")
+        channels = size[0]
+    for key in ("mean", "std"):
+        if key in cfg:
+            values = fields.items(key, (int, float))
+            if len(values) != channels or (key == "std" and any(v <= 0 for v in values)):
+                fields.fail(key, f"must be {channels} finite numbers{' > 0' if key == 'std' else ''}, not {values}")
+    return cfg
+
+
 def _create(timm, name: str, **kwargs) -> nn.Module:
+    if kwargs:  # a config's widths are checked on the meta device before any weight is allocated
+        check_network_size(lambda: timm.create_model(name, pretrained=False, **kwargs), f"timm {name} with {kwargs}")
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, TypeError, ValueError, KeyError) as e:
@@ -98,13 +157,15 @@ class TimmClassifier(nn.Module):
         self.fc = net.get_classifier()
         self.feature_dim = self.fc.in_features
         self.num_classes = self.fc.out_features
-        cfg = dict(getattr(net, "pretrained_cfg", None) or {})
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(cfg).items() if k in _PREPROCESSING}
+        check_preprocessing(cfg, f"timm {name}'s pretrained_cfg")
         channels, height, width = cfg.get("input_size", (3, 224, 224))
         if height != width:
             raise IsdaVizError(f"timm {name} takes {height}x{width} inputs; isda-viz handles square inputs only")
         self.channels, self.input_size = int(channels), int(height)
-        self.mean = [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))]
-        self.std = [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
+        self.mean = [float(v) for v in cfg.get("mean", IMAGENET_MEAN)]
+        self.std = [float(v) for v in cfg.get("std", IMAGENET_STD)]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
@@ -155,5 +216,7 @@ def load_timm_classifier(path, name: str, num_classes: int | None = None) -> Cla
     net = _create(timm, name, num_classes=head_weight.shape[0], **model_args, **overlay)
     load_strict(net, weights.state, f"{path}: timm {name} weights")
     labels = config.get("label_names")
-    labels = [str(v) for v in labels] if isinstance(labels, list) and len(labels) == head_weight.shape[0] else None
+    if labels is not None and len(labels) != head_weight.shape[0]:
+        raise IsdaVizError(f"{path.parent / HF_CONFIG}: label_names names {len(labels)} classes, but {path} "
+                           f"classifies {head_weight.shape[0]}")
     return weights.classifier(TimmClassifier(net, name, labels).eval().requires_grad_(False), f"timm:{name}")

@@ -18,6 +18,7 @@ import torchvision
 
 from isda_viz.classifiers.foreign import load_strict, read_weights_file
 from isda_viz.classifiers.registry import ClassifierWeights, ReadmeRow, register_classifier_family
+from isda_viz.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from isda_viz.errors import IsdaVizError
 
 
@@ -51,7 +52,7 @@ def torchvision_preprocessing(name: str) -> tuple[list[float], list[float], int]
         transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
         return list(transform.mean), list(transform.std), int(transform.crop_size[0])
     except (ValueError, AttributeError, KeyError):
-        return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 224
+        return list(IMAGENET_MEAN), list(IMAGENET_STD), 224
 
 
 class HookedTorchvisionClassifier(nn.Module):

@@ -33,20 +33,34 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int) -> torc
 
 
 class _GlobalBatchShards(torch.utils.data.Sampler):
-    """Index lists of a rank's part of each global batch of a given order (set per epoch with `set_order`)."""
-    def __init__(self, batch_size: int, shard: tuple[int, int] | None):
-        self.batch_size, self.shard, self.order = batch_size, shard, []
+    """Index lists of a rank's part of each global batch of a given order (set per epoch with `set_order`).
 
-    def set_order(self, order: list[int]) -> None:
-        self.order = order
+    A rank whose part of a batch is empty (the last batch of an evaluation, fewer images than ranks) skips
+    it: an empty list cannot be collated. With `set_order(order, seed)` each index travels with its item
+    seed `(index, seed + index)` (see `iterate_batches`).
+    """
+    def __init__(self, batch_size: int, shard: tuple[int, int] | None):
+        self.batch_size, self.shard, self.order, self.seed = batch_size, shard, [], None
+
+    def set_order(self, order: list[int], seed: int | None = None) -> None:
+        self.order, self.seed = order, seed
 
     def __iter__(self):
         for start in range(0, len(self.order), self.batch_size):
             batch = self.order[start:start + self.batch_size]
-            yield batch[_part(len(batch), self.shard)]
+            part = batch[_part(len(batch), self.shard)]
+            if not part:
+                continue
+            yield part if self.seed is None else [(i, item_seed(self.seed, i)) for i in part]
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
+
+
+def item_seed(epoch_seed: int, index: int) -> int:
+    """The seed of item `index`'s random augmentation in an epoch: a function of the epoch and the image only,
+    so a rank, a worker process or a resumed run draws the same crop and flip as one uninterrupted process."""
+    return (epoch_seed + index * 1_000_003) % 2**63
 
 
 def _part(n: int, shard: tuple[int, int] | None) -> slice:
@@ -61,7 +75,11 @@ def iterate_batches(dataset, batch_size: int, shuffle: bool, generator: torch.Ge
 
     `shard=(rank, world)`: the order and the global batches of `batch_size` are the
     same on every rank, each rank gets its contiguous part of each (for
-    distributed training and evaluation). Image folders stream through one
+    distributed training and evaluation; a rank whose part of the last batch is
+    empty gets no batch there). Datasets with `random_items` (training image
+    folders: random crop and flip) are asked for `(index, item_seed)`, the seed
+    drawn from `generator`, so their augmentation does not depend on the rank,
+    the worker process or an interruption. Image folders stream through one
     DataLoader per dataset and settings, kept across epochs: `num_workers`
     processes decode JPEGs (kept alive between epochs), batches land in pinned
     memory when `pin_memory` (for asynchronous copies to a GPU).
@@ -75,6 +93,11 @@ def iterate_batches(dataset, batch_size: int, shuffle: bool, generator: torch.Ge
             yield dataset.images[idx], dataset.labels[idx]
         return
 
+    # Datasets that augment each item at random (training image folders) get a seed per item, drawn once
+    # per epoch from `generator`: their DataLoader workers never use their own (per-process) random state.
+    seed = None
+    if getattr(dataset, "random_items", False):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
     key = (batch_size, shard, num_workers, pin_memory)
     cache = dataset.__dict__.setdefault("_loaders", {})
     if key not in cache:
@@ -83,7 +106,7 @@ def iterate_batches(dataset, batch_size: int, shuffle: bool, generator: torch.Ge
         cache[key] = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                                 **extra)
     loader = cache[key]
-    loader.batch_sampler.set_order(order.tolist())
+    loader.batch_sampler.set_order(order.tolist(), seed)
     for images, labels in loader:
         yield images, labels
 

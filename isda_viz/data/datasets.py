@@ -10,7 +10,6 @@ through a DataLoader.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import pickle
 import struct
@@ -32,6 +31,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from isda_viz.cache import cache_dir, cache_root
 from isda_viz.data.images import open_rgb, eval_transform
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import parse_json, read_text
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -73,14 +73,18 @@ class DatasetSpec:
     default_covariance: str = "full"
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The ImageNet normalisation (per RGB channel) that torchvision, timm and the public ImageNet code use: the one copy."""
+
 SPECS = {
     "fashion-mnist": DatasetSpec("fashion-mnist", 10, 1, 28, [0.2860], [0.3530], FASHION_MNIST_CLASSES),
     "cifar10": DatasetSpec("cifar10", 10, 3, 32, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], CIFAR10_CLASSES),
     "cifar100": DatasetSpec("cifar100", 100, 3, 32, [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762],
                             CIFAR100_CLASSES),
-    "imagenet": DatasetSpec("imagenet", 1000, 3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+    "imagenet": DatasetSpec("imagenet", 1000, 3, 224, list(IMAGENET_MEAN), list(IMAGENET_STD),
                             default_arch="resnet50", default_covariance="diagonal"),
-    "folder": DatasetSpec("folder", 0, 3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+    "folder": DatasetSpec("folder", 0, 3, 224, list(IMAGENET_MEAN), list(IMAGENET_STD),
                           default_arch="resnet50", default_covariance="diagonal"),
 }
 DATASET_NAMES = list(SPECS)
@@ -121,7 +125,13 @@ def _walk_images(class_dir: Path, seen: set[str], root: Path) -> list[Path]:
             raise IsdaVizError(f"cannot list {folder}: {os.strerror(e.errno)}") from None
         names = []
         for entry in entries:
-            if entry.is_dir():  # follows symlinks
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError as e:  # a link to itself (or a longer loop of links): ELOOP
+                raise IsdaVizError(f"symbolic link loop in the image folder: {entry.path} -> "
+                                   f"{os.readlink(entry.path) if entry.is_symlink() else '?'} "
+                                   f"({os.strerror(e.errno)}); remove the link") from None
+            if is_dir:
                 path, real = Path(entry.path), os.path.realpath(entry.path)
                 if real in ancestors:
                     link = next((q for q in [path, *path.parents] if q.is_symlink()), path)
@@ -211,8 +221,12 @@ class _ScannedFolder(Dataset):
 
 class FolderImages(Dataset):
     """An ImageFolder whose items are uint8 `(3, S, S)` tensors (resize + centre crop, or random crop).
-    Its files are checked before use (`scan_image_folder`; `skip_bad`: skip unreadable ones)."""
+    Its files are checked before use (`scan_image_folder`; `skip_bad`: skip unreadable ones).
+
+    Training folders crop and flip at random (`random_items`): `dataset[(i, seed)]` draws item i's crop and
+    flip from `seed` alone (the process's random state is left as it was), `dataset[i]` from that state."""
     def __init__(self, root: Path, image_size: int, train: bool, skip_bad: bool = False):
+        self.random_items = train
 
         if train:
             tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
@@ -226,9 +240,14 @@ class FolderImages(Dataset):
     def __len__(self) -> int:
         return len(self._indices) if self._indices is not None else len(self.folder)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         j = self._indices[i] if self._indices is not None else i
-        return self.folder[j]
+        if seed is None:
+            return self.folder[j]
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from torch's CPU state
+            torch.manual_seed(seed)
+            return self.folder[j]
 
     def __getstate__(self):  # DataLoader workers get the images, not the loaders kept on the dataset
         return {k: v for k, v in self.__dict__.items() if k != "_loaders"}
@@ -431,18 +450,13 @@ def load_split(name: str, train: bool, data_root: str | Path | None = None, limi
 
 
 def read_json_or_lines(path: Path, option: str) -> tuple[object, list[str] | None]:
-    """A small file the user names with `option` (`--class-names`, `--class-map`): `(its JSON value, None)`,
-    or `(None, its lines)` when it is not JSON. A missing file is an `IsdaVizError`."""
-    if not path.is_file():
-        raise IsdaVizError(f"{option} file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise IsdaVizError(f"{option} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                           "save it as UTF-8") from None
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError:
-        return None, text.splitlines()
+    """A small file the user names with `option` (`--class-names`, `--class-map`): `(its JSON value, None)` when
+    it starts with `{` or `[` (strict JSON then, nesting and size bounded: `readers.parse_json`), else
+    `(None, its lines)`. A missing file, a FIFO or device, more than 16 MB or text that is not UTF-8 is an
+    `IsdaVizError`."""
+    text = read_text(path, option)
+    if text.lstrip("\ufeff \t\r\n").startswith(("{", "[")):
+        return parse_json(text.lstrip("\ufeff"), path, option), None
+    return None, text.splitlines()
 
 

@@ -7,6 +7,8 @@ so the inverter's gradients flow through `resize` and `map_channels`.
 
 from __future__ import annotations
 
+import functools
+
 import os
 import stat
 import sys
@@ -160,7 +162,25 @@ def map_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """`(N, C, H, W)` → `(N, C, size, size)`, bilinear with antialiasing (no aliasing when shrinking 128 → 28)."""
+    """`(N, C, H, W)` → `(N, C, size, size)`, bilinear with antialiasing (no aliasing when shrinking 128 → 28).
+
+    On CUDA under `--deterministic` (torch's deterministic algorithms on), where interpolation's backward
+    has no deterministic kernel, the same resize as two matrix products (`resize_matrix`), whose backward
+    is deterministic; equal to the interpolation to float rounding."""
     if x.shape[-2:] == (size, size):
         return x
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        rows = resize_matrix(x.shape[-2], size).to(x.device, x.dtype)          # (size, H)
+        cols = resize_matrix(x.shape[-1], size).to(x.device, x.dtype)          # (size, W)
+        return rows @ x @ cols.T
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+@functools.lru_cache(maxsize=16)
+def resize_matrix(source: int, size: int) -> torch.Tensor:
+    """`(size, source)` float64 weights of antialiased bilinear resizing along one axis: row i says how much
+    each source pixel contributes to output pixel i. The interpolation is separable and linear, so resizing
+    `x (N, C, H, W)` is `R_H @ x @ R_W^T`; the rows are torch's own weights, read off by resizing the unit
+    vectors (the columns of an identity image, resized along its height only; on the CPU, in float64)."""
+    unit = torch.eye(source, dtype=torch.float64)[None, None]                  # (1, 1, source, source)
+    return F.interpolate(unit, size=(size, source), mode="bilinear", align_corners=False, antialias=True)[0, 0]

@@ -11,8 +11,6 @@ The t = 0 target is a itself, shared by an image's directions (one problem, not 
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 
 from isda_viz import locks
+from isda_viz.bounds import check_count, check_memory, check_number, derived_seed
 from isda_viz.classifiers.statistics import ClassStatistics, class_statistics
 from isda_viz.data.images import load_image_file
 from isda_viz.errors import IsdaVizError
@@ -27,10 +26,11 @@ from isda_viz.inversion.pipeline import draw_prior, invert_batch
 from isda_viz.inversion.pipelines import (
     Models,
     VisualizeOptions,
+    check_distinct_classes,
     check_models,
+    chosen_classes,
     code_source,
     images_per_class,
-    replace_output_dir,
 )
 from isda_viz.inversion.starts import CodeSource
 from isda_viz.isda.directions import (
@@ -63,12 +63,21 @@ from isda_viz.outputs.directions import (
     write_directions_report,
 )
 from isda_viz.outputs.figures import to_pil
-from isda_viz.outputs.folders import check_figure_path, check_out_dir
+from isda_viz.outputs.folders import (
+    check_figure_path,
+    check_inputs_outside,
+    claim_figure,
+    figure_files_dir,
+    figure_outputs,
+    publish_figure,
+)
 from isda_viz.outputs.report import ImageFile, ReconstructionEntry
 from isda_viz.runs import assembled_beside
 
 FILES_REPORT = "directions.json"     # the report inside FIG_files/, its paths relative to that folder
 DRAW_CHUNK = 250                     # feature-space test draws per sampling call (bounds memory for large A)
+MAX_DIRECTIONS, MAX_STEPS, MAX_RANGE = 256, 101, 100.0           # --directions, --steps, --range
+MAX_TEST_DRAWS, MAX_PIXEL_DRAWS = 100_000, 64                     # --test-draws, --pixel-draws (<= --test-draws)
 
 
 @dataclass(kw_only=True)
@@ -95,14 +104,16 @@ class DirectionsOptions:
         """Raise `IsdaVizError` for values no run can use (before any model is loaded); `visualize` checks itself."""
         if self.directions < 1:
             raise IsdaVizError("--directions must be >= 1")
-        if self.steps < 3 or self.steps % 2 == 0:
-            raise IsdaVizError("--steps must be odd and >= 3, so that t = 0 is one of the frames")
-        if not self.extent > 0:
-            raise IsdaVizError("--range must be > 0")
-        if self.per_class < 1:
-            raise IsdaVizError("--per-class must be >= 1")
-        if self.test and (self.feature_draws < 1 or self.pixel_draws < 0):
-            raise IsdaVizError("--test-draws must be >= 1 and --pixel-draws >= 0")
+        check_count(self.directions, "--directions", 1, MAX_DIRECTIONS)
+        if self.steps < 3 or self.steps % 2 == 0 or self.steps > MAX_STEPS:
+            raise IsdaVizError(f"--steps must be odd, from 3 to {MAX_STEPS}, so that t = 0 is one of the frames "
+                               f"(not {self.steps})")
+        check_number(self.extent, "--range", 0, MAX_RANGE, low_open=True)
+        check_count(self.per_class, "--per-class", 1, 100)
+        if self.test:
+            check_count(self.feature_draws, "--test-draws", 1, MAX_TEST_DRAWS)
+            check_count(self.pixel_draws, "--pixel-draws", 0, min(self.feature_draws, MAX_PIXEL_DRAWS))
+        check_distinct_classes(self.classes)
 
 
 @dataclass
@@ -131,8 +142,9 @@ def make_directions(*, out, options: DirectionsOptions | None = None,
 
 
 def _make_directions(out_png: Path, options: DirectionsOptions, models: Models | None) -> DirectionsReport:
-    files_dir = out_png.with_name(out_png.stem + "_files")
-    _check_files_dir(files_dir)
+    files_dir = figure_files_dir(out_png)
+    _check_files_dir(out_png)
+    check_inputs_outside({"--image": options.images, **options.visualize.input_paths()}, figure_outputs(out_png))
     vis = options.visualize
     models = models or vis.load_models()
     check_models(models)
@@ -141,7 +153,8 @@ def _make_directions(out_png: Path, options: DirectionsOptions, models: Models |
         raise IsdaVizError(f"--directions {options.directions} is more than the classifier's "
                            f"{classifier.feature_dim} feature dimensions")
     images, labels, sources = _inputs(models, options)
-    test_rng = torch.Generator().manual_seed(vis.seed + 1)     # the test's own draws: frames do not depend on it
+    _check_plan(options, len(images), classifier.feature_dim, classifier.channels * classifier.image_size ** 2)
+    test_rng = torch.Generator().manual_seed(derived_seed(vis.seed + 1))  # the test's own: frames do not depend on it
     others = pick_other_classes(labels, classifier.num_classes, test_rng) if options.test else None
     wanted_classes = sorted(set(labels.tolist()) | (set(others.tolist()) if others is not None else set()))
     statistics = class_statistics(classifier, vis.data_root, classes=wanted_classes, covariance=vis.covariance,
@@ -159,6 +172,18 @@ def _make_directions(out_png: Path, options: DirectionsOptions, models: Models |
     return _write(report, traversal, out_png, files_dir, vis.embed)
 
 
+def _check_plan(options: DirectionsOptions, n: int, feature_dim: int, pixels: int) -> None:
+    """Refuse, before any search, a figure whose one Step II batch or test draws exceed the memory budget: per
+    image 1 + K (S - 1) + 3 P inverted rows (each its image, gradients and Adam state: about 16 floats of 4 bytes
+    per pixel and per feature), and 3 M float64 feature draws per image."""
+    rows = n * (1 + options.directions * (options.steps - 1) + 3 * (options.pixel_draws if options.test else 0))
+    check_memory(rows * 16 * 4 * (pixels + feature_dim), f"inverting {rows} targets in one batch",
+                 "--directions, --steps, --pixel-draws or the number of images")
+    if options.test:
+        check_memory(3 * n * options.feature_draws * feature_dim * 8, f"{options.feature_draws} test draws per image",
+                     "--test-draws or the number of images")
+
+
 def _inputs(models: Models, options: DirectionsOptions):
     """The images `(N, C, H, W)` in [0, 1], their labels `(N,)` and sources: files, or test images per class."""
     classifier = models.classifier
@@ -169,7 +194,7 @@ def _inputs(models: Models, options: DirectionsOptions):
         else:
             labels = torch.full((len(pixels),), classifier.class_index(options.label, "--label"))
         return pixels, labels, [str(p) for p in options.images]
-    chosen = [classifier.class_index(c, "--classes") for c in options.classes] if options.classes else None
+    chosen = chosen_classes(classifier, options.classes)
     return images_per_class(classifier, options.per_class, chosen, options.visualize.data_root)
 
 
@@ -340,15 +365,16 @@ def _settings(options: DirectionsOptions, models: Models, source: CodeSource) ->
                               refine_steps=getattr(source, "refine_steps", None))
 
 
-def _check_files_dir(folder: Path) -> None:
-    """A FIG_files/ folder we may replace: absent, empty, or an earlier output of `directions`."""
-    check_out_dir(folder, ours=FILES_REPORT, what="a directions output")
+def _check_files_dir(out_png: Path) -> None:
+    """The figure FIG.png may be written: FIG_files/ absent, empty, or an earlier output of `directions` carrying
+    our manifest, and FIG.png, FIG.json, FIG.html absent or its links (`outputs.folders.claim_figure`)."""
+    claim_figure(out_png, "directions")
 
 
 def _write(report: DirectionsReport, traversal: Traversal, out_png: Path, files_dir: Path,
            embed: bool) -> DirectionsReport:
-    """FIG_files/, FIG.json, FIG.png and FIG.html, all built in one temporary folder beside them and
-    renamed into place when complete (FIG_files first, the page last), as `grid` writes its figure."""
+    """FIG_files/ with every frame, the figure, its JSON and page (linked to as FIG.png, FIG.json, FIG.html), all
+    assembled in one temporary folder and published whole (`outputs.folders.publish_figure`), as `grid` does."""
     with assembled_beside(out_png, maps_to=out_png.parent) as tmp:
         files = tmp / files_dir.name
         files.mkdir()
@@ -362,14 +388,10 @@ def _write(report: DirectionsReport, traversal: Traversal, out_png: Path, files_
                     to_pil(traversal.frames[i, d, j]).save(files / frame.file)
         report.seconds["writing"] = round(time.time() - started, 3)   # the PNGs; reports and page are small
         write_directions_report(report, files / FILES_REPORT)
-        figure = draw_directions_figure(report, list(traversal.frames), list(traversal.changes))
-        figure.save(files / "figure.png")
-        shutil.copyfile(files / "figure.png", tmp / out_png.name)
+        draw_directions_figure(report, list(traversal.frames), list(traversal.changes)).save(tmp / out_png.name)
         placed = report.with_files_under(files_dir.name)
         write_directions_report(placed, tmp / out_png.with_suffix(".json").name)
         write_directions_page(placed, embed=embed)
-        replace_output_dir(files, files_dir, (FILES_REPORT,))
-        for suffix in (".json", ".png", ".html"):
-            os.replace(tmp / out_png.with_suffix(suffix).name, out_png.with_suffix(suffix))
+        publish_figure(tmp, out_png, "directions")
     placed.path = out_png.with_suffix(".json")
     return placed

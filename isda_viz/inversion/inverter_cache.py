@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from isda_viz.inversion.amortized import (
 )
 from isda_viz.isda.directions import class_directions
 from isda_viz.isda.sampling import covariance_factors
+from isda_viz.readers import read_json
 from isda_viz.runs import load_checkpoint, save_atomic, write_json_atomic
 
 INVERTER_DIR = "inverters"
@@ -94,15 +94,11 @@ def _note(message: str) -> None:
 
 
 def _read_key(path: Path) -> dict | None:
-    """The key file's JSON object, or None where there is none; only a small regular file is read."""
-    try:
-        info = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
+    """The key file's JSON object, or None where there is none; read as `readers.read_json` reads (a small
+    regular UTF-8 file, strict JSON)."""
+    if not os.path.lexists(path):
         return None
-    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_KEY_BYTES:
-        raise ValueError("not a small regular file")
-    with open(path, "rb") as f:
-        key = json.loads(f.read(MAX_KEY_BYTES + 1).decode("utf-8"))
+    key = read_json(path, "the inverter's key file", limit=MAX_KEY_BYTES)
     if not isinstance(key, dict):
         raise ValueError("not a JSON object")
     return key

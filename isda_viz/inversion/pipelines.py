@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from isda_viz.classifiers.covariance_file import read_covariance_file
 from isda_viz.classifiers.statistics import ClassStatistics, class_statistics
 from isda_viz.data.datasets import load_split
 from isda_viz.data.images import check_image_path, load_image_file
-from isda_viz.devices import pick_device
+from isda_viz.bounds import check_count, check_number, check_seed, derived_seed
+from isda_viz.devices import check_device, pick_device, use_deterministic
 from isda_viz.errors import IsdaVizError
 from isda_viz.generators import load_generator
 from isda_viz.generators.reach import cached_reach_summary
@@ -40,7 +40,17 @@ from isda_viz.isda.directions import augmentation_shares
 from isda_viz.isda.estimator import check_covariance
 from isda_viz.isda.sampling import sample_augmented_features
 from isda_viz.outputs.figures import labelled_grid, to_pil
-from isda_viz.outputs.folders import check_figure_path, check_out_dir
+from isda_viz.outputs.folders import (
+    check_figure_path,
+    check_inputs_outside,
+    check_name_lengths,
+    check_replaceable,
+    claim_figure,
+    figure_files_dir,
+    figure_outputs,
+    publish_figure,
+    publish_folder,
+)
 from isda_viz.outputs.html import write_html
 from isda_viz.outputs.report import (
     REPORT,
@@ -54,12 +64,16 @@ from isda_viz.outputs.report import (
     write_report,
 )
 from isda_viz.pretrained import default_classifier, default_generator, default_judge
-from isda_viz.runs import assembled_beside, private_mkdtemp
+from isda_viz.runs import assembled_beside
 
 
 
 INVERTERS = ("search", "amortized")
 """The ways `--inverter` names of producing latent codes (`inversion.starts`)."""
+
+
+MAX_STRENGTH, MAX_LR, MAX_ITERATIONS = 100.0, 10.0, 100_000     # --strength, --lr, --iterations
+MAX_AUGMENTED, MAX_RESTARTS = 64, 64                               # --num-augmented, --restarts
 
 
 @dataclass(kw_only=True)
@@ -75,7 +89,8 @@ class VisualizeOptions:
     (None: its default). `strength` is λ: a~ = a + eps, eps ~ N(0, λ Σ_y); `num_augmented` is K
     per image. `InversionOptions.make` turns the command line's knobs into `inversion`. `embed`:
     the output's HTML page carries its images inline (`data:` URIs) instead of referencing the PNG
-    files.
+    files. `deterministic`: `--deterministic` (`devices.use_deterministic`, process-wide), applied when
+    the models are loaded.
     """
 
     classifier: str | None = None
@@ -98,34 +113,45 @@ class VisualizeOptions:
     data_root: str | None = None      # the classifier's dataset folder (default: the one it was trained from)
     progress: bool = True
     embed: bool = False
+    deterministic: bool = False       # CUDA: deterministic kernels, no TF32 (`devices.use_deterministic`)
 
     def __post_init__(self) -> None:
-        """Raise `IsdaVizError` for values no run can use (before any model is loaded)."""
+        """Raise `IsdaVizError` for values no run can use (before any model is loaded): every number finite and
+        in its range (`isda_viz.bounds`), the device one this torch has."""
         if not math.isfinite(self.strength) or self.strength < 0:
             raise IsdaVizError(f"--strength must be a finite number >= 0, not {self.strength}")
-        if self.truncation is not None and not math.isfinite(self.truncation):
-            raise IsdaVizError(f"--truncation must be a finite number, not {self.truncation}")
-        for name, option in (("reconstruct_lr", "--lr"), ("augment_lr", "--lr"), ("tolerance", "--tolerance")):
-            value = getattr(self.inversion, name)
-            if not math.isfinite(value):
-                raise IsdaVizError(f"{option} must be a finite number, not {value}")
+        check_number(self.strength, "--strength", 0, MAX_STRENGTH)
+        if self.truncation is not None:
+            check_number(self.truncation, "--truncation", 0, 1, low_open=True)
+        for name in ("reconstruct_lr", "augment_lr"):
+            check_number(getattr(self.inversion, name), "--lr", 0, MAX_LR, low_open=True)
+        check_number(self.inversion.tolerance, "--tolerance", 0, 1e6)
+        for name in ("reconstruct_iterations", "augment_iterations"):
+            check_count(getattr(self.inversion, name), "--iterations", 0, MAX_ITERATIONS)  # 0: the start alone
         check_covariance(self.covariance)
-        if self.num_augmented < 1:
-            raise IsdaVizError("--num-augmented must be >= 1")
-        if self.inversion.restarts < 1:
-            raise IsdaVizError("--restarts must be >= 1")
+        check_count(self.num_augmented, "--num-augmented", 1, MAX_AUGMENTED)
+        check_count(self.inversion.restarts, "--restarts", 1, MAX_RESTARTS)
         if self.inverter not in (None, *INVERTERS):
             raise IsdaVizError(f"--inverter must be one of {', '.join(INVERTERS)}, not {self.inverter!r}")
-        for name, option in (("refine_steps", "--refine-steps"), ("micro_batch", "--micro-batch")):
-            value = getattr(self, name)
-            low = 0 if name == "refine_steps" else 1
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise IsdaVizError(f"{option} must be a whole number >= {low}, not {value!r}")
+        if self.refine_steps is not None:
+            check_count(self.refine_steps, "--refine-steps", 0, MAX_ITERATIONS)
+        if self.micro_batch is not None:
+            check_count(self.micro_batch, "--micro-batch", 1, 1_000_000)
+        check_seed(self.seed)
+        check_device(self.device)
+
+    def input_paths(self) -> dict:
+        """The files and folders these options read, by option name (an input is never an output)."""
+        return {"--classifier": self.classifier, "--class-names": self.class_names, "--generator": self.generator,
+                "--class-map": self.class_map, "--judge": self.judge, "--covariance-file": self.covariance_file,
+                "--data-root": self.data_root}
 
     def load_models(self) -> Models:
         """The classifier, generator and judge these options name, frozen, on the chosen device."""
 
         device = pick_device(self.device)
+        if self.deterministic:  # before any model or cuBLAS handle exists
+            use_deterministic(device)
         judge = self.judge if self.judge is not None or self.classifier is not None else default_judge()
         extra = {} if self.truncation is None else {"truncation": self.truncation}
         classifier = load_classifier(self.classifier or default_classifier(), device, arch=self.classifier_arch,
@@ -259,26 +285,16 @@ def report_settings(options: VisualizeOptions, models: Models, source: CodeSourc
                     generator_reach=cached_reach_summary(models.classifier, models.generator, models.class_map))
 
 
-def _check_out_dir(out: Path, markers: tuple[str, ...] = (REPORT,)) -> None:
-    """An --out folder we may replace: absent, empty, or an earlier output of ours (holding one of
-    `markers`, paths relative to the folder; `check_out_dir`)."""
-    check_out_dir(out, ours=markers, what="an augment output")
+def _check_out_dir(out: Path, command: str = "augment") -> None:
+    """An --out folder we may replace: absent, empty, or an earlier output of `command` carrying our manifest
+    and nothing else (`outputs.folders.check_replaceable`)."""
+    check_replaceable(out, command)
 
 
-def replace_output_dir(tmp: Path, out: Path, markers: tuple[str, ...] = (REPORT,)) -> None:
-    """Move a finished temporary folder into place; an older output of ours is replaced whole."""
-    if out.exists():
-        try:
-            _check_out_dir(out, markers)
-        except IsdaVizError:
-            shutil.rmtree(tmp)
-            raise
-        old = private_mkdtemp(out.parent, f".{out.name}.old.")
-        os.replace(out, old / "dir")
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+def replace_output_dir(tmp: Path, out: Path, command: str = "augment") -> None:
+    """Move the finished folder `tmp` (assembled beside `out`) into place, with its manifest; an older output
+    of ours is replaced whole, in one step (`outputs.folders.publish_folder`)."""
+    publish_folder(tmp, out, command)
 
 
 def write_images(result: AugmentationResult, class_names: list[str], folder: Path,
@@ -332,22 +348,17 @@ def write_augment_dir(result: AugmentationResult, class_names: list[str], out, s
         write_report(report, tmp / REPORT)
         if embed is not None:
             write_html(tmp, embed=embed)
-        replace_output_dir(tmp, out)
+        publish_folder(tmp, out, "augment")
     report.path = out / REPORT
     return report
 
 
-def _grid_markers(out_png: Path) -> tuple[str, ...]:
-    """What makes a FIG_files/ folder ours: FIG.json beside it, or (older grids) a report.json inside."""
-    return (f"../{out_png.with_suffix('.json').name}", REPORT)
-
-
 def write_grid_files(result: AugmentationResult, class_names: list[str], out_png: Path, settings: Settings,
                      samples: torch.Tensor | None, embed: bool) -> Report:
-    """Write a grid's FIG.png, FIG.json, FIG_files/ (the single PNGs and their report.json, what
-    `audit --from FIG_files` reads) and FIG.html, all built in one temporary folder and renamed into
-    place when complete (FIG_files first, the page last). Returns the report written as FIG.json."""
-    files_dir = out_png.with_name(out_png.stem + "_files")
+    """Write a grid: FIG_files/ (the single PNGs and their report.json, what `audit --from FIG_files` reads) with
+    the figure, its JSON and page, linked to as FIG.png, FIG.json and FIG.html, all assembled in one temporary
+    folder and published whole (`outputs.folders.publish_figure`). Returns the report written as FIG.json."""
+    files_dir = figure_files_dir(out_png)
     report = _new_report(result, class_names, settings)
     with assembled_beside(out_png, maps_to=out_png.parent) as tmp:
         files = tmp / files_dir.name
@@ -360,9 +371,7 @@ def write_grid_files(result: AugmentationResult, class_names: list[str], out_png
         figure = report.with_files_under(files_dir.name)
         write_report(figure, tmp / out_png.with_suffix(".json").name)
         write_html(tmp / out_png.name, embed=embed)
-        replace_output_dir(files, files_dir, _grid_markers(out_png))
-        for suffix in (".json", ".png", ".html"):
-            os.replace(tmp / out_png.with_suffix(suffix).name, out_png.with_suffix(suffix))
+        publish_figure(tmp, out_png, "grid")
     figure.path = out_png.with_suffix(".json")
     return figure
 
@@ -379,6 +388,7 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
     options = options or VisualizeOptions()
     if not images:
         raise IsdaVizError("give at least one --image")
+    check_name_lengths([Path(out)])
     with locks.exclusive(out):
         return _augment_images(images, Path(out), label, options, models)
 
@@ -386,6 +396,7 @@ def augment_images(images: list, *, out, label: str | None = None, options: Visu
 def _augment_images(images: list, out: Path, label: str | None, options: VisualizeOptions,
                     models: Models | None) -> Report:
     _check_out_dir(out)
+    check_inputs_outside({"--image": images, **options.input_paths()}, [out])
     for path in images:  # a folder, a device or a missing file fails before any model is loaded
         check_image_path(Path(path))
     models = models or options.load_models()
@@ -400,6 +411,25 @@ def _augment_images(images: list, out: Path, label: str | None, options: Visuali
     result = invert_and_augment(models, pixels, labels, [str(p) for p in images], options, source=source)
     return write_augment_dir(result, classifier.class_names, out, report_settings(options, models, source),
                              embed=options.embed)
+
+
+def check_distinct_classes(classes: list[str] | None) -> None:
+    """`--classes` as given (before any model is loaded): `IsdaVizError` when it names one twice."""
+    if classes and len(set(classes)) < len(classes):
+        twice = next(c for c in classes if classes.count(c) > 1)
+        raise IsdaVizError(f"--classes names {twice} more than once; give each class once")
+
+
+def chosen_classes(classifier: Classifier, classes: list[str] | None) -> list[int] | None:
+    """`--classes` (names or indices) as the classifier's class indices, each class once (`IsdaVizError` for a
+    class named twice, e.g. by name and by index); None for all classes. The one reading of `--classes`."""
+    check_distinct_classes(classes)
+    class_index = [classifier.class_index(c, "--classes") for c in classes] if classes else None
+    if class_index and len(set(class_index)) < len(class_index):
+        twice = next(c for c in class_index if class_index.count(c) > 1)
+        raise IsdaVizError(f"--classes names the class {classifier.class_names[twice]} more than once; "
+                           "give each class once")
+    return class_index
 
 
 def images_per_class(classifier: Classifier, per_class: int, classes: list[int] | None, data_root=None):
@@ -438,24 +468,20 @@ def make_grid(*, out, per_class: int = 1, classes: list[str] | None = None, num_
 
 def _make_grid(out_png: Path, per_class: int, classes: list[str] | None, num_samples: int,
                options: VisualizeOptions, models: Models | None) -> Report:
-    _check_out_dir(out_png.with_name(out_png.stem + "_files"), _grid_markers(out_png))
-    if classes and len(set(classes)) < len(classes):
-        twice = next(c for c in classes if classes.count(c) > 1)
-        raise IsdaVizError(f"--classes names {twice} more than once; give each class once")
+    claim_figure(out_png, "grid")
+    check_inputs_outside(options.input_paths(), figure_outputs(out_png))
+    check_distinct_classes(classes)
     models = models or options.load_models()
     check_models(models)
     classifier, generator = models.classifier, models.generator
-    class_index = [classifier.class_index(c, "--classes") for c in classes] if classes else None
-    if class_index and len(set(class_index)) < len(class_index):
-        twice = next(c for c in class_index if class_index.count(c) > 1)
-        raise IsdaVizError(f"--classes names the class {classifier.class_names[twice]} more than once; "
-                           "give each class once")
+    class_index = chosen_classes(classifier, classes)
     images, labels, sources = images_per_class(classifier, per_class, class_index, options.data_root)
     source = code_source(models, options)
     result = invert_and_augment(models, images, labels, sources, options, source=source)
     samples = None
     if generator.conditional and num_samples > 0:
-        z = generator.sample_latent(len(labels) * num_samples, torch.Generator().manual_seed(options.seed + 1))
+        z = generator.sample_latent(len(labels) * num_samples,
+                                    torch.Generator().manual_seed(derived_seed(options.seed + 1)))
         with torch.no_grad():
             y = labels.repeat_interleave(num_samples).to(generator.device)
             samples = models.adapter().pixels(z, y).cpu().view(len(labels), num_samples, *images.shape[1:])

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from isda_viz import distributed
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import Fields, check_tensor
 
 COVARIANCES = ("full", "diagonal")   # per class: an (A, A) matrix, or (A,) per-dimension variances
 
@@ -89,18 +90,31 @@ class CovarianceEstimator:
         return self
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, targets: torch.Tensor) -> None:
-        """Merge a batch: `features (N, A)`, `targets (N,)` int class indices."""
+    def update(self, features: torch.Tensor, targets: torch.Tensor, skip_non_finite: bool = False) -> bool:
+        """Merge a batch: `features (N, A)`, `targets (N,)` int class indices; returns True when merged.
+
+        `skip_non_finite`: a batch holding an inf or NaN feature (on any rank) is left out whole, and False
+        returned. Mixed-precision training needs this: an fp16 overflow in the forward pass makes the step's
+        loss non-finite and the GradScaler skips that step, but merged into the float64 running sums the
+        same features would make every later covariance, and so every later loss, NaN.
+        """
         x = features.detach().to(self.device, torch.float64)
         y = targets.to(self.device)
         counts = torch.bincount(y, minlength=self.num_classes).to(torch.float64)
+        if skip_non_finite:  # the flag rides on the counts' all-reduce: every rank decides alike
+            bad = (~torch.isfinite(x)).any().to(torch.float64).view(1)
+            counts = torch.cat([counts, bad])
         sums = torch.zeros_like(self._mean).index_add_(0, y, x)
         if distributed.active():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
+        if skip_non_finite:
+            counts, bad = counts[:-1], counts[-1]
+            if bad > 0:
+                return False
         classes = torch.nonzero(counts).flatten()
         if classes.numel() == 0:
-            return
+            return True
         m = counts[classes]
         batch_mean = sums[classes] / m[:, None]                       # (K, A)
         n = self.count[classes]
@@ -125,6 +139,7 @@ class CovarianceEstimator:
         else:
             rows, valid = self._class_rows(classes, slot[y], centred, cross.sqrt()[:, None] * delta, rank0)
             self._add_rows(classes, rows, valid)
+        return True
 
     def _class_rows(self, classes, slot_of_row, centred, delta_row, rank0: bool):
         """`rows (K, L, A)` float64: each present class's centred features, then its delta row; `valid (K, L)`.
@@ -255,6 +270,49 @@ class CovarianceEstimator:
 
     @classmethod
     def from_state_dict(cls, state: dict, device=None) -> "CovarianceEstimator":
+        """From a state this process made (`state_dict`); a state read from a file goes through `read_state`."""
         est = cls(state["num_features"], state["num_classes"], state["diagonal"], device=device)
         est.load_state_dict(state)
         return est
+
+    @classmethod
+    def from_moments(cls, mean: torch.Tensor, covariance: torch.Tensor, count: torch.Tensor,
+                     device=None) -> "CovarianceEstimator":
+        """The estimator holding per-class `mean (C, A)`, population `covariance (C, A, A)` (or its diagonal
+        `(C, A)`) and `count (C,)` features seen (M2 = Σ · n, float64): the one way statistics estimated
+        elsewhere (a covariance file, a public checkpoint's `CoVariance`) become an estimator."""
+        count = count.to(torch.float64)
+        covariance = covariance.to(torch.float64)
+        state = {"num_features": mean.shape[1], "num_classes": mean.shape[0], "diagonal": covariance.dim() == 2,
+                 "m2": covariance * count.view(-1, *[1] * (covariance.dim() - 1)),
+                 "mean64": mean.to(torch.float64), "count": count}
+        return cls.from_state_dict(state, device=device)
+
+    @classmethod
+    def read_state(cls, state, where: str, num_features: int | None = None, num_classes: int | None = None,
+                   device=None) -> "CovarianceEstimator":
+        """The estimator of a state read from a file (a run checkpoint, the class-statistics cache), checked as it
+        is read: the keys and their types, shapes that agree with each other (and with `num_features`,
+        `num_classes` where given), dense real tensors, counts >= 0, and mean and covariance finite in the
+        float32 they are used in. Anything else is one `IsdaVizError` naming `where` and what is wrong."""
+        fields = Fields(state, where, "an estimator state (a dict)")
+        a = fields.integer("num_features", 1, 1 << 17)
+        c = fields.integer("num_classes", 1, 1 << 20)
+        diagonal = fields.flag("diagonal")
+        for key, wanted in (("num_features", num_features), ("num_classes", num_classes)):
+            if wanted is not None and fields.data[key] != wanted:
+                fields.fail(key, f"is {fields.data[key]}, but the model has {wanted}")
+        shape = (c, a) if diagonal else (c, a, a)
+        m2 = check_tensor(fields.data.get("m2"), f"{where}: m2", shape=shape, dtype=torch.float64)
+        mean = check_tensor(fields.data.get("mean64"), f"{where}: mean64", shape=(c, a), dtype=torch.float64)
+        count = check_tensor(fields.data.get("count"), f"{where}: count", shape=(c,), dtype=torch.float64)
+        if bool((count < 0).any()):
+            fields.fail("count", "holds negative counts")
+        check_tensor(mean, f"{where}: mean64", dtype=torch.float32)
+        covariance = m2 / count.clamp(min=1).view(-1, *[1] * (m2.dim() - 1))
+        check_tensor(covariance, f"{where}: m2 / count (the covariance)", dtype=torch.float32)
+        diagonal_entries = covariance if diagonal else covariance.diagonal(dim1=1, dim2=2)
+        if bool((diagonal_entries < 0).any()):
+            fields.fail("m2", "holds negative variances: it is not a covariance")
+        return cls.from_state_dict({"num_features": a, "num_classes": c, "diagonal": diagonal, "m2": m2,
+                                    "mean64": mean, "count": count}, device=device)

@@ -132,13 +132,41 @@ def isda_loss(logits: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     return F.cross_entropy(isda_augmented_logits(logits, weight, targets, covariance, strength), targets)
 
 
+def isda_step(estimator: CovarianceEstimator, features: torch.Tensor, fc: nn.Module, targets: torch.Tensor,
+              strength: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the ISDA loss with its online estimator: `(loss, logits (N, C))`, what `ISDALoss` and the
+    public code's drop-ins (`isda_viz.compat`) compute.
+
+    `features (N, A)` (gradients flow through them and `fc`), `fc` the final layer (`fc(features)` are the
+    logits; `weight (C, A)` its weight matrix, default `fc.weight`), `targets (N,)`, `strength` = λ. The
+    estimator (moved to the features' device) is first updated with the detached features, skipping a batch
+    with inf/NaN features (an fp16 overflow, which the GradScaler skips too), then Eq. 7 uses the updated
+    covariances. Under a caller's autocast (bf16/fp16) the features are cast to float32 (at least) and the
+    logits, quadratic forms and cross-entropy are computed in it: the network before still runs in low
+    precision, ISDA's sums and forms do not.
+    """
+    if estimator.device != features.device:
+        estimator.to(features.device)
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    with torch.autocast(features.device.type, enabled=False):
+        features = features.to(dtype)
+        weight = (fc.weight if weight is None else weight).to(dtype)
+        if isinstance(fc, nn.Linear):  # a bf16/fp16 layer too (a model cast with .half()): its float32 copy
+            logits = F.linear(features, fc.weight.to(dtype), None if fc.bias is None else fc.bias.to(dtype))
+        else:  # e.g. the public code's Full_layer in DataParallel: its own forward, in float32
+            logits = fc(features).to(dtype)
+        estimator.update(features.detach(), targets, skip_non_finite=True)
+        return isda_loss(logits, weight, targets, estimator, strength), logits
+
+
 class ISDALoss(nn.Module):
     """Cross-entropy of ISDA-augmented logits, with its own online covariance estimator.
 
     `loss = criterion(features (N, A), fc, targets (N,), strength)`: the estimator is
     first updated with the detached batch features (as in the reference code), then
     the augmented logits use the updated covariances. `strength = 0` returns exactly
-    `F.cross_entropy(fc(features), targets)`.
+    `F.cross_entropy(fc(features), targets)`. Under a caller's autocast the loss is
+    computed in float32, and a batch with inf/NaN features is not merged (`isda_step`).
     """
 
     def __init__(self, num_features: int, num_classes: int, covariance: str = "full"):
@@ -148,10 +176,7 @@ class ISDALoss(nn.Module):
 
     def forward(self, features: torch.Tensor, fc: nn.Linear, targets: torch.Tensor,
                 strength: float) -> torch.Tensor:
-        if self.estimator.device != features.device:
-            self.estimator.to(features.device)
-        self.estimator.update(features.detach(), targets)
-        return isda_loss(fc(features), fc.weight, targets, self.estimator, strength)
+        return isda_step(self.estimator, features, fc, targets, strength)[0]
 
     def get_extra_state(self) -> dict:
         return self.estimator.state_dict()

@@ -23,8 +23,9 @@ def covariance_factors(covariance: torch.Tensor | CovarianceEstimator, classes: 
     lower Cholesky factors `(K, A, A)`, or `(K, A)` standard deviations for a diagonal covariance.
 
     Estimated covariances are often singular (A can exceed the number of features seen), so a class
-    whose Cholesky fails gets the smallest jitter that works, relative to its mean variance: +jitter
-    * mean(diag Sigma_c) * I, jitter in 1e-10 ... 1e-4 (none for positive definite classes).
+    whose Cholesky fails (an error, or a factor that is not finite) gets the smallest jitter that works,
+    relative to its mean variance: +jitter * mean(diag Sigma_c) * I, jitter in 1e-10 ... 1e-4 (none for
+    positive definite classes).
     """
     if isinstance(covariance, CovarianceEstimator):
         covariance = covariance.covariance
@@ -39,7 +40,9 @@ def covariance_factors(covariance: torch.Tensor | CovarianceEstimator, classes: 
     factors, todo = torch.empty_like(sigma), torch.arange(len(sigma), device=sigma.device)
     for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4):
         factor, info = torch.linalg.cholesky_ex(sigma[todo] + jitter * base[todo] * eye)
-        done = info == 0
+        # CUDA's batched Cholesky can report success (info 0) with NaN in the factor of a singular matrix:
+        # a factor counts only if it is finite, else the class goes on to the next jitter.
+        done = (info == 0) & torch.isfinite(factor).flatten(1).all(1)
         factors[todo[done]] = factor[done]
         todo = todo[~done]
         if not len(todo):

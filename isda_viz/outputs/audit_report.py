@@ -21,11 +21,12 @@ absent otherwise). `pages` came later: older audits read back with none (their f
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import build_typed, check_relative_files, read_json
 from isda_viz.runs import write_json_atomic
 
 AUDIT = "audit.json"
@@ -51,8 +52,24 @@ class AuditQuery:
     flagged: bool
 
 
+_ROLE_WORDS = {"reconstruction": "reconstruction of", "augmented": "augmented from"}
+_SOURCE = re.compile(r"^(?P<path>.*?) \((?P<words>reconstruction of|augmented from) (?P<origin>.*)\)$", re.S)
+
+
+def query_source(path, role: str, origin: str) -> str:
+    """The `source` of a query taken from a report (`audit --from`): "PATH (augmented from ORIGIN)" or "PATH
+    (reconstruction of ORIGIN)"; `split_query_source` reads it back. The one place that format lives."""
+    return f"{path} ({_ROLE_WORDS[role]} {origin})"
+
+
+def split_query_source(source: str) -> tuple[str, str | None]:
+    """`(PATH, "augmented from ORIGIN")` of a `query_source`, or `(source, None)` for a query given as a file."""
+    match = _SOURCE.match(source)
+    return (match.group("path"), f"{match.group('words')} {match.group('origin')}") if match else (source, None)
+
+
 @dataclass(kw_only=True)
-class AuditIndex:
+class IndexRecord:
     """The FAISS index searched: its folder, kind (flat or ivfpq), whether it was built or reused, its size."""
     dir: str
     kind: str
@@ -80,7 +97,7 @@ class AuditReport:
     flag_rate: float
     flagged: int
     class_names: list[str]
-    index: AuditIndex
+    index: IndexRecord
     config: dict
     queries: list[AuditQuery]
     pages: list[AuditPage] = field(default_factory=list)
@@ -121,21 +138,11 @@ def read_audit(path) -> AuditReport:
     """
     path = Path(path)
     file = path / AUDIT if path.is_dir() else path
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IsdaVizError(f"{path} has no {AUDIT}; give the --out folder of an audit") from None
-    except OSError as e:
-        raise IsdaVizError(f"cannot read {file} ({e.strerror or type(e).__name__})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IsdaVizError(f"{file} is not valid JSON ({type(e).__name__}); is it an audit.json?") from None
-    if not isinstance(data, dict):
-        raise IsdaVizError(f"{file} is not an audit.json")
-    if not isinstance(data.get("queries"), list) or not all(isinstance(q, dict) for q in data["queries"]):
-        raise IsdaVizError(f"{file} is not an audit.json of isda-viz audit (no list of queries)")
-    try:
-        report = AuditReport.from_dict(data)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise IsdaVizError(f"{file} is not an audit.json of isda-viz audit ({type(e).__name__}: {e})") from None
+    if not file.exists():
+        raise IsdaVizError(f"{path} has no {AUDIT}; give the --out folder of an audit")
+    where = f"{file} is not an audit.json of isda-viz audit"
+    report = build_typed(AuditReport, read_json(file, "the audit", limit=64 << 20), where)
+    check_relative_files([p.file for p in report.pages] + [n.file for q in report.queries for n in q.neighbors
+                                                           if n.file is not None], where)
     report.path = file
     return report

@@ -39,8 +39,10 @@ from PIL import Image, ImageDraw
 
 from isda_viz.errors import IsdaVizError
 from isda_viz.outputs.figures import font, labelled_grid
+from isda_viz.outputs.folders import through_figure_link
 from isda_viz.outputs.html import _Ctx, _esc, _fmt, _script, _style
 from isda_viz.outputs.report import ImageFile, ReconstructionEntry
+from isda_viz.readers import build_typed, check_relative_files, read_json
 from isda_viz.runs import write_bytes_atomic, write_json_atomic
 
 NOISE_LABELS = {"isda": "ISDA: N(0, λΣ_y)", "isotropic": "isotropic: N(0, λ tr(Σ_y)/A · I)",
@@ -210,6 +212,11 @@ def _build(kind, value):
     return value
 
 
+def _files_of(image: DirectionsImage) -> list[str]:
+    return [image.original.file, image.reconstruction.file] + [
+        f for d in image.directions for f in [d.change_file, *(frame.file for frame in d.frames)]]
+
+
 def write_directions_report(report: DirectionsReport, path) -> None:
     """Write `report` as JSON to `path`, atomically; `report.path` becomes `path`."""
     write_json_atomic(report.to_dict(), path)
@@ -220,12 +227,9 @@ def read_directions_report(path) -> DirectionsReport:
     """The report FIG.json at `path` (or beside a FIG.png); `IsdaVizError` when it is not one."""
     path = Path(path)
     path = path.with_suffix(".json") if path.suffix.lower() == ".png" else path
-    try:
-        report = DirectionsReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except OSError as e:
-        raise IsdaVizError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise IsdaVizError(f"{path} is not a report of isda-viz directions ({type(e).__name__}: {e})") from None
+    where = f"{path} is not a report of isda-viz directions"
+    report = build_typed(DirectionsReport, read_json(path, "the directions report", limit=256 << 20), where)
+    check_relative_files([f for image in report.images for f in _files_of(image)], where)
     report.path = path
     return report
 
@@ -430,5 +434,5 @@ def write_directions_page(report: DirectionsReport, embed: bool = False) -> Path
             f'<title>isda-viz directions: {_esc(report.path.stem)}</title>{_style()}<style>{_PAGE_CSS}</style>'
             f'</head>\n<body><div class="isda-viz">{directions_body(report, out.parent, embed)}</div>'
             f'<script>{_SLIDER_JS}</script>{_script(hash_sort=False)}</body></html>\n')
-    write_bytes_atomic(text.encode("utf-8"), out)
+    write_bytes_atomic(text.encode("utf-8"), through_figure_link(out))  # a published figure keeps its link
     return out

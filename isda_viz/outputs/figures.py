@@ -12,7 +12,7 @@ import torch
 import torchvision.utils as vutils
 from PIL import Image, ImageDraw, ImageFont
 
-from isda_viz.outputs.audit_report import AuditQuery
+from isda_viz.outputs.audit_report import AuditQuery, split_query_source
 
 AUDIT_MAX_SIDE = 2000   # px: an audit page is at most this wide and this tall
 AUDIT_TEXT_PX = 15      # audit captions: readable at 100% zoom
@@ -121,8 +121,8 @@ def _tile(image: torch.Tensor, side: int) -> Image.Image:
 
 def _query_title(number: int, source: str) -> str:
     """'#3 aug_0_1.png (augmented from test:9100)': the file name, not its folders, and what it came from."""
-    path, _, origin = source.partition(" (")
-    return f"#{number} {Path(path).name}" + (f" ({origin}" if origin else "")
+    path, origin = split_query_source(source)
+    return f"#{number} {Path(path).name}" + (f" ({origin})" if origin else "")
 
 
 def audit_page(images: list[torch.Tensor], records: list[AuditQuery], neighbours: list[list[torch.Tensor]],

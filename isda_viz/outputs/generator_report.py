@@ -21,12 +21,12 @@ and one writer (`write_generator_report`); the key says which (classifier, gener
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import read_json
 from isda_viz.runs import write_json_atomic
 
 GENERATOR_REPORT = "generator_report.json"
@@ -136,12 +136,7 @@ def read_generator_report(path) -> GeneratorReport:
     version, its shape, and values a measurement can give. Anything else is a one-line `IsdaVizError`."""
     path = Path(path)
     file = path / GENERATOR_REPORT if path.is_dir() else path
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise IsdaVizError(f"cannot read {file} ({e.strerror or type(e).__name__})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IsdaVizError(f"{file} is not valid JSON ({type(e).__name__}); is it a generator report?") from None
+    data = read_json(file, "the generator report", limit=16 << 20)
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
         raise IsdaVizError(f"{file} is not a generator report of isda-viz (format {FORMAT}, version {VERSION})")
     try:

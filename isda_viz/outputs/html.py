@@ -45,8 +45,8 @@ from PIL import Image, UnidentifiedImageError
 
 from isda_viz._version import __version__
 from isda_viz.errors import IsdaVizError
-from isda_viz.outputs.audit_report import AUDIT, AuditQuery, AuditReport, read_audit
-from isda_viz.outputs.folders import is_finite_number
+from isda_viz.outputs.audit_report import AUDIT, AuditQuery, AuditReport, read_audit, split_query_source
+from isda_viz.outputs.folders import is_finite_number, through_figure_link
 from isda_viz.outputs.report import REPORT, ImageEntry, Report, read_report
 from isda_viz.outputs.summary import SUMMARY, DemoSummary, figure_label, read_summary
 from isda_viz.runs import write_bytes_atomic
@@ -69,8 +69,6 @@ COLUMNS = [("image", "#", True), ("source", "source", False), ("label", "class",
 AUDIT_COLUMNS = [("copy_score", "copy score", True), ("nearest_distance", "nearest distance", True),
                  ("nearest_label", "nearest class", False), ("flagged", "likely copy", False)]
 
-# audit.json `source` of a query from --from: "PATH (augmented from ORIGIN)" / "PATH (reconstruction of ORIGIN)"
-_QUERY_SOURCE = re.compile(r"^(?P<path>.*?) \((?:reconstruction of|augmented from) (?P<origin>.*)\)$", re.S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +85,7 @@ def write_html(path, embed: bool = False, audit=None) -> Path:
     """
     page = _locate(path, audit)
     text = _document(page, embed)
-    write_bytes_atomic(text.encode("utf-8"), page.out)
+    write_bytes_atomic(text.encode("utf-8"), through_figure_link(page.out))  # a published figure keeps its link
     return page.out
 
 
@@ -187,8 +185,31 @@ def _locate(path, audit=None) -> _Page:
 # Small pieces
 
 
+# Bidirectional controls: in a name they would reorder what follows ("abc\u202egnp.exe" shows as "abcexe.png")
+_BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def page_text(value) -> str:
+    """`value` as text safe to show on a page: bytes that were not UTF-8 (a class folder's name read with
+    surrogate escapes) shown as U+FFFD, bidirectional controls written out as `<U+202E>` so they reorder
+    nothing, other lone surrogates replaced. Not yet HTML-escaped (`_esc` does both)."""
+    text = str(value)
+    if _SURROGATES.search(text):
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            text = _SURROGATES.sub("\ufffd", text)
+    return _BIDI_CONTROLS.sub(lambda m: f"<U+{ord(m.group()):04X}>", text)
+
+
+def page_url(path) -> str:
+    """A relative path as a URL: percent-encoded, a name's non-UTF-8 bytes as their own bytes."""
+    return quote(Path(path).as_posix(), errors="surrogateescape")
+
+
 def _esc(value) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(page_text(value), quote=True)
 
 
 def _fmt(key: str, value) -> str:
@@ -246,7 +267,7 @@ class _Ctx:
             data = base64.b64encode(path.read_bytes()).decode("ascii")
             src = f"data:{MIME.get(path.suffix.lower(), 'application/octet-stream')};base64,{data}"
         else:
-            src = quote(Path(os.path.relpath(path, self.html_dir)).as_posix())
+            src = page_url(os.path.relpath(path, self.html_dir))
         pixelated = ' class="px"' if scale > 1 else ""
         return (f'<img src="{_esc(src)}" alt="{_esc(alt or name)}" data-file="{_esc(name)}" width="{shown_w}" '
                 f'height="{shown_h}"{pixelated}>')
@@ -291,8 +312,7 @@ def _prediction(key: str, label: str, value, true_label, names: _Names) -> str:
 def _query_path(source: str, audit_dir: Path) -> Path:
     """The image file an audit query came from (as recorded; a relative path is tried against the working
     folder, then as a folder beside the audit's, the layout of the demo)."""
-    match = _QUERY_SOURCE.match(source)
-    path = Path(match.group("path") if match else source)
+    path = Path(split_query_source(source)[0])
     if path.is_absolute() or path.exists():
         return path
     sibling = audit_dir.parent / path.parent.name / path.name
@@ -511,7 +531,7 @@ def _files_line(page: _Page, embed: bool) -> str:
     if page.audit_dir is not None:           # every page of the audit figure (older audits: audit.png)
         pages = [p.file for p in page.audit.pages]
         candidates += [page.audit_dir / str(f) for f in pages if f] or [page.audit_dir / "audit.png"]
-    links = [f'<a href="{_esc(quote(Path(os.path.relpath(p, page.out.parent)).as_posix()))}">{_esc(p.name)}</a>'
+    links = [f'<a href="{_esc(page_url(os.path.relpath(p, page.out.parent)))}">{_esc(p.name)}</a>'
              for p in candidates if p.is_file()]
     return f'<p class="meta">figures: {" · ".join(links)}</p>' if links else ""
 

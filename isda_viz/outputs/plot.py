@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from isda_viz.data.datasets import TensorImages, load_split
 from isda_viz.devices import pick_device
 from isda_viz.errors import IsdaVizError
 from isda_viz.outputs.folders import is_finite_number
+from isda_viz.readers import read_json
 from isda_viz.runs import read_jsonl, write_bytes_atomic, write_json_atomic
 
 EMBEDDINGS = ("none", "pca", "tsne")
@@ -74,10 +74,7 @@ def read_run(path) -> Run:
         raise IsdaVizError(f"{path} holds no metrics.jsonl lines; is it a run directory of isda-viz train?")
     config = {}
     if (path / "config.json").exists():
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError:
-            raise IsdaVizError(f"{path / 'config.json'} is not valid JSON") from None
+        config = read_json(path / "config.json", "the run config", limit=1 << 20)
     return Run(path.name, path, config, metrics)
 
 

@@ -22,15 +22,16 @@ reports written before them read back with `original` None, `samples` empty, `cl
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import build_typed, check_relative_files, read_json
 from isda_viz.runs import write_json_atomic
 
 REPORT = "report.json"
+MAX_REPORT_BYTES = 64 << 20    # a report of thousands of images is a few MB
 
 # How a written report shows itself in Jupyter: `path -> HTML`, set by `isda_viz.outputs` to the page of
 # `isda_viz.outputs.html`. The page renders from the types here, so this module imports nothing of it.
@@ -224,21 +225,10 @@ def read_report(path) -> Report:
     """
     path = Path(path)
     file = path / REPORT if path.is_dir() else path
-    if not file.is_file():
+    if not file.exists():
         raise IsdaVizError(f"{path} has no {REPORT}; give the --out folder of an augment run or a grid's FIG.json")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise IsdaVizError(f"cannot read {file} ({e.strerror or type(e).__name__})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IsdaVizError(f"{file} is not valid JSON ({type(e).__name__}); is it a report of augment or grid?") \
-            from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not all(
-            isinstance(e, dict) for e in data["images"]):
-        raise IsdaVizError(f"{file} is not a report of augment or grid (no list of images)")
-    try:
-        report = Report.from_dict(data)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise IsdaVizError(f"{file} is not a report of augment or grid ({type(e).__name__}: {e})") from None
+    where = f"{file} is not a report of augment or grid"
+    report = build_typed(Report, read_json(file, "the report", limit=MAX_REPORT_BYTES), where)
+    check_relative_files([record.file for entry in report.images for record in entry.files()], where)
     report.path = file
     return report

@@ -16,11 +16,11 @@ demo's terminal table and the HTML pages alike.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from isda_viz.errors import IsdaVizError
+from isda_viz.readers import build_typed, read_json
 from isda_viz.runs import write_json_atomic
 
 SUMMARY = "summary.json"
@@ -136,15 +136,7 @@ def read_summary(path) -> DemoSummary:
     """The summary at `path` (a demo folder or its summary.json); `IsdaVizError` when it is not one."""
     path = Path(path)
     file = path / SUMMARY if path.is_dir() else path
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise IsdaVizError(f"cannot read {file} ({e.strerror or type(e).__name__})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IsdaVizError(f"{file} is not valid JSON ({type(e).__name__}); is it a demo summary.json?") from None
-    try:
-        summary = DemoSummary.from_dict(data)
-    except (TypeError, AttributeError) as e:
-        raise IsdaVizError(f"{file} is not a demo summary.json ({type(e).__name__}: {e})") from None
+    summary = build_typed(DemoSummary, read_json(file, "the demo summary", limit=1 << 20),
+                          f"{file} is not a demo summary.json")
     summary.path = file
     return summary

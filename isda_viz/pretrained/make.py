@@ -20,6 +20,7 @@ import json
 import subprocess
 from pathlib import Path
 
+from isda_viz.classifiers.run_checkpoint import read_run_checkpoint
 from isda_viz.generators.wgan_train import GanConfig
 from isda_viz.pretrained import CLASSIFIER, GENERATOR, HERE, JUDGE
 from isda_viz.runs import load_checkpoint, read_jsonl, save_atomic, write_json_atomic
@@ -49,16 +50,16 @@ def _command(kind: str, config: dict, defaults) -> str:
 
 
 def ship_classifier(run_dir: Path, name: str, commit: str, note: str | None = None) -> Path:
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    shipped = {k: v for k, v in ckpt.items() if k != "optimizer"}
-    shipped["model"] = _half(ckpt["model"])
+    run = read_run_checkpoint(run_dir / "checkpoint.pt")
+    shipped = {k: v for k, v in run.state.items() if k != "optimizer"}
+    shipped["model"] = _half(run.model)
     folder = HERE / name
     save_atomic(shipped, folder / "checkpoint.pt")
     history = read_jsonl(run_dir / "metrics.jsonl")
     config = json.loads((run_dir / "config.json").read_text())
     write_json_atomic({
         "made_by": _command("train", {**config, "out": str(run_dir)}, TrainConfig(out="")),
-        "seed": config["seed"], "commit": commit, "epochs": ckpt["epoch"],
+        "seed": config["seed"], "commit": commit, "epochs": run.epoch,
         "wall_seconds": round(sum(r["seconds"] for r in history), 1),
         "metrics": history[-1], "history": history, "float16": True, "note": note,
         "sha256": {"checkpoint.pt": _sha256(folder / "checkpoint.pt")},

@@ -55,11 +55,13 @@ from tqdm import tqdm
 
 from isda_viz import distributed
 from isda_viz._version import __version__
+from isda_viz.bounds import check_seed, derived_seed
 from isda_viz.classifiers.networks import build_model
-from isda_viz.data.batches import augment_batch, iterate_batches, labeled_subset
+from isda_viz.classifiers.run_checkpoint import read_run_checkpoint
+from isda_viz.data.batches import augment_batch, item_seed, iterate_batches, labeled_subset
 from isda_viz.data.datasets import FOLDER_DATASETS, DatasetSpec, TensorImages, dataset_spec, load_split
 from isda_viz.data.images import normalize
-from isda_viz.devices import pick_device
+from isda_viz.devices import native_bf16, pick_device, use_deterministic, use_fast_kernels
 from isda_viz.errors import IsdaVizError, require_finite
 from isda_viz.isda.estimator import CovarianceEstimator, check_covariance
 from isda_viz.isda.loss import isda_loss
@@ -78,6 +80,7 @@ from isda_viz.runs import (
 )
 
 LOSSES = ("isda", "ce", "explicit")
+_BAR_EVERY = 20   # steps between progress-bar updates (each reads the running sums from the device)
 SSL_METHODS = ("none", "pi", "mean-teacher")
 
 
@@ -104,6 +107,7 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     device: str | None = None          # not part of the run's identity
+    deterministic: bool = False        # CUDA: deterministic kernels, no TF32 (devices.use_deterministic); a setting
     workers: int = 0
     amp: str | None = None             # "bf16" | "fp16" | "off"; None: bf16 on CUDA where supported, else off
     sync_bn: bool = False              # under torchrun: batch-norm statistics of the global batch
@@ -127,6 +131,7 @@ class TrainConfig:
         require_finite({"--lambda0": self.lambda0, "--lr": self.lr, "--weight-decay": self.weight_decay,
                         "--lr-decay": self.lr_decay, "--eta1": self.eta1, "--eta2": self.eta2,
                         "--rampup": self.rampup, "--ema-decay": self.ema_decay})
+        check_seed(self.seed)
         if self.loss not in LOSSES:
             raise IsdaVizError(f"unknown loss '{self.loss}'; choose {', '.join(LOSSES)}")
         if self.covariance is not None:
@@ -169,32 +174,39 @@ def scheduled_lr(cfg: TrainConfig, progress: float) -> float:
 
 
 def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `--amp` (None: float32 throughout). CPU always runs in float32."""
+    """The autocast dtype of `--amp` (None: float32 throughout) on `device` (the GPU asked for, `cuda:N`).
+    CPU always runs in float32."""
     if amp not in (None, "off", "bf16", "fp16"):
         raise IsdaVizError(f"unknown --amp '{amp}'; choose bf16, fp16 or off")
     if device.type != "cuda":
         if amp in ("bf16", "fp16"):
             raise IsdaVizError(f"--amp {amp} needs a CUDA device; CPU training runs in float32 (--amp off)")
         return None
-    if amp is None:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if amp == "bf16" and not torch.cuda.is_bf16_supported():
-        raise IsdaVizError("--amp bf16: this GPU has no bfloat16; use --amp fp16 or off")
+    if amp is None:  # bf16 only where the GPU computes in it: emulated bf16 (sm_75) is slower than float32
+        return torch.bfloat16 if native_bf16(device) else None
+    if amp == "bf16" and not native_bf16(device):
+        raise IsdaVizError(f"--amp bf16: {device} has no native bfloat16 (compute capability 8.0 or later); "
+                           "use --amp fp16 or off")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
-def evaluate(model, dataset, mean, std, device, batch_size: int = 500, amp: torch.dtype | None = None) -> float:
-    """Top-1 accuracy in [0, 1] of `model` on a dataset of uint8 images (sharded over ranks under torchrun)."""
+def evaluate(model, dataset, mean, std, device, batch_size: int = 500, amp: torch.dtype | None = None,
+             workers: int = 0) -> float:
+    """Top-1 accuracy in [0, 1] of `model` on a dataset of uint8 images (sharded over ranks under torchrun).
+
+    Image folders are decoded by `workers` processes (kept alive between epochs) into pinned memory on CUDA;
+    the count stays on the device until the end (one synchronisation per evaluation, not per batch)."""
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     shard = (distributed.rank(), distributed.world_size()) if distributed.active() else None
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        for images, labels in iterate_batches(dataset, batch_size, shuffle=False, shard=shard):
+        for images, labels in iterate_batches(dataset, batch_size, shuffle=False, shard=shard, num_workers=workers,
+                                              pin_memory=device.type == "cuda"):
             if len(labels) == 0:
                 continue
-            x = normalize(images.to(device).float() / 255, mean, std)
-            correct += (model(x).argmax(1).cpu() == labels).sum().item()
-    correct, = distributed.all_sum([correct])
+            x = normalize(images.to(device, non_blocking=True).float() / 255, mean, std)
+            correct += (model(x).argmax(1) == labels.to(device, non_blocking=True)).sum()
+    correct, = distributed.all_sum([int(correct)])
     return correct / max(1, len(dataset))
 
 
@@ -208,13 +220,13 @@ def _open_run_dir(cfg: TrainConfig, resume: bool, num_classes: int, log) -> tupl
     match = {"arch": cfg.arch, "dataset": cfg.dataset, "loss": cfg.loss}
     if cfg.labeled is not None:
         match.update(labeled=cfg.labeled, ssl=cfg.ssl)
-    ckpt = open_run_dir(out, CHECKPOINT, resume, match)
+    ckpt = open_run_dir(out, CHECKPOINT, resume, match, read=lambda path: read_run_checkpoint(path).state)
     if ckpt is not None:
         if len(ckpt.get("class_names", [])) != num_classes:
             raise IsdaVizError(f"{out / CHECKPOINT} holds a run with {len(ckpt.get('class_names', []))} classes, "
                                f"the dataset has {num_classes}; choose another --out")
         cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), epochs=cfg.epochs, device=cfg.device, out=cfg.out,
-                                  workers=cfg.workers, amp=cfg.amp)
+                                  workers=cfg.workers, amp=cfg.amp, deterministic=cfg.deterministic)
         truncate_metrics(out / "metrics.jsonl", "epoch", ckpt["epoch"])  # lines of an epoch whose checkpoint never landed
         log(f"resuming {out} at epoch {ckpt['epoch']}/{cfg.epochs}")
     out.mkdir(parents=True, exist_ok=True)
@@ -348,14 +360,14 @@ def training_loss(cfg: TrainConfig, fc: nn.Linear, estimator: CovarianceEstimato
     the base method's target (Π: the other augmentation, with gradient; mean teacher: the teacher's);
     `generator` the draws of explicit SDA. Returns the loss to back-propagate (each term's mean
     weighted by `distributed.loss_weight`, so DDP's gradient average is the global batch's), the terms'
-    values on this rank's rows (floats: `loss`, `supervised`, and `unlabeled_isda`, `consistency` when
-    used) and the labeled rows' logits.
+    values on this rank's rows (detached float64 scalars on the device, so a step does not wait for them:
+    `loss`, `supervised`, and `unlabeled_isda`, `consistency` when used) and the labeled rows' logits.
     """
     n_l, y = views.n_labeled, views.y
     logits = fc(features)
     labeled_logits = logits[:n_l]
     if estimator is not None:  # Sigma of a class (and of a pseudo label) from labeled features only
-        estimator.update(features[:n_l].detach(), y)
+        estimator.update(features[:n_l].detach(), y, skip_non_finite=True)  # fp16 overflow: skipped, as by the scaler
     if cfg.loss == "isda":
         supervised = isda_loss(labeled_logits, fc.weight, y, estimator, strength)
     elif cfg.loss == "explicit" and strength > 0:
@@ -363,7 +375,7 @@ def training_loss(cfg: TrainConfig, fc: nn.Linear, estimator: CovarianceEstimato
     else:  # CE, and ISDA/explicit at lambda = 0
         supervised = F.cross_entropy(labeled_logits, y)
     total = supervised * distributed.loss_weight(n_l, views.global_labeled)
-    value = supervised.item()
+    value = supervised.detach().double()  # terms stay on the device: no synchronisation per step
     terms = {"supervised": value}
     if views.global_unlabeled:
         unlabeled = logits[n_l:]
@@ -373,14 +385,14 @@ def training_loss(cfg: TrainConfig, fc: nn.Linear, estimator: CovarianceEstimato
             isda_u = semi_supervised_isda_loss(unlabeled, fc.weight, F.softmax(reference.detach(), 1), estimator,
                                                strength)
             total = total + (ramp * cfg.eta1 * distributed.loss_weight(len(unlabeled), views.global_unlabeled)) * isda_u
-            terms["unlabeled_isda"] = isda_u.item()
-            value += ramp * cfg.eta1 * terms["unlabeled_isda"]
+            terms["unlabeled_isda"] = isda_u.detach().double()
+            value = value + ramp * cfg.eta1 * terms["unlabeled_isda"]
         if cfg.ssl != "none" and cfg.eta2 > 0:
             consistency = (F.softmax(logits, 1) - F.softmax(target_logits, 1)).pow(2).mean(1).mean()
             global_n = views.global_labeled + views.global_unlabeled
             total = total + (ramp * cfg.eta2 * distributed.loss_weight(len(logits), global_n)) * consistency
-            terms["consistency"] = consistency.item()
-            value += ramp * cfg.eta2 * terms["consistency"]
+            terms["consistency"] = consistency.detach().double()
+            value = value + ramp * cfg.eta2 * terms["consistency"]
     terms["loss"] = value
     return total, terms, labeled_logits
 
@@ -419,7 +431,8 @@ def _bound_images(train_set, pool: torch.Tensor, cfg: TrainConfig) -> tuple[torc
     chosen = chosen.sort().values
     if isinstance(train_set, TensorImages):
         return train_set.images[chosen], train_set.labels[chosen]
-    items = [train_set[i] for i in chosen.tolist()]
+    # a training folder crops at random: seeded per image, so a resumed run tracks the same crops
+    items = [train_set[(i, item_seed(cfg.seed, i))] for i in chosen.tolist()]
     return torch.stack([im for im, _ in items]), torch.tensor([lab for _, lab in items])
 
 
@@ -429,8 +442,12 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print
     Under torchrun (WORLD_SIZE > 1) this is one rank of a DistributedDataParallel
     run: see `distributed`. Only rank 0 writes files, logs and shows progress.
     """
-    with distributed.session(pick_device(cfg.device)) as device, \
+    device = pick_device(cfg.device)
+    if cfg.deterministic:  # before any model or cuBLAS handle exists
+        use_deterministic(device)
+    with distributed.session(device) as device, \
             guarded_run_dir(cfg.out, CHECKPOINT, enabled=distributed.is_main()):
+        use_fast_kernels(device)
         return _fit(cfg, device, resume, progress, log)
 
 
@@ -576,10 +593,10 @@ def _train_epoch(run: _Training, epoch: int, progress: bool) -> tuple[dict[str, 
     model.train()
     if run.teacher is not None:
         run.teacher.train()
-    epoch_seed = cfg.seed * 100_003 + epoch
+    epoch_seed = derived_seed(cfg.seed * 100_003 + epoch)
     generator = torch.Generator().manual_seed(epoch_seed)
     # explicit SDA's draws: per rank (shards differ in size), apart from the shared augmentation generator
-    sampler = torch.Generator().manual_seed(epoch_seed * 1_009 + 1 + distributed.rank())
+    sampler = torch.Generator().manual_seed(derived_seed(epoch_seed * 1_009 + 1 + distributed.rank()))
     pad = max(2, run.spec.image_size // 8)
     sums: dict[str, float] = {}
     correct, seen = 0, 0
@@ -603,15 +620,16 @@ def _train_epoch(run: _Training, epoch: int, progress: bool) -> tuple[dict[str, 
         run.scaler.update()
         if run.teacher is not None:
             update_teacher(run.teacher, model, cfg.ema_decay, step)
-        with torch.no_grad():
-            correct += (labeled_logits.argmax(1) == views.y).sum().item()
+        with torch.no_grad():  # running sums on the device; read (a synchronisation) only for the bar
+            correct = correct + (labeled_logits.argmax(1) == views.y).sum()
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value * views.n_labeled
         seen += views.n_labeled
-        bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if progress and (i % _BAR_EVERY == 0 or i + 1 == plan.steps_per_epoch):
+            bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
     bar.close()
     names = sorted(sums)
-    *totals, correct, seen = distributed.all_sum([sums[n] for n in names] + [correct, seen])
+    *totals, correct, seen = distributed.all_sum([float(sums[n]) for n in names] + [int(correct), seen])
     return {n: t / seen for n, t in zip(names, totals)}, correct / seen
 
 
@@ -647,13 +665,14 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, progress: bool, l
         started = time.time()
         means, train_accuracy = _train_epoch(run, epoch, progress)
         distributed.broadcast_buffers(run.model)  # without --sync-bn each rank's running statistics differ: use rank 0's
-        test_acc = evaluate(run.model, run.test_set, run.spec.mean, run.spec.std, device, amp=run.amp)
+        test_acc = evaluate(run.model, run.test_set, run.spec.mean, run.spec.std, device, amp=run.amp,
+                            workers=cfg.workers)
         record = _epoch_record(run, epoch, means, train_accuracy, test_acc, time.time() - started)
         if not main:
             continue
         if cfg.track_bound:  # rank 0 alone: no collective in eval mode, the same model and statistics as all ranks
             record.update(bound_tightness(run.model, bound_x, bound_y, run.estimator, _epoch_strength(run, epoch),
-                                          cfg.bound_samples, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)))
+                                          cfg.bound_samples, torch.Generator().manual_seed(derived_seed(cfg.seed * 100_003 + epoch))))
         save_atomic(_checkpoint(run, epoch + 1), out / CHECKPOINT)
         append_jsonl(record, out / "metrics.jsonl")
         bound = f"  bound {record['bound']:.4f} >= MC {record['expected_ce_mc']:.4f}" if cfg.track_bound else ""
