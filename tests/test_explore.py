@@ -153,12 +153,13 @@ def test_the_api_gives_the_library_s_pictures_bit_for_bit(app):
     options = session.options
     source = AmortizedStart(inverter, STEPS, options.inversion)
     prior = draw_prior(models, 1, options.inversion.restarts, torch.Generator().manual_seed(options.seed))
-    step1 = reconstruct_batch(models, image, label, source, prior, progress=False)
+    in_worker = lambda fn: app.worker.submit(fn).result()  # noqa: E731 - the app's threads, so the same kernels
+    step1 = in_worker(lambda: reconstruct_batch(models, image, label, source, prior, progress=False))
     sigma = class_statistics(models.classifier, classes=[int(label)]).covariance(int(label))
     directions = class_directions(sigma, 5)
     t = torch.tensor([1.7], dtype=torch.float64)
     wanted = traversal_targets(step1.features, directions.vectors[None], directions.values[None], 0.8, t)[:, 1]
-    step2 = augment_batch(models, step1, wanted, source, progress=False)
+    step2 = in_worker(lambda: augment_batch(models, step1, wanted, source, progress=False))
     shown = session.view(view["view"])
     assert torch.equal(shown.step1.reconstructions, step1.reconstructions)
     assert torch.equal(shown.current.pixels, step2.pictures[0, 0])
@@ -172,8 +173,8 @@ def test_the_api_gives_the_library_s_pictures_bit_for_bit(app):
     assert [d["share"] for d in view["directions"]] == directions.shares.tolist()
 
     refined = _post(app, "/api/refine", {"view": view["view"]})       # REFINE_STEPS more from the code on screen
-    again = augment_batch(models, step1, wanted, FromCodes(None, step2.z, REFINE_STEPS, options.inversion),
-                          progress=False)
+    again = in_worker(lambda: augment_batch(models, step1, wanted,
+                                            FromCodes(None, step2.z, REFINE_STEPS, options.inversion), progress=False))
     assert _png(refined["png"]).tobytes() == to_pil(again.pictures[0, 0]).tobytes()
     assert refined["reached_shift_error"] == float(again.reached_shift_error[0, 0])
 
@@ -593,3 +594,9 @@ def test_an_uploaded_text_file_shows_an_error_and_the_next_slider_move_still_wor
 def test_the_page_of_a_pair_without_an_inverter_says_pictures_take_seconds(browser, search_app):
     _load(browser, search_app)
     assert "seconds" in browser.find_element("id", "notes").text
+
+
+def test_the_worker_computes_with_one_cpu_thread_and_leaves_the_callers_alone(app):
+    before = torch.get_num_threads()
+    assert app.worker.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == before

@@ -16,6 +16,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from isda_viz.app.server import ExploreServer, serve_in_thread
 from isda_viz.app.session import ExploreSession
 from isda_viz.app.worker import Worker
@@ -142,9 +144,17 @@ def explore(options: ExploreOptions | None = None, *, models: Models | None = No
     except BaseException:
         server.server_close()
         raise
-    worker = Worker()
+    worker = Worker(on_start=_one_cpu_thread if models.classifier.device.type == "cpu" else None)
     server.attach(session, worker)
     return ExploreApp(server, session, worker)
+
+
+def _one_cpu_thread() -> None:
+    """The worker computes one picture (or 16) at a time: on the CPU, one intra-op thread for it. torch's
+    thread count is per thread here (the caller's, a notebook's, stays as it was). Measured with the shipped
+    pair on the 2-core machine (`bench/explore.py`): a slider's picture takes 26 ms of model work with one
+    thread, 72 ms with two (a batch of one image splits into pieces too small to share)."""
+    torch.set_num_threads(1)
 
 
 def bind(host: str, port: int) -> ExploreServer:

@@ -110,6 +110,9 @@ class ExploreHandler(BaseHTTPRequestHandler):
     server: ExploreServer
     server_version = "isda-viz-explore"
     timeout = SOCKET_TIMEOUT
+    # TCP_NODELAY: headers and body leave as two writes; with Nagle's algorithm the body waits for the
+    # browser's delayed ACK of the headers (about 40 ms on Linux), a third of a slider move's budget
+    disable_nagle_algorithm = True
 
     def log_message(self, format, *args):   # quiet: the terminal shows the URL and errors only
         pass

@@ -38,8 +38,11 @@ class Worker:
 
     `computed` counts jobs run, `coalesced` the submissions that replaced a waiting job instead of queuing."""
 
-    def __init__(self, max_pending: int = 64, name: str = "isda-viz explore worker"):
+    def __init__(self, max_pending: int = 64, name: str = "isda-viz explore worker",
+                 on_start: Callable[[], None] | None = None):
+        """`on_start`: run first in the worker's own thread (per-thread settings, such as torch's threads)."""
         self.max_pending = max_pending
+        self._on_start = on_start
         self.computed = self.coalesced = 0
         self._queue: deque[_Job] = deque()
         self._condition = threading.Condition()
@@ -89,6 +92,8 @@ class Worker:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while True:
             with self._condition:
                 while not self._queue and not self._stopped:
