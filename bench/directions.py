@@ -140,6 +140,8 @@ def main():
     parser.add_argument("--pixel-draws", type=int, default=20, help="pixel-space test: draws per image and noise")
     parser.add_argument("--refine-steps", type=int, default=0, help="pixel-space test: steps after the inverter")
     parser.add_argument("--pixels-only", action="store_true", help="only the pixel-space test")
+    parser.add_argument("--pixel-strengths", type=lambda text: [float(v) for v in text.split(",")],
+                        default=[0.5, 2, 8], help="pixel-space test: the values of lambda, comma-separated")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long check that it runs")
     args = parser.parse_args()
     if args.smoke:
@@ -149,7 +151,7 @@ def main():
     if not args.pixels_only:
         speed(models, InversionOptions.make(iterations=args.iterations, restarts=args.restarts), repeats=args.repeats)
         semantic_sweep(classifier, args.per_class, args.draws, [0.5, 2, 8, 32, 128])
-    pixel_sweep(models, args.per_class, args.pixel_draws, [0.5, 2, 8], args.refine_steps)
+    pixel_sweep(models, args.per_class, args.pixel_draws, args.pixel_strengths, args.refine_steps)
 
 
 if __name__ == "__main__":
