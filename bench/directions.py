@@ -65,6 +65,22 @@ def speed(models: Models, inversion: InversionOptions, k: int = 4, directions: i
     print(f"  frames per minute / augmented images per minute = {per_min_frames / per_min_augment:.2f}")
 
 
+def _noises(classifier, labels, estimator, strength: float, draws: int, seed: int) -> dict:
+    """The three noises of the semantic test for `labels`, `(N, draws, A)` each, drawn from one generator seeded
+    with `seed` in a fixed order (so the feature and pixel sweeps test the same draws)."""
+    g = torch.Generator().manual_seed(seed)
+    others = pick_other_classes(labels, classifier.num_classes, g)
+    return {"isda": isda_noise(labels, estimator, strength, draws, g),
+            "isotropic": isotropic_noise(labels, estimator, strength, draws, g),
+            "other_class": other_class_noise(labels, others, estimator, strength, draws, g)}
+
+
+def _rate(kept: int, total: int) -> str:
+    """`kept / total` and its 95% interval, as the tables print them."""
+    low, high = binomial_interval(kept, total)
+    return f"{kept / total:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def semantic_sweep(classifier, per_class: int, draws: int, strengths: list[float], seed: int = 0):
     images, labels, _ = images_per_class(classifier, per_class, None)
     features = classifier.features(images)
@@ -75,22 +91,12 @@ def semantic_sweep(classifier, per_class: int, draws: int, strengths: list[float
           f"correctly without noise), {draws} draws per image and noise; class kept, rate [95% interval]")
     print(f"  {'lambda':>7}" + "".join(f"{noise:>26}" for noise in NOISES))
     for strength in strengths:
-        g = torch.Generator().manual_seed(seed)
-        others = pick_other_classes(labels, classifier.num_classes, g)
-        noises = {"isda": isda_noise(labels, estimator, strength, draws, g),
-                  "isotropic": isotropic_noise(labels, estimator, strength, draws, g),
-                  "other_class": other_class_noise(labels, others, estimator, strength, draws, g)}
+        noises = _noises(classifier, labels, estimator, strength, draws, seed)
         cells = []
         for noise in NOISES:
             kept, total = int(kept_class(classifier.model.fc, features, labels, noises[noise]).sum()), len(labels) * draws
-            low, high = binomial_interval(kept, total)
-            cells.append(f"{kept / total:.3f} [{low:.3f}, {high:.3f}]")
+            cells.append(_rate(kept, total))
         print(f"  {strength:>7g}" + "".join(f"{c:>26}" for c in cells))
-
-
-def _rate(kept: int, total: int) -> str:
-    low, high = binomial_interval(kept, total)
-    return f"{kept / total:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def pixel_sweep(models: Models, per_class: int, draws: int, strengths: list[float], refine_steps: int = 0,
@@ -112,11 +118,7 @@ def pixel_sweep(models: Models, per_class: int, draws: int, strengths: list[floa
           f"[95% interval]; feature space on the same draws in brackets after it (Step I {time.time() - started:.0f} s)")
     print(f"  {'lambda':>7}" + "".join(f"{noise + ' (pixels | features)':>48}" for noise in NOISES))
     for strength in strengths:
-        g = torch.Generator().manual_seed(seed)
-        others = pick_other_classes(labels, classifier.num_classes, g)
-        noises = {"isda": isda_noise(labels, estimator, strength, draws, g),
-                  "isotropic": isotropic_noise(labels, estimator, strength, draws, g),
-                  "other_class": other_class_noise(labels, others, estimator, strength, draws, g)}
+        noises = _noises(classifier, labels, estimator, strength, draws, seed)
         wanted = torch.cat([step1.features[:, None] + noises[noise].to(step1.features) for noise in NOISES], 1)
         started = time.time()
         step2 = augment_batch(models, step1, wanted, source, progress=False)
