@@ -68,22 +68,45 @@ class UpBlock(nn.Module):
         return F.relu(self.bn(self.conv(F.interpolate(x, scale_factor=2, mode="nearest")), y))
 
 
-class WGANGenerator(Generator):
+class TrainedGenerator(Generator):
+    """What the generators of `train-gan` share (`WGANGenerator`, `wgan_resnet.ResNetGenerator`): the fields
+    `generator.pt` saves to rebuild them (`arch_config`), labels required when class-conditional, and
+    `generate` in [-1, 1]. A subclass builds its layers after `super().__init__(...)` and calls
+    `check_labels(y)` first in `forward`."""
+    output_range = (-1.0, 1.0)
+
+    def __init__(self, latent_dim: int, num_classes: int | None, channels: int, image_size: int, width: int,
+                 class_names: list[str] | None):
+        super().__init__()
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.channels, self.image_size, self.width = channels, image_size, width
+        self.class_names = list(class_names) if class_names else None
+
+    def arch_config(self) -> dict:
+        """What rebuilds this network (saved in `generator.pt`)."""
+        return {"latent_dim": self.latent_dim, "num_classes": self.num_classes, "channels": self.channels,
+                "image_size": self.image_size, "width": self.width, "class_names": self.class_names}
+
+    def check_labels(self, y: torch.Tensor | None) -> None:
+        if self.conditional and y is None:
+            raise IsdaVizError("this WGAN is class-conditional: pass labels y")
+
+    def generate(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """`z (N, latent_dim)`, `y (N,)` class indices (None if unconditional) → `(N, C, S, S)` in [-1, 1]."""
+        return self(z, y if self.conditional else None)
+
+
+class WGANGenerator(TrainedGenerator):
     """Class-conditional (or unconditional) generator: `(N, latent_dim)`, `(N,)` → `(N, C, S, S)` in [-1, 1]."""
     name = "wgan"
     kind = "wgan"
     file_format = WGAN_FORMAT
-    output_range = (-1.0, 1.0)
 
     def __init__(self, latent_dim: int = 128, num_classes: int | None = 10, channels: int = 1, image_size: int = 28,
                  width: int = 32, class_names: list[str] | None = None):
-        super().__init__()
         if image_size % 4:
             raise IsdaVizError(f"the WGAN generates sizes divisible by 4 (28, 32), not {image_size}")
-        self.latent_dim, self.num_classes = latent_dim, num_classes
-        self.channels, self.image_size = channels, image_size
-        self.width = width
-        self.class_names = list(class_names) if class_names else None
+        super().__init__(latent_dim, num_classes, channels, image_size, width, class_names)
         self.base = image_size // 4
         self.fc = nn.Linear(latent_dim, 4 * width * self.base * self.base, bias=False)
         self.bn0 = ConditionalBatchNorm2d(4 * width, num_classes)
@@ -91,22 +114,12 @@ class WGANGenerator(Generator):
         self.up2 = UpBlock(2 * width, width, num_classes)
         self.to_image = nn.Conv2d(width, channels, 3, 1, 1)
 
-    def arch_config(self) -> dict:
-        """What rebuilds this network (saved in `generator.pt`)."""
-        return {"latent_dim": self.latent_dim, "num_classes": self.num_classes, "channels": self.channels,
-                "image_size": self.image_size, "width": self.width, "class_names": self.class_names}
-
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if self.conditional and y is None:
-            raise IsdaVizError("this WGAN is class-conditional: pass labels y")
+        self.check_labels(y)
         h = self.fc(z).view(len(z), 4 * self.width, self.base, self.base)
         h = F.relu(self.bn0(h, y))
         h = self.up2(self.up1(h, y), y)
         return torch.tanh(self.to_image(h))
-
-    def generate(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """`z (N, latent_dim)`, `y (N,)` class indices (None if unconditional) → `(N, C, S, S)` in [-1, 1]."""
-        return self(z, y if self.conditional else None)
 
 
 class WGANCritic(nn.Module):

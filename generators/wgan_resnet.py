@@ -29,9 +29,8 @@ import torch.nn.functional as F
 
 from isda_viz.errors import IsdaVizError
 
-from .base import Generator
 from .registry import LoadRequest, register_generator
-from .wgan import GENERATOR_FILE, ConditionalBatchNorm2d, load_saved_generator
+from .wgan import GENERATOR_FILE, ConditionalBatchNorm2d, TrainedGenerator, load_saved_generator
 
 GULRAJANI = {
     "n_critic": 5,               # N_CRITIC = 5 (also the paper's Algorithm 1 default)
@@ -68,43 +67,29 @@ class UpResBlock(nn.Module):
         return h + self.shortcut(_up(x))
 
 
-class ResNetGenerator(Generator):
+class ResNetGenerator(TrainedGenerator):
     """Gulrajani et al.'s ResNet generator: `z (N, latent_dim)`, `y (N,)` → `(N, C, S, S)` in [-1, 1]."""
     name = "wgan-resnet"
     kind = "wgan-resnet"
     file_format = "isda-viz-wgan-resnet"
-    output_range = (-1.0, 1.0)
 
     def __init__(self, latent_dim: int = 128, num_classes: int | None = 10, channels: int = 3, image_size: int = 32,
                  width: int = DEFAULT_WIDTH, class_names: list[str] | None = None):
-        super().__init__()
         blocks = math.log2(image_size / 4) if image_size >= 8 else 0
         if blocks != int(blocks) or blocks < 1:
             raise IsdaVizError(f"the ResNet WGAN generates 4·2^k px images (32: Gulrajani et al.'s), not {image_size}")
-        self.latent_dim, self.num_classes = latent_dim, num_classes
-        self.channels, self.image_size, self.width = channels, image_size, width
-        self.class_names = list(class_names) if class_names else None
+        super().__init__(latent_dim, num_classes, channels, image_size, width, class_names)
         self.linear = nn.Linear(latent_dim, 16 * width)
         self.blocks = nn.ModuleList(UpResBlock(width, width, num_classes) for _ in range(int(blocks)))
         self.bn = nn.BatchNorm2d(width)
         self.to_image = nn.Conv2d(width, channels, 3, 1, 1)
 
-    def arch_config(self) -> dict:
-        """What rebuilds this network (saved in `generator.pt`)."""
-        return {"latent_dim": self.latent_dim, "num_classes": self.num_classes, "channels": self.channels,
-                "image_size": self.image_size, "width": self.width, "class_names": self.class_names}
-
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if self.conditional and y is None:
-            raise IsdaVizError("this WGAN is class-conditional: pass labels y")
+        self.check_labels(y)
         h = self.linear(z).view(len(z), self.width, 4, 4)
         for block in self.blocks:
             h = block(h, y)
         return torch.tanh(self.to_image(F.relu(self.bn(h))))
-
-    def generate(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """`z (N, latent_dim)`, `y (N,)` class indices (None if unconditional) → `(N, C, S, S)` in [-1, 1]."""
-        return self(z, y if self.conditional else None)
 
 
 class CriticBlock(nn.Module):
