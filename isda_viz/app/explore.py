@@ -24,7 +24,7 @@ from isda_viz.app.worker import Worker
 from isda_viz.errors import IsdaVizError
 from isda_viz.inversion.adapter import Models
 from isda_viz.inversion.amortized import AmortizedInverter
-from isda_viz.inversion.pipelines import VisualizeOptions, check_models
+from isda_viz.inversion.pipelines import VisualizeOptions, check_distinct_classes, check_models
 
 DEFAULT_PORT = 8765
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -55,9 +55,7 @@ class ExploreOptions:
             raise IsdaVizError(f"--directions must be a whole number >= 1, not {self.directions!r}")
         if isinstance(self.per_class, bool) or not isinstance(self.per_class, int) or not 1 <= self.per_class <= 100:
             raise IsdaVizError(f"--per-class must be a whole number from 1 to 100, not {self.per_class!r}")
-        if self.classes is not None and len(set(self.classes)) < len(self.classes):
-            twice = next(c for c in self.classes if self.classes.count(c) > 1)
-            raise IsdaVizError(f"--classes names {twice} more than once; give each class once")
+        check_distinct_classes(self.classes)
         if not math.isfinite(self.visualize.strength):   # VisualizeOptions checks it too; say it for explore
             raise IsdaVizError(f"--strength must be a finite number >= 0, not {self.visualize.strength}")
 
